@@ -1,0 +1,274 @@
+// engine: per-context state (cell <-> original position per layer) and the eval-callback capture.
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "ggml-backend.h"
+#include "ggml.h"
+#include "llama.h"
+#include "mover.h"
+#include "policy.h"
+#include "tova.h"
+
+struct tova_engine {
+    int32_t policy;
+    int32_t n_layer;
+    int32_t budget;
+    int32_t n_cells;
+    bool v_trans;
+    bool force_graph;
+
+    std::vector<int32_t> meta_pos;   // [n_cells] metadata position llama.cpp holds in the cell, -1 if free
+    std::vector<int32_t> layer_pos;  // [n_layer * n_cells] original position each layer holds, -1 if empty
+    std::vector<float> scores;       // [n_layer * n_cells] newest query's head-averaged attention
+    std::vector<uint8_t> scored;     // [n_layer] layer captured in the last scored decode
+    std::vector<ggml_tensor *> cache_k, cache_v;  // [n_layer], live as long as the context
+
+    // armed by tova_engine_begin for one llama_decode
+    int32_t n_tokens = 0;
+    int32_t pos0 = 0;
+    bool capture_scores = false;
+    bool idxs_seen = false;
+    std::vector<int64_t> new_cells;  // cells llama.cpp chose for the batch (from attn_inp_k_idxs)
+    std::string cb_error;            // first failure inside the callback (it cannot return errors)
+
+    tova::mover mover;
+    std::string error;
+};
+
+static int32_t fail(tova_engine * e, int32_t code, const std::string & msg) {
+    e->error = msg;
+    return code;
+}
+
+static void write_err(char * err, size_t len, const std::string & msg) {
+    if (err && len) snprintf(err, len, "%s", msg.c_str());
+}
+
+extern "C" tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int32_t budget, int32_t n_cells,
+                                            bool v_trans, char * err, size_t err_len) {
+    if (policy != TOVA_POLICY_FULL && policy != TOVA_POLICY_TOVA) {
+        write_err(err, err_len, "unknown policy " + std::to_string(policy));
+        return nullptr;
+    }
+    if (n_layer < 1 || budget < 1 || n_cells < budget) {
+        write_err(err, err_len,
+                  "need n_layer >= 1 and 1 <= budget <= n_cells (got n_layer=" + std::to_string(n_layer) +
+                      ", budget=" + std::to_string(budget) + ", n_cells=" + std::to_string(n_cells) + ")");
+        return nullptr;
+    }
+    tova_engine * e = new tova_engine();
+    e->policy = policy;
+    e->n_layer = n_layer;
+    e->budget = budget;
+    e->n_cells = n_cells;
+    e->v_trans = v_trans;
+    const char * mv = getenv("TOVA_MOVER");  // env: TOVA_MOVER=graph forces the ggml-graph mover
+    e->force_graph = mv && strcmp(mv, "graph") == 0;
+    e->cache_k.assign(n_layer, nullptr);
+    e->cache_v.assign(n_layer, nullptr);
+    e->scored.assign(n_layer, 0);
+    tova_engine_reset(e);
+    return e;
+}
+
+extern "C" void tova_engine_free(tova_engine * e) { delete e; }
+
+extern "C" int32_t tova_engine_set_cells(tova_engine * e, int32_t n_cells) {
+    if (n_cells < e->budget) return fail(e, TOVA_ERR_ARG, "n_cells must be >= budget");
+    e->n_cells = n_cells;
+    tova_engine_reset(e);
+    return TOVA_OK;
+}
+
+extern "C" void tova_engine_reset(tova_engine * e) {
+    e->meta_pos.assign(e->n_cells, -1);
+    e->layer_pos.assign((size_t) e->n_layer * e->n_cells, -1);
+    e->scores.assign((size_t) e->n_layer * e->n_cells, 0.0f);
+    e->n_tokens = 0;
+    e->error.clear();
+    e->cb_error.clear();
+}
+
+// "prefix<il>" -> il, or -1
+static int layer_of(const char * name, const char * prefix) {
+    const size_t n = strlen(prefix);
+    if (strncmp(name, prefix, n) != 0) return -1;
+    char * end = nullptr;
+    long il = strtol(name + n, &end, 10);
+    return (end && *end == '\0') ? (int) il : -1;
+}
+
+static ggml_tensor * root_of(ggml_tensor * t) {
+    while (t && t->view_src) t = t->view_src;
+    return t;
+}
+
+static void note_cache_tensor(tova_engine * e, ggml_tensor * t) {
+    ggml_tensor * r = root_of(t);
+    if (!r) return;
+    int il = layer_of(r->name, "cache_k_l");
+    if (il >= 0 && il < e->n_layer) e->cache_k[il] = r;
+    il = layer_of(r->name, "cache_v_l");
+    if (il >= 0 && il < e->n_layer) e->cache_v[il] = r;
+}
+
+// kq_soft_max-<il>: F32 [n_kv, n_tokens, n_head, n_stream]; element (j, t, h) at (h*n_tokens + t)*n_kv + j
+static void capture_scores(tova_engine * e, ggml_tensor * t, int il) {
+    const int64_t n_kv = t->ne[0], n_tok = t->ne[1], n_head = t->ne[2];
+    if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t) || n_kv > e->n_cells) {
+        e->cb_error = std::string("unexpected layout of ") + t->name;
+        return;
+    }
+    float * out = &e->scores[(size_t) il * e->n_cells];
+    std::fill(out, out + e->n_cells, 0.0f);
+    std::vector<float> row(n_kv);
+    const bool host = ggml_backend_buffer_is_host(t->buffer);
+    for (int64_t h = 0; h < n_head; h++) {
+        const size_t off = ((size_t) h * n_tok + (n_tok - 1)) * n_kv * sizeof(float);
+        const float * src = row.data();
+        if (host) src = (const float *) ((const char *) t->data + off);
+        else ggml_backend_tensor_get(t, row.data(), off, n_kv * sizeof(float));
+        for (int64_t j = 0; j < n_kv; j++) out[j] += src[j];
+    }
+    for (int64_t j = 0; j < n_kv; j++) out[j] /= (float) n_head;  // mean over all query heads
+    e->scored[il] = 1;
+}
+
+extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
+    tova_engine * e = (tova_engine *) user_data;
+    if (!e || e->n_tokens == 0) return ask ? false : true;
+    if (ask && getenv("TOVA_DEBUG")) {  // env: TOVA_DEBUG prints every node the callback is asked about
+        fprintf(stderr, "tova: node %s op %s src0 %s\n", t->name, ggml_op_name(t->op),
+                t->src[0] ? t->src[0]->name : "-");
+    }
+    if (t->op == GGML_OP_SET_ROWS) {
+        // cpy_k/cpy_v: the node is a view of cache_{k,v}_l<il>; src[1] holds the destination cells
+        note_cache_tensor(e, t);
+        const bool k_idxs = t->src[1] && strcmp(t->src[1]->name, "attn_inp_k_idxs") == 0;
+        if (ask) return k_idxs && !e->idxs_seen;
+        if (k_idxs && !e->idxs_seen) {
+            ggml_tensor * idx = t->src[1];
+            if (idx->type != GGML_TYPE_I64 || ggml_nelements(idx) != e->n_tokens) {
+                e->cb_error = "attn_inp_k_idxs does not match the batch";
+            } else {
+                e->new_cells.resize(e->n_tokens);
+                ggml_backend_tensor_get(idx, e->new_cells.data(), 0, e->n_tokens * sizeof(int64_t));
+            }
+            e->idxs_seen = true;
+        }
+        return true;
+    }
+    if (t->op == GGML_OP_SOFT_MAX && e->capture_scores) {
+        const int il = layer_of(t->name, "kq_soft_max-");
+        if (ask) return il >= 0 && il < e->n_layer;
+        if (il >= 0 && il < e->n_layer) capture_scores(e, t, il);
+        return true;
+    }
+    return ask ? false : true;
+}
+
+extern "C" int32_t tova_engine_begin(tova_engine * e, int32_t n_tokens, int32_t pos0, bool capture) {
+    if (n_tokens < 1) return fail(e, TOVA_ERR_ARG, "n_tokens must be >= 1");
+    if (tova_engine_n_occupied(e) + n_tokens > e->n_cells)
+        return fail(e, TOVA_ERR_ARG, "batch does not fit in the context's cells");
+    e->n_tokens = n_tokens;
+    e->pos0 = pos0;
+    e->capture_scores = capture && e->policy != TOVA_POLICY_FULL;
+    e->idxs_seen = false;
+    e->new_cells.clear();
+    e->cb_error.clear();
+    if (e->capture_scores) std::fill(e->scored.begin(), e->scored.end(), 0);
+    return TOVA_OK;
+}
+
+extern "C" int32_t tova_engine_end(tova_engine * e) {
+    const int32_t n = e->n_tokens;
+    e->n_tokens = 0;
+    if (!e->cb_error.empty()) return fail(e, TOVA_ERR_CAPTURE, e->cb_error);
+    if ((int32_t) e->new_cells.size() != n)
+        return fail(e, TOVA_ERR_CAPTURE, "llama_decode did not write the KV cache (attn_inp_k_idxs not seen)");
+    for (int32_t i = 0; i < n; i++) {
+        const int64_t c = e->new_cells[i];
+        if (c < 0 || c >= e->n_cells || e->meta_pos[c] != -1)
+            return fail(e, TOVA_ERR_STATE, "llama.cpp placed a token in cell " + std::to_string(c) +
+                                               " which the engine holds as occupied");
+        e->meta_pos[c] = e->pos0 + i;
+        for (int32_t l = 0; l < e->n_layer; l++) e->layer_pos[(size_t) l * e->n_cells + c] = e->pos0 + i;
+    }
+    for (int32_t l = 0; l < e->n_layer; l++) {
+        if (!e->cache_k[l] || !e->cache_v[l])
+            return fail(e, TOVA_ERR_CAPTURE, "cache tensors of layer " + std::to_string(l) + " not found");
+        if (e->capture_scores && !e->scored[l])
+            return fail(e, TOVA_ERR_CAPTURE,
+                        "no kq_soft_max-" + std::to_string(l) + " node (flash attention must be off for capture)");
+    }
+    return TOVA_OK;
+}
+
+extern "C" int32_t tova_engine_cut(tova_engine * e, llama_context * ctx) {
+    std::vector<int32_t> occupied;
+    for (int32_t c = 0; c < e->n_cells; c++)
+        if (e->meta_pos[c] >= 0) occupied.push_back(c);
+    const int32_t k = (int32_t) occupied.size() - e->budget;
+    if (e->policy == TOVA_POLICY_FULL || k <= 0) return TOVA_OK;
+    for (int32_t l = 0; l < e->n_layer; l++)
+        if (!e->scored[l]) return fail(e, TOVA_ERR_STATE, "cut without scores from the last decode");
+
+    // F: the k cells with the smallest metadata positions; llama.cpp frees exactly these
+    std::vector<float> meta_as_score(e->meta_pos.begin(), e->meta_pos.end());
+    std::vector<int32_t> freed = tova::policy_lowest(occupied, meta_as_score.data(), e->meta_pos.data(), k);
+    int32_t p_min = INT32_MAX, p_max = -1;
+    for (int32_t c : freed) {
+        p_min = std::min(p_min, e->meta_pos[c]);
+        p_max = std::max(p_max, e->meta_pos[c]);
+    }
+    if (p_max - p_min + 1 != k) return fail(e, TOVA_ERR_STATE, "metadata positions are not a contiguous window");
+
+    std::vector<tova::layer_moves> plan(e->n_layer);
+    for (int32_t l = 0; l < e->n_layer; l++) {
+        const float * s = &e->scores[(size_t) l * e->n_cells];
+        int32_t * pos = &e->layer_pos[(size_t) l * e->n_cells];
+        std::vector<int32_t> evict = tova::policy_lowest(occupied, s, pos, k);
+        plan[l] = {e->cache_k[l], e->cache_v[l], tova::policy_moves(evict, freed)};
+    }
+    std::string err;
+    if (!e->mover.apply(plan, e->v_trans, e->force_graph, err)) return fail(e, TOVA_ERR_BACKEND, err);
+    for (int32_t l = 0; l < e->n_layer; l++) {
+        int32_t * pos = &e->layer_pos[(size_t) l * e->n_cells];
+        for (const auto & m : plan[l].moves) pos[m.second] = pos[m.first];
+        for (int32_t c : freed) pos[c] = -1;
+    }
+    for (int32_t c : freed) e->meta_pos[c] = -1;
+    if (!llama_memory_seq_rm(llama_get_memory(ctx), 0, p_min, p_max + 1))
+        return fail(e, TOVA_ERR_STATE, "llama_memory_seq_rm refused the range");
+    return TOVA_OK;
+}
+
+extern "C" int32_t tova_engine_n_occupied(const tova_engine * e) {
+    int32_t n = 0;
+    for (int32_t p : e->meta_pos) n += p >= 0;
+    return n;
+}
+
+extern "C" int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * out, size_t n) {
+    if (!out || n != e->layer_pos.size()) return TOVA_ERR_ARG;
+    memcpy(out, e->layer_pos.data(), n * sizeof(int32_t));
+    return TOVA_OK;
+}
+
+extern "C" void tova_engine_set_force_graph_mover(tova_engine * e, bool force) { e->force_graph = force; }
+
+extern "C" const char * tova_engine_last_error(const tova_engine * e) { return e->error.c_str(); }
+
+extern "C" const char * tova_libllama_path(void) {
+    Dl_info info;
+    if (dladdr((void *) &llama_memory_seq_rm, &info) && info.dli_fname) return info.dli_fname;
+    return "";
+}

@@ -1,0 +1,65 @@
+// tova_cpp engine: per-layer bounded KV cache (TOVA, Oren et al. 2024) inside a llama.cpp context.
+// C API, extern "C"; every function that can fail returns a negative TOVA_ERR_* code and writes a message
+// that tova_engine_last_error() returns. No function aborts on bad input.
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct ggml_tensor;
+struct llama_context;
+typedef struct tova_engine tova_engine;
+
+enum tova_policy {
+    TOVA_POLICY_FULL = 0,  // no eviction
+    TOVA_POLICY_TOVA = 1,  // keep the `budget` keys with the highest head-averaged attention of the newest query
+};
+
+enum tova_status {
+    TOVA_OK = 0,
+    TOVA_ERR_ARG = -1,      // invalid argument
+    TOVA_ERR_CAPTURE = -2,  // the expected graph nodes were not seen during llama_decode
+    TOVA_ERR_STATE = -3,    // engine bookkeeping disagrees with llama.cpp (call reset)
+    TOVA_ERR_BACKEND = -4,  // a backend operation failed
+};
+
+// n_layer: the model's layers; n_cells: the context's KV size (llama_n_ctx); v_trans: V cache stored
+// transposed (flash attention off). Returns NULL and fills err on bad arguments.
+tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int32_t budget, int32_t n_cells, bool v_trans,
+                                 char * err, size_t err_len);
+void tova_engine_free(tova_engine * e);
+// Resize to the context's real cell count (llama_n_ctx, padded by llama.cpp); clears the state.
+int32_t tova_engine_set_cells(tova_engine * e, int32_t n_cells);
+
+// llama_context_params.cb_eval; user_data = the engine. Runs on the llama_decode thread.
+bool tova_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
+
+// Before llama_decode of n_tokens tokens at positions pos0..pos0+n_tokens-1. capture_scores: record the
+// attention row of the batch's last token (needed only for the decode that ends a piece).
+int32_t tova_engine_begin(tova_engine * e, int32_t n_tokens, int32_t pos0, bool capture_scores);
+// After a successful llama_decode: records which cells now hold the new tokens.
+int32_t tova_engine_end(tova_engine * e);
+// Evict down to `budget` occupied cells by the scores of the last captured row; removes the evicted
+// metadata positions from llama.cpp (seq 0). No-op while occupied <= budget or for TOVA_POLICY_FULL.
+int32_t tova_engine_cut(tova_engine * e, struct llama_context * ctx);
+// Forget everything (after llama_memory_clear).
+void tova_engine_reset(tova_engine * e);
+
+int32_t tova_engine_n_occupied(const tova_engine * e);
+// out: [n_layer * n_cells] original position held by each layer's cell, -1 where empty.
+int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * out, size_t n);
+// Force the ggml-graph mover even for host buffers (tests). env: TOVA_MOVER=graph does the same.
+void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
+const char * tova_engine_last_error(const tova_engine * e);
+
+// The file libllama was loaded from, as seen by this library (to check that one copy is in the process).
+const char * tova_libllama_path(void);
+
+#ifdef __cplusplus
+}
+#endif

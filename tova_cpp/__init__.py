@@ -1,0 +1,19 @@
+"""tova_cpp: TOVA (Oren et al., "Transformers are Multi-State RNNs", EMNLP 2024) for llama.cpp GGUF models.
+
+Each layer keeps the `budget` tokens with the highest attention from the newest query (averaged over heads)."""
+
+from .errors import EngineError, ModelLoadError, TovaError, TovaVersionError, UnsupportedModelError
+from .models import default_model_path
+from .session import POLICIES, Session
+
+__all__ = [
+    "POLICIES",
+    "EngineError",
+    "ModelLoadError",
+    "Session",
+    "TovaError",
+    "TovaVersionError",
+    "UnsupportedModelError",
+    "default_model_path",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,55 @@
+"""Private: loads the C++ engine (csrc/tova.h) with cffi, after llama_cpp, and checks both share one libllama."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cffi
+
+from .errors import TovaVersionError
+
+REQUIRED_LLAMA_CPP_PYTHON = "0.3.36"
+
+CDEF = """
+typedef struct tova_engine tova_engine;
+tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int32_t budget, int32_t n_cells, bool v_trans,
+                                 char * err, size_t err_len);
+void tova_engine_free(tova_engine * e);
+int32_t tova_engine_set_cells(tova_engine * e, int32_t n_cells);
+bool tova_eval_callback(void * t, bool ask, void * user_data);
+int32_t tova_engine_begin(tova_engine * e, int32_t n_tokens, int32_t pos0, bool capture_scores);
+int32_t tova_engine_end(tova_engine * e);
+int32_t tova_engine_cut(tova_engine * e, void * ctx);
+void tova_engine_reset(tova_engine * e);
+int32_t tova_engine_n_occupied(const tova_engine * e);
+int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * out, size_t n);
+void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
+const char * tova_engine_last_error(const tova_engine * e);
+const char * tova_libllama_path(void);
+"""
+
+
+def _load():
+    import llama_cpp  # must come first: the engine binds to the libllama it has loaded
+
+    version = getattr(llama_cpp, "__version__", "unknown")
+    if version != REQUIRED_LLAMA_CPP_PYTHON:
+        raise TovaVersionError(
+            f"tova_cpp needs llama-cpp-python=={REQUIRED_LLAMA_CPP_PYTHON} (found {version}): the engine relies "
+            f"on its graph tensor names; run: pip install llama-cpp-python=={REQUIRED_LLAMA_CPP_PYTHON}"
+        )
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
+    lib = ffi.dlopen(str(Path(__file__).with_name("libtova_engine.so")))
+    ours = os.path.realpath(ffi.string(lib.tova_libllama_path()).decode())
+    theirs = os.path.realpath(Path(llama_cpp.__file__).parent / "lib" / "libllama.so")
+    if os.path.dirname(ours) != os.path.dirname(theirs):
+        raise TovaVersionError(
+            f"the tova_cpp engine loaded {ours} but llama_cpp uses {theirs}; reinstall tova_cpp against "
+            f"llama-cpp-python=={REQUIRED_LLAMA_CPP_PYTHON} (pip install --no-build-isolation .)"
+        )
+    return ffi, lib
+
+
+ffi, lib = _load()

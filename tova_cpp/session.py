@@ -1,0 +1,324 @@
+"""A GGUF model + a llama.cpp context + the TOVA engine: evaluate tokens into a per-layer bounded KV cache.
+
+Semantics (DESIGN.md section 1, the paper's): every `eval` call is split into pieces that fit in memory
+(budget + chunk cells); each piece gets full causal attention, then every layer is cut to `budget` by the
+attention row of the piece's last token, averaged over all query heads. Decoding one token per call is the
+paper's per-token TOVA. Deviation, named: a piece is as large as free memory allows (the first piece of a
+long prompt fills budget + chunk cells, later ones are `chunk` tokens), the paper has no chunked prefill.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import llama_cpp
+import llama_cpp._logger
+import numpy as np
+
+from ._ffi import ffi, lib
+from .errors import EngineError, ModelLoadError, UnsupportedModelError
+
+POLICIES = {"full": 0, "tova": 1}
+CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
+# architectures whose attention bias comes from positions (ALiBi): evicting would change what they compute
+ALIBI_ARCHS = {"bloom", "mpt", "jais", "baichuan", "refact"}
+
+_backend_ready = False
+
+
+def _ensure_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def _check_gguf_file(path: Path) -> None:
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+
+
+def _meta(model, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode(errors="replace") if n >= 0 else None
+
+
+def _refusal(model) -> str | None:
+    """Why this model's cache cannot be managed per layer, or None."""
+    arch = _meta(model, "general.architecture") or "unknown"
+    if llama_cpp.llama_model_n_swa(model) > 0:
+        return (
+            f"model uses sliding-window attention ({arch}); tova_cpp manages only models whose every layer "
+            "attends over the full cache, and window layers are not supported yet"
+        )
+    if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
+        return f"model has a recurrent or hybrid memory ({arch}); TOVA applies to attention KV caches only"
+    alibi = _meta(model, f"{arch}.attention.max_alibi_bias")
+    if arch in ALIBI_ARCHS or (alibi is not None and float(alibi) > 0):
+        return f"model uses ALiBi ({arch}): its bias comes from cache positions, which eviction would change"
+    if _meta(model, f"{arch}.attention.kv_lora_rank") is not None:
+        return f"model uses multi-head latent attention ({arch}); its compressed cache is not supported"
+    return None
+
+
+def _cache_type(name: str) -> int:
+    try:
+        return CACHE_TYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown KV cache type {name!r}; choose one of {sorted(CACHE_TYPES)}") from None
+
+
+def default_threads() -> int:
+    # llama.cpp's default of 4 threads on a 2-core machine decoded 3x slower (DESIGN.md section 6)
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class Session:
+    """One model, one context, one bounded KV cache (a single sequence)."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        budget: int,
+        policy: str = "tova",
+        chunk: int = 256,
+        n_ubatch: int | None = None,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        flash_attn: bool = False,
+        type_k: str = "f16",
+        type_v: str = "f16",
+        verbose: bool = False,
+    ) -> None:
+        self._ctx = self._model = self._engine = None
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+        n_ubatch = chunk if n_ubatch is None else n_ubatch
+        if chunk > n_ubatch:
+            raise ValueError(f"chunk ({chunk}) must not exceed n_ubatch ({n_ubatch}): a chunk is one ubatch")
+        if flash_attn and policy != "full":
+            raise ValueError("flash_attn=True is not supported by the TOVA capture yet; use flash_attn=False")
+        tk, tv = _cache_type(type_k), _cache_type(type_v)
+        if tv not in (CACHE_TYPES["f32"], CACHE_TYPES["f16"], CACHE_TYPES["bf16"]) and not flash_attn:
+            raise ValueError(f"a quantized V cache ({type_v}) needs flash attention in llama.cpp")
+        path = Path(model_path)
+        _check_gguf_file(path)
+
+        llama_cpp._logger.set_verbose(verbose)
+        _ensure_backend()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load {path} (truncated or unsupported GGUF?)")
+        self._model = model
+        why = _refusal(model)
+        if why:
+            self.close()
+            raise UnsupportedModelError(why)
+
+        self.policy, self.budget, self.chunk = policy, budget, chunk
+        self.n_layer = llama_cpp.llama_model_n_layer(model)
+        self.memory = budget + chunk  # most cells ever occupied
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        self._vocab = vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self.memory
+        cparams.n_batch = cparams.n_ubatch = n_ubatch
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = n_threads or default_threads()
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cparams.type_k, cparams.type_v = tk, tv
+        cparams.no_perf = True
+        err = ffi.new("char[]", 512)
+        engine = lib.tova_engine_create(POLICIES[policy], self.n_layer, budget, self.memory, not flash_attn, err, 512)
+        if engine == ffi.NULL:
+            self.close()
+            raise ValueError(ffi.string(err).decode())
+        self._engine = engine
+        self._callback = llama_cpp.ggml_backend_sched_eval_callback(int(ffi.cast("uintptr_t", lib.tova_eval_callback)))
+        cparams.cb_eval = self._callback
+        cparams.cb_eval_user_data = ctypes.c_void_p(int(ffi.cast("uintptr_t", engine)))
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            self.close()
+            raise ModelLoadError(f"llama.cpp could not create a context of {self.memory} cells for {path}")
+        self._ctx = ctx
+        # llama.cpp pads n_ctx up to a multiple of 256: the engine tracks every real cell
+        self.n_cells = llama_cpp.llama_n_ctx(ctx)
+        self._check(lib.tova_engine_set_cells(engine, self.n_cells))
+        self.n_ubatch = n_ubatch
+        self._batch = llama_cpp.llama_batch_init(n_ubatch, 0, 1)
+        self.n_past = 0  # tokens seen: the next token's position
+
+    # -- native calls -------------------------------------------------------------------------------------
+    def _check(self, rc: int) -> None:
+        if rc != 0:
+            msg = ffi.string(lib.tova_engine_last_error(self._engine)).decode()
+            self.reset()  # the cache's content no longer matches the bookkeeping: start clean
+            raise EngineError(f"tova engine error {rc}: {msg}")
+
+    def _decode(self, tokens: np.ndarray, capture: bool, logits_all: bool) -> np.ndarray | None:
+        n = len(tokens)
+        b = self._batch
+        for j, tok in enumerate(tokens):
+            b.token[j] = int(tok)
+            b.pos[j] = self.n_past + j
+            b.n_seq_id[j] = 1
+            b.seq_id[j][0] = 0
+            b.logits[j] = logits_all or j == n - 1
+        b.n_tokens = n
+        self._check(lib.tova_engine_begin(self._engine, n, self.n_past, capture))
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            self.reset()
+            raise EngineError(f"llama_decode failed with code {rc}; the session was reset")
+        self._check(lib.tova_engine_end(self._engine))
+        self.n_past += n
+        if not logits_all:
+            return None
+        ptr = llama_cpp.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy()
+
+    # -- public -------------------------------------------------------------------------------------------
+    def eval(self, tokens, *, logits_all: bool = False) -> np.ndarray | None:
+        """Feed tokens (a prompt, or one decoded/teacher-forced token) into the bounded cache.
+
+        Returns float32 logits [len(tokens), n_vocab] when logits_all, each computed from the cache as it was
+        when that token was processed; else None (see `logits()`).
+        """
+        self._require_open()
+        toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if toks.size == 0:
+            raise ValueError("eval needs at least one token")
+        if toks.min() < 0 or toks.max() >= self.n_vocab:
+            raise ValueError(f"token ids must be in [0, {self.n_vocab}), got {toks.min()}..{toks.max()}")
+        if self.policy == "full" and self.n_occupied + toks.size > self.memory:
+            raise ValueError(
+                f"policy 'full' holds every token: {self.n_occupied} + {toks.size} exceeds {self.memory} cells"
+            )
+        out = []
+        i = 0
+        while i < toks.size:
+            room = self.memory - self.n_occupied
+            piece = toks[i : i + room]
+            for s in range(0, piece.size, self.n_ubatch):
+                sub = piece[s : s + self.n_ubatch]
+                last = s + self.n_ubatch >= piece.size
+                lg = self._decode(sub, capture=last, logits_all=logits_all)
+                if lg is not None:
+                    out.append(lg)
+            self._check(lib.tova_engine_cut(self._engine, ffi.cast("void *", self._ctx)))
+            i += piece.size
+        return np.concatenate(out) if logits_all else None
+
+    def logits(self) -> np.ndarray:
+        """Raw logits of the last evaluated position, float32 [n_vocab]."""
+        self._require_open()
+        if self.n_past == 0:
+            raise RuntimeError("no token has been evaluated yet")
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def cell_positions(self) -> np.ndarray:
+        """int32 [n_layer, n_cells]: original position each layer holds in each cell, -1 where empty."""
+        self._require_open()
+        out = np.empty((self.n_layer, self.n_cells), dtype=np.int32)
+        self._check(lib.tova_engine_cell_positions(self._engine, ffi.cast("int32_t *", out.ctypes.data), out.size))
+        return out
+
+    def kept_positions(self) -> np.ndarray:
+        """int [n_layer, budget]: the original positions each layer keeps, ascending, -1 where empty."""
+        cells = self.cell_positions()
+        width = max(self.budget, int((cells >= 0).sum(axis=1).max()))
+        out = np.full((self.n_layer, width), -1, dtype=np.int64)
+        for layer, row in enumerate(cells):
+            kept = np.sort(row[row >= 0])
+            out[layer, : kept.size] = kept
+        return out
+
+    @property
+    def n_occupied(self) -> int:
+        """Cells that hold a token (the same count in every layer)."""
+        self._require_open()
+        return int(lib.tova_engine_n_occupied(self._engine))
+
+    def pos_window(self) -> tuple[int, int]:
+        """(min, max) position llama.cpp's metadata holds for the sequence; (-1, -1) when empty."""
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        return (llama_cpp.llama_memory_seq_pos_min(mem, 0), llama_cpp.llama_memory_seq_pos_max(mem, 0))
+
+    def reset(self) -> None:
+        """Clear the whole cache: the only way back, since an evicted cache cannot be rolled back."""
+        if self._ctx:
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        if self._engine:
+            lib.tova_engine_reset(self._engine)
+        self.n_past = 0
+
+    def set_force_graph_mover(self, force: bool) -> None:
+        """Move rows with the ggml graph (the device path) even when the cache is in host memory."""
+        lib.tova_engine_set_force_graph_mover(self._engine, force)
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        data = text.encode()
+        n_max = len(data) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            raise ValueError("tokenization failed")
+        return list(buf[:n])
+
+    def detokenize(self, tokens) -> str:
+        out = b""
+        buf = ctypes.create_string_buffer(256)
+        for t in tokens:
+            n = llama_cpp.llama_token_to_piece(self._vocab, int(t), buf, len(buf), 0, False)
+            out += buf.raw[: max(n, 0)]
+        return out.decode(errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, int(token)))
+
+    def _require_open(self) -> None:
+        if not self._ctx:
+            raise RuntimeError("session is closed")
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._engine:
+            lib.tova_engine_free(self._engine)
+            self._engine = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
