@@ -267,6 +267,17 @@ extern "C" void tova_engine_set_force_graph_mover(tova_engine * e, bool force) {
 
 extern "C" const char * tova_engine_last_error(const tova_engine * e) { return e->error.c_str(); }
 
+extern "C" int32_t tova_policy_evict(const float * score, const int32_t * pos, int32_t n, int32_t k,
+                                     int32_t * out_evict) {
+    if (!score || !pos || !out_evict || n < 0) return TOVA_ERR_ARG;
+    std::vector<int32_t> occupied;
+    for (int32_t i = 0; i < n; i++)
+        if (pos[i] >= 0) occupied.push_back(i);
+    std::vector<int32_t> evict = tova::policy_lowest(occupied, score, pos, k);
+    std::copy(evict.begin(), evict.end(), out_evict);
+    return (int32_t) evict.size();
+}
+
 extern "C" const char * tova_libllama_path(void) {
     Dl_info info;
     if (dladdr((void *) &llama_memory_seq_rm, &info) && info.dli_fname) return info.dli_fname;

@@ -57,6 +57,13 @@ static ggml_tensor * cell_view(ggml_context * ctx, ggml_tensor * t, int32_t cell
     return ggml_view_2d(ctx, t, 1, t->ne[0], t->ne[1] * es, cell * es);
 }
 
+// The device whose backend computes on t's buffer; plain host buffers name no device: the CPU's.
+static ggml_backend_dev_t device_of(const ggml_tensor * t) {
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
+    if (!dev && ggml_backend_buffer_is_host(t->buffer)) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    return dev;
+}
+
 bool mover::apply_graph(const std::vector<layer_moves> & layers, bool v_trans, std::string & err) {
     // All cache tensors of one context live on one device in the configurations we accept (layers split
     // across devices get one graph per device).
@@ -65,7 +72,7 @@ bool mover::apply_graph(const std::vector<layer_moves> & layers, bool v_trans, s
     std::vector<const layer_moves *> pending;
     for (const auto & l : layers) pending.push_back(&l);
     while (!pending.empty()) {
-        ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(pending[0]->k->buffer));
+        ggml_backend_dev_t dev = device_of(pending[0]->k);
         if (!dev) {
             err = "cache buffer has no device";
             return false;
@@ -90,7 +97,7 @@ bool mover::apply_graph(const std::vector<layer_moves> & layers, bool v_trans, s
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
         std::vector<const layer_moves *> later;
         for (const layer_moves * l : pending) {
-            if (ggml_backend_buft_get_device(ggml_backend_buffer_get_type(l->k->buffer)) != dev) {
+            if (device_of(l->k) != dev) {
                 later.push_back(l);
                 continue;
             }

@@ -57,6 +57,11 @@ int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * out, size_t 
 void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
 const char * tova_engine_last_error(const tova_engine * e);
 
+// The policy alone, for tests on synthetic arrays: of the n cells with score[i] and original position pos[i]
+// (pos < 0: empty, never chosen), writes to out_evict the k cells to evict, lowest score first (ties: older
+// position first). Returns the number written.
+int32_t tova_policy_evict(const float * score, const int32_t * pos, int32_t n, int32_t k, int32_t * out_evict);
+
 // The file libllama was loaded from, as seen by this library (to check that one copy is in the process).
 const char * tova_libllama_path(void);
 

@@ -293,6 +293,27 @@ class Session:
             out += buf.raw[: max(n, 0)]
         return out.decode(errors="replace")
 
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The model's own chat template (GGUF tokenizer.chat_template) through llama-cpp-python's Jinja2
+        formatter, with the assistant turn opened."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        if not template:
+            raise ValueError("the model has no chat template; pass raw text instead")
+
+        def special(tok: int) -> str:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, True)
+            return buf.raw[: max(n, 0)].decode(errors="replace")
+
+        fmt = Jinja2ChatFormatter(
+            template.decode(),
+            eos_token=special(llama_cpp.llama_vocab_eos(self._vocab)),
+            bos_token=special(llama_cpp.llama_vocab_bos(self._vocab)),
+        )
+        return fmt(messages=messages).prompt
+
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, int(token)))
 

@@ -1,0 +1,192 @@
+"""Session on real models: exactness at budget >= tokens, long bounded runs, refusals, the CLI."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import llama_cpp
+import numpy as np
+import pytest
+
+import tova_cpp
+from tova_cpp import ModelLoadError, Session, TovaVersionError, UnsupportedModelError
+
+PROMPT = "The lighthouse keeper climbed the stairs every evening, counting the steps as he went."
+
+
+def check_invariants(s: Session) -> None:
+    kept = s.kept_positions()
+    assert s.n_occupied <= s.budget
+    lo, hi = s.pos_window()
+    assert (lo, hi) == (s.n_past - s.n_occupied, s.n_past - 1)  # contiguous metadata window
+    for row in kept:
+        row = row[row >= 0]
+        assert row.size == s.n_occupied
+        assert np.unique(row).size == row.size
+        assert row.max() <= s.n_past - 1
+
+
+def plain_logits(path, tokens, n_ctx, n_batch, steps):
+    """Greedy continuation with llama-cpp-python's own Llama (no engine), same context settings."""
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=2, flash_attn=False,
+        logits_all=False, verbose=False,
+    )
+
+    def last():
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+    llm.eval(tokens)
+    out = [last()]
+    for _ in range(steps):
+        llm.eval([int(np.argmax(out[-1]))])
+        out.append(last())
+    llm.close()
+    return out
+
+
+def test_budget_above_sequence_equals_plain_llama_cpp(smollm2_path):
+    with Session(smollm2_path, budget=512, chunk=256, n_threads=2) as s:
+        tokens = s.tokenize(PROMPT)
+        s.eval(tokens)
+        ours = [s.logits()]
+        for _ in range(64):
+            s.eval([int(np.argmax(ours[-1]))])
+            ours.append(s.logits())
+        n_ctx = s.n_cells
+    theirs = plain_logits(smollm2_path, tokens, n_ctx, 256, 64)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("type_k", ["f16", "q8_0"])
+def test_long_decode_keeps_the_cache_bounded(smollm2_path, type_k):
+    with Session(smollm2_path, budget=128, chunk=64, type_k=type_k, n_threads=2) as s:
+        s.eval(s.tokenize(PROMPT))
+        for step in range(3000):
+            logits = s.logits()
+            assert np.isfinite(logits).all()
+            s.eval([int(np.argmax(logits))])
+            if step >= 128:
+                assert s.n_occupied == 128
+            if step % 250 == 0:
+                check_invariants(s)
+        check_invariants(s)
+        kept = s.kept_positions()
+        # layers keep different sets: per-layer eviction, not one shared set
+        assert len({tuple(r) for r in kept}) > 1
+        assert s.n_past == len(s.tokenize(PROMPT)) + 3000
+
+
+def test_graph_mover_matches_memcpy(smollm2_path):
+    runs = []
+    for force in (False, True):
+        with Session(smollm2_path, budget=32, chunk=16, n_threads=2) as s:
+            s.set_force_graph_mover(force)
+            s.eval(s.tokenize(PROMPT * 3))  # longer than memory: chunked cuts
+            logits = []
+            for _ in range(100):
+                logits.append(s.logits())
+                s.eval([int(np.argmax(logits[-1]))])
+                check_invariants(s)
+            runs.append((np.array(logits), s.kept_positions()))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+
+
+def test_chunked_prompt_never_exceeds_budget_plus_chunk(smollm2_path):
+    with Session(smollm2_path, budget=40, chunk=16, n_threads=2) as s:
+        tokens = s.tokenize(PROMPT * 6)
+        assert len(tokens) > s.memory
+        s.eval(tokens)
+        assert s.n_occupied == 40
+        check_invariants(s)
+
+
+def test_reset_starts_clean(smollm2_path):
+    with Session(smollm2_path, budget=64, chunk=32, n_threads=2) as s:
+        tokens = s.tokenize(PROMPT)
+        s.eval(tokens)
+        first = s.logits()
+        s.eval(tokens)
+        s.reset()
+        assert s.n_occupied == 0 and s.n_past == 0 and s.pos_window() == (-1, -1)
+        s.eval(tokens)
+        np.testing.assert_array_equal(s.logits(), first)
+
+
+# -- refusals: typed errors, before any decode ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"budget": 0}, "budget"),
+        ({"budget": True}, "budget"),
+        ({"budget": 8, "chunk": 0}, "chunk"),
+        ({"budget": 8, "chunk": 64, "n_ubatch": 32}, "n_ubatch"),
+        ({"budget": 8, "policy": "lru"}, "policy"),
+        ({"budget": 8, "type_k": "q9"}, "cache type"),
+        ({"budget": 8, "type_v": "q8_0"}, "flash attention"),
+    ],
+)
+def test_bad_arguments_are_value_errors(smollm2_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Session(smollm2_path, **kwargs)
+
+
+def test_bad_files_are_model_load_errors(tmp_path, smollm2_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        Session(tmp_path / "missing.gguf", budget=8)
+    text = tmp_path / "notes.gguf"
+    text.write_text("hello")
+    with pytest.raises(ModelLoadError, match="not a GGUF"):
+        Session(text, budget=8)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(smollm2_path.read_bytes()[: 1 << 20])
+    with pytest.raises(ModelLoadError, match="could not load"):
+        Session(truncated, budget=8)
+
+
+def test_bad_tokens_lose_nothing(smollm2_path):
+    with Session(smollm2_path, budget=16, chunk=8, n_threads=2) as s:
+        s.eval(s.tokenize(PROMPT))
+        before = (s.n_past, s.kept_positions().copy(), s.logits())
+        for bad in ([], [-1], [s.n_vocab]):
+            with pytest.raises(ValueError):
+                s.eval(bad)
+        assert s.n_past == before[0]
+        np.testing.assert_array_equal(s.kept_positions(), before[1])
+        np.testing.assert_array_equal(s.logits(), before[2])
+
+
+def test_sliding_window_model_is_refused(gemma3_path):
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        Session(gemma3_path, budget=64)
+
+
+def test_other_llama_cpp_python_version_is_refused(monkeypatch):
+    monkeypatch.setattr(llama_cpp, "__version__", "0.3.35")
+    with pytest.raises(TovaVersionError, match="llama-cpp-python==0.3.36"):
+        importlib.reload(tova_cpp._ffi)
+
+
+def run_cli(argv, cwd, timeout):
+    # cwd outside the checkout: `-m tova_cpp` must find the installed package, not the source tree
+    return subprocess.run([sys.executable, "-m", "tova_cpp", *argv], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+def test_cli_generates_and_reports_cells(smollm2_path, tmp_path):
+    r = run_cli(["Name three colors.", "-n", "24", "--budget", "16", "--chunk", "8"], tmp_path, 300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    assert "cells used / budget: 16 / 16" in r.stderr
+
+
+@pytest.mark.parametrize("argv", [["   "], ["hi", "-m", "/nonexistent.gguf"]])
+def test_cli_errors_are_one_line(argv, tmp_path):
+    r = run_cli(argv, tmp_path, 120)
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
