@@ -190,3 +190,13 @@ def test_cli_errors_are_one_line(argv, tmp_path):
     r = run_cli(argv, tmp_path, 120)
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_logits_all_returns_one_row_per_token(smollm2_path):
+    with Session(smollm2_path, budget=24, chunk=8, n_threads=2) as s:
+        tokens = s.tokenize(PROMPT * 3)
+        assert len(tokens) > s.memory  # pieces with cuts in between
+        rows = s.eval(tokens, logits_all=True)
+        assert rows.shape == (len(tokens), s.n_vocab)
+        np.testing.assert_array_equal(rows[-1], s.logits())
+        assert np.isfinite(rows).all()
