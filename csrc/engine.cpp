@@ -152,7 +152,9 @@ extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) 
         // cpy_k/cpy_v: the node is a view of cache_{k,v}_l<il>; src[1] holds the destination cells
         note_cache_tensor(e, t);
         const bool k_idxs = t->src[1] && strcmp(t->src[1]->name, "attn_inp_k_idxs") == 0;
-        if (ask) return k_idxs && !e->idxs_seen;
+        // inputs are set before the graph runs: on a host buffer read the cells now and skip a sync
+        const bool early = ask && k_idxs && !e->idxs_seen && ggml_backend_buffer_is_host(t->src[1]->buffer);
+        if (ask && !early) return k_idxs && !e->idxs_seen;
         if (k_idxs && !e->idxs_seen) {
             ggml_tensor * idx = t->src[1];
             if (idx->type != GGML_TYPE_I64 || ggml_nelements(idx) != e->n_tokens) {
@@ -163,7 +165,7 @@ extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) 
             }
             e->idxs_seen = true;
         }
-        return true;
+        return !early;
     }
     if (t->op == GGML_OP_SOFT_MAX && e->capture_scores) {
         const int il = layer_of(t->name, "kq_soft_max-");
