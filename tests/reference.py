@@ -1,0 +1,110 @@
+"""NumPy oracle: the llama forward pass (RMSNorm, RoPE, GQA attention, SwiGLU) in float64 with a per-layer
+KV cache cut by TOVA exactly as DESIGN.md section 1 says, processing the same pieces as the engine."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tiny_gguf import TinyLlama
+
+
+def rms_norm(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def rope(x, pos, base):
+    """llama.cpp's NORM rope (LLM_ARCH_LLAMA): rotates adjacent pairs. x: [T, heads, hd]."""
+    hd = x.shape[-1]
+    theta = pos[:, None] * base ** (-np.arange(0, hd, 2) / hd)  # [T, hd/2]
+    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x0 * sin + x1 * cos
+    return out
+
+
+class Reference:
+    """variant: "tova" (the paper), "shared" (one eviction set for all layers: the cheaper, wrong policy),
+    "protect_newest" (the newest token is never evicted: wrong)."""
+
+    def __init__(self, m: TinyLlama, budget: int, chunk: int, variant: str = "tova"):
+        self.m, self.budget, self.memory, self.variant = m, budget, budget + chunk, variant
+        w = {k: v.astype(np.float64) for k, v in m.weights.items()}
+        self.w = w
+        self.k = [np.zeros((0, m.n_head_kv, m.head_dim)) for _ in range(m.n_layer)]
+        self.v = [np.zeros((0, m.n_head_kv, m.head_dim)) for _ in range(m.n_layer)]
+        self.pos = [np.zeros(0, dtype=np.int64) for _ in range(m.n_layer)]
+        self.n_past = 0
+        self.last_logits = None
+
+    def _piece(self, tokens):
+        m, w = self.m, self.w
+        T = len(tokens)
+        pos = np.arange(self.n_past, self.n_past + T)
+        x = w["token_embd.weight"][tokens]
+        rows = []  # per layer: the last token's attention over the layer's keys, head-averaged
+        r = m.n_head // m.n_head_kv
+        for il in range(m.n_layer):
+            p = f"blk.{il}."
+            h = rms_norm(x, w[p + "attn_norm.weight"], m.eps)
+            q = rope((h @ w[p + "attn_q.weight"].T).reshape(T, m.n_head, m.head_dim), pos, m.rope_base)
+            k = rope((h @ w[p + "attn_k.weight"].T).reshape(T, m.n_head_kv, m.head_dim), pos, m.rope_base)
+            v = (h @ w[p + "attn_v.weight"].T).reshape(T, m.n_head_kv, m.head_dim)
+            K = np.concatenate([self.k[il], k])
+            V = np.concatenate([self.v[il], v])
+            n_old = len(self.k[il])
+            mask = np.zeros((T, len(K)))
+            for t in range(T):
+                mask[t, n_old + t + 1 :] = -np.inf
+            out = np.empty((T, m.n_head, m.head_dim))
+            probs_last = np.zeros(len(K))
+            for hq in range(m.n_head):
+                s = q[:, hq] @ K[:, hq // r].T / np.sqrt(m.head_dim) + mask
+                s = np.exp(s - s.max(-1, keepdims=True))
+                s /= s.sum(-1, keepdims=True)
+                out[:, hq] = s @ V[:, hq // r]
+                probs_last += s[-1]
+            rows.append(probs_last / m.n_head)
+            x = x + out.reshape(T, -1) @ w[p + "attn_output.weight"].T
+            h = rms_norm(x, w[p + "ffn_norm.weight"], m.eps)
+            g = h @ w[p + "ffn_gate.weight"].T
+            x = x + ((g / (1 + np.exp(-g))) * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
+            self.k[il], self.v[il] = K, V
+            self.pos[il] = np.concatenate([self.pos[il], pos])
+        self.n_past += T
+        h = rms_norm(x[-1], w["output_norm.weight"], m.eps)
+        self.last_logits = h @ w["output.weight"].T
+        return rows
+
+    def _cut(self, rows):
+        n = len(self.pos[0])
+        k = n - self.budget
+        if k <= 0:
+            return
+        if self.variant == "shared":
+            rows = [np.mean(rows, axis=0)] * len(rows)
+        for il, score in enumerate(rows):
+            score = score.copy()
+            if self.variant == "protect_newest":
+                score[np.argmax(self.pos[il])] = np.inf
+            order = np.lexsort((self.pos[il], score))  # lowest score first, ties: older first
+            keep = np.sort(order[k:])
+            self.k[il], self.v[il], self.pos[il] = self.k[il][keep], self.v[il][keep], self.pos[il][keep]
+
+    def eval(self, tokens):
+        tokens = list(tokens)
+        i = 0
+        while i < len(tokens):
+            room = self.memory - len(self.pos[0])
+            piece = tokens[i : i + room]
+            self._cut(self._piece(piece))
+            i += len(piece)
+
+    def kept_positions(self):
+        """[n_layer, max(budget, held)] ascending, -1 padded: the engine's kept_positions() layout."""
+        width = max(self.budget, len(self.pos[0]))
+        out = np.full((len(self.pos), width), -1, dtype=np.int64)
+        for il, p in enumerate(self.pos):
+            out[il, : len(p)] = np.sort(p)
+        return out

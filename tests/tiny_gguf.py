@@ -1,0 +1,78 @@
+"""Tiny random llama GGUFs (F32 weights) for tests, written with gguf.GGUFWriter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class TinyLlama:
+    n_layer: int = 3
+    n_embd: int = 64
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ff: int = 96
+    n_vocab: int = 64
+    eps: float = 1e-5
+    rope_base: float = 10000.0
+    qk_gain: float = 3.0  # sharpens attention so the lowest score is never a rounding tie
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def write_tiny_llama(path: Path, *, seed: int = 0, extra: dict | None = None, **shape) -> TinyLlama:
+    """Writes a llama GGUF; weights are numpy (n_out, n_in), y = W @ x. `extra`: more metadata keys."""
+    import gguf
+
+    m = TinyLlama(**shape)
+    rng = np.random.default_rng(seed)
+    d, kv = m.n_embd, m.n_head_kv * m.head_dim
+
+    def lin(n_out, n_in, gain=1.0):
+        return (rng.standard_normal((n_out, n_in)) * gain / np.sqrt(n_in)).astype(np.float32)
+
+    w = m.weights
+    w["token_embd.weight"] = rng.standard_normal((m.n_vocab, d)).astype(np.float32)
+    for il in range(m.n_layer):
+        p = f"blk.{il}."
+        w[p + "attn_norm.weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+        w[p + "attn_q.weight"] = lin(d, d, m.qk_gain)
+        w[p + "attn_k.weight"] = lin(kv, d, m.qk_gain)
+        w[p + "attn_v.weight"] = lin(kv, d)
+        w[p + "attn_output.weight"] = lin(d, d)
+        w[p + "ffn_norm.weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+        w[p + "ffn_gate.weight"] = lin(m.n_ff, d)
+        w[p + "ffn_up.weight"] = lin(m.n_ff, d)
+        w[p + "ffn_down.weight"] = lin(d, m.n_ff)
+    w["output_norm.weight"] = np.ones(d, dtype=np.float32)
+    w["output.weight"] = lin(m.n_vocab, d)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(4096)
+    writer.add_embedding_length(d)
+    writer.add_block_count(m.n_layer)
+    writer.add_feed_forward_length(m.n_ff)
+    writer.add_head_count(m.n_head)
+    writer.add_head_count_kv(m.n_head_kv)
+    writer.add_layer_norm_rms_eps(m.eps)
+    writer.add_rope_freq_base(m.rope_base)
+    writer.add_vocab_size(m.n_vocab)
+    writer.add_tokenizer_model("none")
+    for key, value in (extra or {}).items():
+        if isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, value)
+    for name, arr in w.items():
+        writer.add_tensor(name, arr)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return m
