@@ -48,16 +48,29 @@ def plain_logits(path, tokens, n_ctx, n_batch, steps):
     return out
 
 
-def test_budget_above_sequence_equals_plain_llama_cpp(smollm2_path):
-    with Session(smollm2_path, budget=512, chunk=256, n_threads=2) as s:
-        tokens = s.tokenize(PROMPT)
+@pytest.fixture(params=["tiny", "smollm2"])
+def model_and_prompt(request, tmp_path):
+    if request.param == "tiny":
+        from tiny_gguf import write_tiny_llama
+
+        path = tmp_path / "tiny.gguf"
+        write_tiny_llama(path)
+        return path, list(range(3, 40))
+    path = request.getfixturevalue("smollm2_path")
+    with Session(path, budget=8) as s:
+        return path, s.tokenize(PROMPT)
+
+
+def test_budget_above_sequence_equals_plain_llama_cpp(model_and_prompt):
+    path, tokens = model_and_prompt
+    with Session(path, budget=512, chunk=256, n_threads=2) as s:
         s.eval(tokens)
         ours = [s.logits()]
         for _ in range(64):
             s.eval([int(np.argmax(ours[-1]))])
             ours.append(s.logits())
         n_ctx = s.n_cells
-    theirs = plain_logits(smollm2_path, tokens, n_ctx, 256, 64)
+    theirs = plain_logits(path, tokens, n_ctx, 256, 64)
     for a, b in zip(ours, theirs):
         np.testing.assert_array_equal(a, b)
 
