@@ -13,6 +13,7 @@ import argparse
 import csv
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,11 +43,12 @@ def main() -> int:
            "-n", str(args.n), "--budget", str(args.budget), "--policy", args.policy, "--ignore-eos", "--temp", "0.7",
            "-s", "1"]
     if args.model:
-        cmd += ["-m", args.model]
+        cmd += ["-m", str(Path(args.model).resolve())]
     if args.threads:
         cmd += ["-t", str(args.threads)]
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # cwd outside the checkout, so the installed package (with its built engine) is the one imported
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
     samples = []
     while p.poll() is None:
         r = rss_mib(p.pid)

