@@ -39,6 +39,7 @@ struct tova_engine {
     int32_t pos0 = 0;
     bool capture_scores = false;
     bool idxs_seen = false;
+    int32_t n_observed = 0;          // nodes read in the data phase (each one costs a backend sync)
     std::vector<int64_t> new_cells;  // cells llama.cpp chose for the batch (from attn_inp_k_idxs)
     std::string cb_error;            // first failure inside the callback (it cannot return errors)
 
@@ -197,6 +198,7 @@ static void capture_scores(tova_engine * e, ggml_tensor * t, int il) {
 extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     tova_engine * e = (tova_engine *) user_data;
     if (!e || e->n_tokens == 0) return ask ? false : true;
+    if (!ask) e->n_observed++;
     if (ask && getenv("TOVA_DEBUG")) {  // env: TOVA_DEBUG prints every node the callback is asked about
         fprintf(stderr, "tova: node %s op %s src0 %s\n", t->name, ggml_op_name(t->op),
                 t->src[0] ? t->src[0]->name : "-");
@@ -238,6 +240,7 @@ extern "C" int32_t tova_engine_begin(tova_engine * e, int32_t n_tokens, int32_t 
     // tova needs the row that ends a piece; h2o's accumulator needs every query; window/sink/full need none
     e->capture_scores = (e->policy == TOVA_POLICY_TOVA && capture) || e->policy == TOVA_POLICY_H2O;
     e->idxs_seen = false;
+    e->n_observed = 0;
     e->new_cells.clear();
     e->cb_error.clear();
     std::fill(e->scored.begin(), e->scored.end(), 0);
@@ -339,6 +342,8 @@ extern "C" int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * o
     memcpy(out, e->layer_pos.data(), n * sizeof(int32_t));
     return TOVA_OK;
 }
+
+extern "C" int32_t tova_engine_n_observed(const tova_engine * e) { return e->n_observed; }
 
 extern "C" void tova_engine_set_force_graph_mover(tova_engine * e, bool force) { e->force_graph = force; }
 

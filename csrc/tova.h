@@ -63,6 +63,9 @@ void tova_engine_reset(tova_engine * e);
 int32_t tova_engine_n_occupied(const tova_engine * e);
 // out: [n_layer * n_cells] original position held by each layer's cell, -1 where empty.
 int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * out, size_t n);
+// Graph nodes the eval callback read during the last llama_decode; each one costs a backend sync
+// (tova and h2o: one per layer; window, sink and full: none on host buffers).
+int32_t tova_engine_n_observed(const tova_engine * e);
 // Force the ggml-graph mover even for host buffers (tests). env: TOVA_MOVER=graph does the same.
 void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
 const char * tova_engine_last_error(const tova_engine * e);

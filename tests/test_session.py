@@ -263,6 +263,18 @@ def test_every_policy_runs_bounded_with_the_largest_keep(tiny_path, policy):
                 assert (kept[:, 7] == s.n_past - 1).all()  # one unprotected cell: the newest token
 
 
+@pytest.mark.parametrize("policy, syncs", [("full", 0), ("window", 0), ("sink", 0), ("tova", 3), ("h2o", 3)])
+def test_only_scoring_policies_capture(tiny_path, policy, syncs):
+    from tova_cpp._ffi import lib
+
+    # the tiny model has 3 layers; the cells of new tokens are read without a sync on host buffers
+    with Session(tiny_path, budget=8, chunk=4, policy=policy, n_threads=2) as s:
+        s.eval(list(range(3, 9)))  # two ubatches (4 + 2 tokens); n_observed counts the last decode
+        assert lib.tova_engine_n_observed(s._engine) == syncs
+        s.eval([5])
+        assert lib.tova_engine_n_observed(s._engine) == syncs
+
+
 def test_keep_is_set_before_the_first_decode_only(tiny_path):
     from tova_cpp._ffi import ffi, lib
 

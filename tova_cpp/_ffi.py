@@ -25,6 +25,7 @@ int32_t tova_engine_end(tova_engine * e);
 int32_t tova_engine_cut(tova_engine * e, void * ctx);
 void tova_engine_reset(tova_engine * e);
 int32_t tova_engine_n_occupied(const tova_engine * e);
+int32_t tova_engine_n_observed(const tova_engine * e);
 int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * out, size_t n);
 void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
 const char * tova_engine_last_error(const tova_engine * e);
