@@ -191,14 +191,17 @@ def run_cli(argv, cwd, timeout):
                           timeout=timeout)
 
 
-def test_cli_generates_and_reports_cells(smollm2_path, tmp_path):
-    r = run_cli(["Name three colors.", "-n", "24", "--budget", "16", "--chunk", "8"], tmp_path, 300)
+@pytest.mark.parametrize("extra", [[], ["--policy", "sink", "--n-sink", "2", "--keep", "6"]], ids=["tova", "sink"])
+def test_cli_generates_and_reports_cells(smollm2_path, tmp_path, extra):
+    r = run_cli(["Name three colors.", "-n", "24", "--budget", "16", "--chunk", "8", *extra], tmp_path, 300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
     assert "cells used / budget: 16 / 16" in r.stderr
 
 
-@pytest.mark.parametrize("argv", [["   "], ["hi", "-m", "/nonexistent.gguf"]])
+@pytest.mark.parametrize(
+    "argv", [["   "], ["hi", "-m", "/nonexistent.gguf"], ["hi", "--budget", "8", "--keep", "8"]]
+)
 def test_cli_errors_are_one_line(argv, tmp_path):
     r = run_cli(argv, tmp_path, 120)
     assert r.returncode == 1

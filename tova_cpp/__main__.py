@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1: until end of text)")
     p.add_argument("--budget", type=_positive, default=128, help="KV cells kept per layer")
     p.add_argument("--policy", choices=sorted(POLICIES), default="tova")
+    p.add_argument("--keep", type=int, default=0, help="protected prefix: positions < KEEP are never evicted")
+    p.add_argument("--n-sink", type=int, default=None, help="policy sink: first positions kept (default 4)")
     p.add_argument("--chunk", type=_positive, default=256, help="prompt tokens per cut when the prompt is long")
     p.add_argument("--raw", action="store_true", help="continue the prompt as raw text (no chat template)")
     p.add_argument("-t", "--threads", type=_positive, default=None)
@@ -41,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         path = args.model or default_model_path()
-        with Session(path, budget=args.budget, policy=args.policy, chunk=args.chunk, n_threads=args.threads,
-                     verbose=args.verbose) as s:
+        with Session(path, budget=args.budget, policy=args.policy, keep=args.keep, n_sink=args.n_sink,
+                     chunk=args.chunk, n_threads=args.threads, verbose=args.verbose) as s:
             t0 = time.perf_counter()
             if args.raw:
                 prompt = s.tokenize(args.prompt)
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"cells used / budget: {s.n_occupied} / {s.budget} (policy {s.policy})",
                 file=sys.stderr,
             )
-    except TovaError as e:
+    except (TovaError, ValueError) as e:  # bad arguments and refusals: one line, no traceback
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)
