@@ -94,6 +94,29 @@ def test_long_decode_keeps_the_cache_bounded(smollm2_path, type_k):
         assert s.n_past == len(s.tokenize(PROMPT)) + 3000
 
 
+@pytest.mark.parametrize("policy", ["window", "sink", "h2o"])
+def test_baselines_on_smollm2_stay_bounded_and_per_layer(smollm2_path, policy):
+    with Session(smollm2_path, budget=32, chunk=16, policy=policy, keep=2, n_threads=2) as s:
+        s.eval(s.tokenize(PROMPT * 3))  # longer than memory: chunked cuts
+        for _ in range(64):
+            logits = s.logits()
+            assert np.isfinite(logits).all()
+            s.eval([int(np.argmax(logits))])
+            check_invariants(s)
+        kept = s.kept_positions()
+        assert (kept[:, :2] == [0, 1]).all()  # keep
+        n_sets = len({tuple(r) for r in kept})
+        if policy == "h2o":
+            assert n_sets > 1  # accumulated attention differs by layer
+            # keep 2 + 30 unprotected cells: the 15 most recent + 15 heavy hitters
+            assert (kept[:, -15:] == np.arange(s.n_past - 15, s.n_past)).all()
+        else:
+            assert n_sets == 1  # no scores: every layer keeps the same positions
+            n_first = 4 if policy == "sink" else 2
+            recent = np.arange(s.n_past - (32 - n_first), s.n_past)
+            np.testing.assert_array_equal(kept[0], np.concatenate([np.arange(n_first), recent]))
+
+
 def test_graph_mover_matches_memcpy(smollm2_path):
     runs = []
     for force in (False, True):

@@ -13,7 +13,9 @@ Policies (all per layer, all with the same budget; each layer of the model keeps
   query heads (Oren et al. 2024).
 - ``window``: keep the most recent `budget` keys.
 - ``sink``: keep the first `n_sink` positions (default 4) and the most recent `budget - n_sink` keys
-  (StreamingLLM, Xiao et al. 2023).
+  (StreamingLLM, Xiao et al. 2023). Deviation, named: every key keeps its original position (RoPE is inside
+  the cached K and never re-applied), as for every policy here (DESIGN.md section 1); StreamingLLM assigns
+  positions by place in the cache instead.
 - ``h2o``: keep the most recent ceil(budget/2) keys and the budget//2 older keys with the largest attention
   accumulated since the key entered (Zhang et al. 2023). The accumulator adds, on every decode, each query's
   attention row averaged over all query heads, summed over ALL queries of the batch: a prompt piece adds the
