@@ -1,6 +1,7 @@
 """NumPy oracle: the llama forward pass (RMSNorm, RoPE, GQA attention, SwiGLU) in float64 with a per-layer
-KV cache cut by each policy exactly as DESIGN.md section 1 and tova_cpp.session's docstring say, processing the
-same pieces as the engine. Written from the definitions (which positions a layer KEEPS), not from the C++ code."""
+KV cache cut by each policy exactly as DESIGN.md section 1 and tova_cpp.session's docstring say, processing
+the same pieces as the engine. Written from the definitions (which positions a layer KEEPS), not from the
+C++ code."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class Reference:
         assert policy in POLICIES + WRONG_VARIANTS
         self.m, self.budget, self.memory, self.policy = m, budget, budget + chunk, policy
         self.keep, self.n_sink = keep, n_sink
-        self.acc = [np.zeros(0) for _ in range(m.n_layer)]  # h2o: accumulated attention, aligned with self.pos
+        # h2o: attention accumulated since each key entered, aligned with self.pos
+        self.acc = [np.zeros(0) for _ in range(m.n_layer)]
         w = {k: v.astype(np.float64) for k, v in m.weights.items()}
         self.w = w
         self.k = [np.zeros((0, m.n_head_kv, m.head_dim)) for _ in range(m.n_layer)]

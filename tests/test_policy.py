@@ -46,7 +46,7 @@ def test_matches_numpy_argsort(seed):
     assert evict(score, pos, k) == expect
 
 
-# -- every policy through tova_policy_choose --------------------------------------------------------------------
+# -- every policy through tova_policy_choose ------------------------------------------------------------
 from tova_cpp.session import POLICIES  # noqa: E402
 
 

@@ -214,7 +214,9 @@ def run_cli(argv, cwd, timeout):
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("extra", [[], ["--policy", "sink", "--n-sink", "2", "--keep", "6"]], ids=["tova", "sink"])
+@pytest.mark.parametrize(
+    "extra", [[], ["--policy", "sink", "--n-sink", "2", "--keep", "6"]], ids=["tova", "sink"]
+)
 def test_cli_generates_and_reports_cells(smollm2_path, tmp_path, extra):
     r = run_cli(["Name three colors.", "-n", "24", "--budget", "16", "--chunk", "8", *extra], tmp_path, 300)
     assert r.returncode == 0, r.stderr
@@ -241,7 +243,7 @@ def test_logits_all_returns_one_row_per_token(smollm2_path):
         assert np.isfinite(rows).all()
 
 
-# -- policies, keep and n_sink: typed validation on a tiny model (no download needed) --------------------------
+# -- policies, keep and n_sink: typed validation on a tiny model (no download needed) --------------------
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
     from tiny_gguf import write_tiny_llama

@@ -20,12 +20,14 @@ Policies (all per layer, all with the same budget; each layer of the model keeps
   accumulated since the key entered (Zhang et al. 2023). The accumulator adds, on every decode, each query's
   attention row averaged over all query heads, summed over ALL queries of the batch: a prompt piece adds the
   column sums of its whole causal attention matrix, as H2O does; a key's own query counts. Deviations from
-  H2O, named: one set per layer shared by all heads (H2O keeps a set per head), with head-averaged scores; the
-  recent half takes the extra cell when the budget is odd; a prompt longer than memory is cut after each piece.
+  H2O, named: one set per layer shared by all heads (H2O keeps a set per head), with head-averaged scores;
+  the recent half takes the extra cell when the budget is odd; a prompt longer than memory is cut after each
+  piece.
 
 `keep` (like llama.cpp's --keep, default 0) protects original positions < keep from every evicting policy:
 they count toward the budget, and the policy chooses among the rest (for h2o the unprotected budget
-u = budget - protected tokens held is halved: ceil(u/2) recent, u//2 heavy). keep must be < budget.
+u = budget - protected tokens held is halved: ceil(u/2) recent, u//2 heavy); with ``sink`` the first
+max(keep, n_sink) positions are protected. keep must be < budget. Ties in a score evict the older key first.
 """
 
 from __future__ import annotations
