@@ -22,6 +22,7 @@ POLICY_CASES = [
     ("h2o", {}, EXTRA_STEPS),
     ("h2o", {"budget": 15}, EXTRA_STEPS),  # odd budget: 8 recent + 7 heavy
     ("tova", {"keep": 5}, EXTRA_STEPS),
+    ("tova", {"keep": 12}, EXTRA_STEPS),  # with the 10-token prompt the protected prefix completes while decoding
     ("window", {"keep": 3}, EXTRA_STEPS),
     ("sink", {"keep": 6, "n_sink": 2}, EXTRA_STEPS),
     ("h2o", {"keep": 5}, EXTRA_STEPS),  # 11 unprotected cells: 6 recent + 5 heavy
