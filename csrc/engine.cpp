@@ -93,7 +93,8 @@ extern "C" int32_t tova_engine_set_keep(tova_engine * e, int32_t keep) {
         return fail(e, TOVA_ERR_ARG,
                     "keep must be in [0, budget) (got keep=" + std::to_string(keep) +
                         ", budget=" + std::to_string(e->budget) + "): the protected prefix must leave room to evict");
-    if (tova_engine_n_occupied(e) != 0) return fail(e, TOVA_ERR_STATE, "set keep before the first decode or after reset");
+    if (tova_engine_n_occupied(e) != 0)
+        return fail(e, TOVA_ERR_STATE, "set keep before the first decode or after reset");
     e->keep = keep;
     return TOVA_OK;
 }
