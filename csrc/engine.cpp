@@ -2,6 +2,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -9,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "capture_fa.h"
 #include "ggml-backend.h"
 #include "ggml.h"
 #include "llama.h"
@@ -21,8 +23,9 @@ struct tova_engine {
     int32_t n_layer;
     int32_t budget;
     int32_t n_cells;
-    bool v_trans;
+    bool v_trans;  // also: flash attention off (llama.cpp stores V transposed exactly when FA is off)
     bool force_graph;
+    int32_t evict_interval = 1;  // cut only once budget + evict_interval cells are occupied
 
     std::vector<int32_t> meta_pos;   // [n_cells] metadata position llama.cpp holds in the cell, -1 if free
     std::vector<int32_t> layer_pos;  // [n_layer * n_cells] original position each layer holds, -1 if empty
@@ -39,8 +42,14 @@ struct tova_engine {
     std::string cb_error;            // first failure inside the callback (it cannot return errors)
 
     tova::mover mover;
+    tova::fa_scorer fa;  // flash attention on: scores recomputed from the newest query
+    double stats[TOVA_STAT_COUNT] = {};  // tova_engine_stats
     std::string error;
 };
+
+static double now_s() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 static int32_t fail(tova_engine * e, int32_t code, const std::string & msg) {
     e->error = msg;
@@ -167,10 +176,26 @@ extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) 
         }
         return !early;
     }
+    if (t->op == GGML_OP_FLASH_ATTN_EXT && e->capture_scores) {
+        ggml_tensor * k = t->src[1] && t->src[1]->op == GGML_OP_CPY ? t->src[1]->src[0] : t->src[1];
+        const int il = k ? layer_of(root_of(k)->name, "cache_k_l") : -1;
+        if (ask) return il >= 0 && il < e->n_layer;
+        if (il >= 0 && il < e->n_layer && e->cb_error.empty()) {
+            const double t0 = now_s();
+            std::string err;
+            if (!e->fa.capture(t, il, root_of(k), e->n_tokens, err)) e->cb_error = err;
+            e->stats[TOVA_STAT_CAPTURE_S] += now_s() - t0;
+        }
+        return true;
+    }
     if (t->op == GGML_OP_SOFT_MAX && e->capture_scores) {
         const int il = layer_of(t->name, "kq_soft_max-");
         if (ask) return il >= 0 && il < e->n_layer;
-        if (il >= 0 && il < e->n_layer) capture_scores(e, t, il);
+        if (il >= 0 && il < e->n_layer) {
+            const double t0 = now_s();
+            capture_scores(e, t, il);
+            e->stats[TOVA_STAT_CAPTURE_S] += now_s() - t0;
+        }
         return true;
     }
     return ask ? false : true;
@@ -187,6 +212,7 @@ extern "C" int32_t tova_engine_begin(tova_engine * e, int32_t n_tokens, int32_t 
     e->new_cells.clear();
     e->cb_error.clear();
     if (e->capture_scores) std::fill(e->scored.begin(), e->scored.end(), 0);
+    if (e->capture_scores && !e->v_trans) e->fa.begin(e->n_layer);
     return TOVA_OK;
 }
 
@@ -204,12 +230,21 @@ extern "C" int32_t tova_engine_end(tova_engine * e) {
         e->meta_pos[c] = e->pos0 + i;
         for (int32_t l = 0; l < e->n_layer; l++) e->layer_pos[(size_t) l * e->n_cells + c] = e->pos0 + i;
     }
+    if (e->capture_scores && !e->v_trans) {
+        std::string err;
+        const double t0 = now_s();
+        if (!e->fa.compute(e->cache_k, e->scores.data(), e->n_cells, e->scored.data(), err))
+            return fail(e, TOVA_ERR_CAPTURE, err);
+        e->stats[TOVA_STAT_SCORE_S] += now_s() - t0;
+    }
+    if (e->capture_scores) e->stats[TOVA_STAT_SCORED_DECODES] += 1;
     for (int32_t l = 0; l < e->n_layer; l++) {
         if (!e->cache_k[l] || !e->cache_v[l])
             return fail(e, TOVA_ERR_CAPTURE, "cache tensors of layer " + std::to_string(l) + " not found");
         if (e->capture_scores && !e->scored[l])
             return fail(e, TOVA_ERR_CAPTURE,
-                        "no kq_soft_max-" + std::to_string(l) + " node (flash attention must be off for capture)");
+                        std::string(e->v_trans ? "no kq_soft_max-" : "no FLASH_ATTN_EXT node for layer ") +
+                            std::to_string(l) + " was seen during llama_decode");
     }
     return TOVA_OK;
 }
@@ -219,7 +254,7 @@ extern "C" int32_t tova_engine_cut(tova_engine * e, llama_context * ctx) {
     for (int32_t c = 0; c < e->n_cells; c++)
         if (e->meta_pos[c] >= 0) occupied.push_back(c);
     const int32_t k = (int32_t) occupied.size() - e->budget;
-    if (e->policy == TOVA_POLICY_FULL || k <= 0) return TOVA_OK;
+    if (e->policy == TOVA_POLICY_FULL || k <= 0 || k < e->evict_interval) return TOVA_OK;
     for (int32_t l = 0; l < e->n_layer; l++)
         if (!e->scored[l]) return fail(e, TOVA_ERR_STATE, "cut without scores from the last decode");
 
@@ -241,6 +276,7 @@ extern "C" int32_t tova_engine_cut(tova_engine * e, llama_context * ctx) {
         plan[l] = {e->cache_k[l], e->cache_v[l], tova::policy_moves(evict, freed)};
     }
     std::string err;
+    const double t0 = now_s();
     if (!e->mover.apply(plan, e->v_trans, e->force_graph, err)) return fail(e, TOVA_ERR_BACKEND, err);
     for (int32_t l = 0; l < e->n_layer; l++) {
         int32_t * pos = &e->layer_pos[(size_t) l * e->n_cells];
@@ -250,6 +286,8 @@ extern "C" int32_t tova_engine_cut(tova_engine * e, llama_context * ctx) {
     for (int32_t c : freed) e->meta_pos[c] = -1;
     if (!llama_memory_seq_rm(llama_get_memory(ctx), 0, p_min, p_max + 1))
         return fail(e, TOVA_ERR_STATE, "llama_memory_seq_rm refused the range");
+    e->stats[TOVA_STAT_CUT_S] += now_s() - t0;
+    e->stats[TOVA_STAT_CUTS] += 1;
     return TOVA_OK;
 }
 
@@ -266,6 +304,29 @@ extern "C" int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * o
 }
 
 extern "C" void tova_engine_set_force_graph_mover(tova_engine * e, bool force) { e->force_graph = force; }
+
+extern "C" int32_t tova_engine_set_evict_interval(tova_engine * e, int32_t m) {
+    if (m < 1 || e->budget + m > e->n_cells)
+        return fail(e, TOVA_ERR_ARG, "evict_interval must be >= 1 and budget + evict_interval <= n_cells (got " +
+                                         std::to_string(m) + ")");
+    e->evict_interval = m;
+    return TOVA_OK;
+}
+
+extern "C" void tova_engine_set_threads(tova_engine * e, int32_t n_threads) {
+    e->fa.set_threads(n_threads > 0 ? n_threads : 1);
+}
+
+extern "C" int32_t tova_engine_stats(tova_engine * e, double * out, size_t n, bool reset) {
+    if (!out || n != TOVA_STAT_COUNT) return TOVA_ERR_ARG;
+    memcpy(out, e->stats, sizeof(e->stats));
+    if (reset) memset(e->stats, 0, sizeof(e->stats));
+    return TOVA_OK;
+}
+
+extern "C" const char * tova_engine_cache_buffer(const tova_engine * e) {
+    return e->cache_k[0] && e->cache_k[0]->buffer ? ggml_backend_buffer_name(e->cache_k[0]->buffer) : "";
+}
 
 extern "C" const char * tova_engine_last_error(const tova_engine * e) { return e->error.c_str(); }
 

@@ -26,6 +26,10 @@ int32_t tova_engine_n_occupied(const tova_engine * e);
 int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * out, size_t n);
 void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
 const char * tova_engine_last_error(const tova_engine * e);
+int32_t tova_engine_set_evict_interval(tova_engine * e, int32_t m);
+void tova_engine_set_threads(tova_engine * e, int32_t n_threads);
+const char * tova_engine_cache_buffer(const tova_engine * e);
+int32_t tova_engine_stats(tova_engine * e, double * out, size_t n, bool reset);
 int32_t tova_policy_evict(const float * score, const int32_t * pos, int32_t n, int32_t k, int32_t * out_evict);
 const char * tova_libllama_path(void);
 """
