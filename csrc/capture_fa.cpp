@@ -192,6 +192,15 @@ bool fa_scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scor
     ggml_tensor * out = ggml_view_1d(ctx, out_, n_kv_ * n_layer, 0);
     ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_1d(ctx, mean, n_kv_ * n_layer), out));
 
+    for (int i = 0; i < ggml_graph_n_nodes(gf); i++) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (!ggml_backend_supports_op(backend_, node)) {
+            err = std::string("the cache's backend (") + ggml_backend_name(backend_) + ") cannot run " +
+                  ggml_op_desc(node) + " on " + ggml_type_name(node->src[0]->type) + " for the flash-attention scores";
+            ggml_free(ctx);
+            return false;
+        }
+    }
     if (!galloc_) galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
     bool ok = galloc_ && ggml_gallocr_alloc_graph(galloc_, gf);
     if (ok) ok = ggml_backend_graph_compute(backend_, gf) == GGML_STATUS_SUCCESS;

@@ -154,13 +154,15 @@ extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) 
     tova_engine * e = (tova_engine *) user_data;
     if (!e || e->n_tokens == 0) return ask ? false : true;
     if (ask && getenv("TOVA_DEBUG")) {  // env: TOVA_DEBUG prints every node the callback is asked about
-        fprintf(stderr, "tova: node %s op %s src0 %s\n", t->name, ggml_op_name(t->op),
-                t->src[0] ? t->src[0]->name : "-");
+        fprintf(stderr, "tova: node %s op %s src0 %s src1 %s (%s, root %s)\n", t->name, ggml_op_name(t->op),
+                t->src[0] ? t->src[0]->name : "-", t->src[1] ? t->src[1]->name : "-",
+                t->src[1] ? ggml_op_name(t->src[1]->op) : "-", t->src[1] ? root_of(t->src[1])->name : "-");
     }
     if (t->op == GGML_OP_SET_ROWS) {
         // cpy_k/cpy_v: the node is a view of cache_{k,v}_l<il>; src[1] holds the destination cells
         note_cache_tensor(e, t);
-        const bool k_idxs = t->src[1] && strcmp(t->src[1]->name, "attn_inp_k_idxs") == 0;
+        // on a GPU the scheduler copies the input and names the copy "CUDA0#attn_inp_k_idxs#0"
+        const bool k_idxs = t->src[1] && strstr(t->src[1]->name, "attn_inp_k_idxs") != nullptr;
         // inputs are set before the graph runs: on a host buffer read the cells now and skip a sync
         const bool early = ask && k_idxs && !e->idxs_seen && ggml_backend_buffer_is_host(t->src[1]->buffer);
         if (ask && !early) return k_idxs && !e->idxs_seen;
@@ -177,9 +179,15 @@ extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) 
         return !early;
     }
     if (t->op == GGML_OP_FLASH_ATTN_EXT && e->capture_scores) {
+        if (ask) return true;
         ggml_tensor * k = t->src[1] && t->src[1]->op == GGML_OP_CPY ? t->src[1]->src[0] : t->src[1];
         const int il = k ? layer_of(root_of(k)->name, "cache_k_l") : -1;
-        if (ask) return il >= 0 && il < e->n_layer;
+        if (il < 0 && k && e->cb_error.empty()) {
+            // the scheduler handed the node copies of its inputs: it runs on another backend than the cache
+            e->cb_error = std::string("flash attention runs on another backend than the KV cache (its K is the "
+                                      "copy '") + k->name + "'): the cache's device has no flash-attention kernel "
+                                      "for this head size or cache type; use flash_attn=False";
+        }
         if (il >= 0 && il < e->n_layer && e->cb_error.empty()) {
             const double t0 = now_s();
             std::string err;
@@ -277,6 +285,8 @@ extern "C" int32_t tova_engine_cut(tova_engine * e, llama_context * ctx) {
     }
     std::string err;
     const double t0 = now_s();
+    // llama_decode returns before a GPU finishes the graph (the last layers may still read the cache): wait
+    llama_synchronize(ctx);
     if (!e->mover.apply(plan, e->v_trans, e->force_graph, err)) return fail(e, TOVA_ERR_BACKEND, err);
     for (int32_t l = 0; l < e->n_layer; l++) {
         int32_t * pos = &e->layer_pos[(size_t) l * e->n_cells];
