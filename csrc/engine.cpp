@@ -2,6 +2,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -9,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "capture_fa.h"
 #include "ggml-backend.h"
 #include "ggml.h"
 #include "llama.h"
@@ -21,10 +23,11 @@ struct tova_engine {
     int32_t n_layer;
     int32_t budget;
     int32_t n_cells;
-    bool v_trans;
+    bool v_trans;  // also: flash attention off (llama.cpp stores V transposed exactly when FA is off)
     bool force_graph;
     int32_t keep = 0;    // original positions < keep are never evicted
     int32_t n_sink = 4;  // TOVA_POLICY_SINK: original positions < n_sink are never evicted
+    int32_t evict_interval = 1;  // cut only once budget + evict_interval cells are occupied
 
     std::vector<int32_t> meta_pos;   // [n_cells] metadata position llama.cpp holds in the cell, -1 if free
     std::vector<int32_t> layer_pos;  // [n_layer * n_cells] original position each layer holds, -1 if empty
@@ -44,8 +47,14 @@ struct tova_engine {
     std::string cb_error;            // first failure inside the callback (it cannot return errors)
 
     tova::mover mover;
+    tova::fa_scorer fa;  // flash attention on: scores recomputed from the newest query
+    double stats[TOVA_STAT_COUNT] = {};  // tova_engine_stats
     std::string error;
 };
+
+static double now_s() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 static int32_t fail(tova_engine * e, int32_t code, const std::string & msg) {
     e->error = msg;
@@ -66,6 +75,11 @@ extern "C" tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int
         write_err(err, err_len,
                   "need n_layer >= 1 and 1 <= budget <= n_cells (got n_layer=" + std::to_string(n_layer) +
                       ", budget=" + std::to_string(budget) + ", n_cells=" + std::to_string(n_cells) + ")");
+        return nullptr;
+    }
+    if (policy == TOVA_POLICY_H2O && !v_trans) {
+        // flash attention gives no attention matrix; the FA scoring graph recomputes only the newest row
+        write_err(err, err_len, "policy h2o needs flash attention off: it accumulates every query's attention row");
         return nullptr;
     }
     tova_engine * e = new tova_engine();
@@ -201,13 +215,15 @@ extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) 
     if (!e || e->n_tokens == 0) return ask ? false : true;
     if (!ask) e->n_observed++;
     if (ask && getenv("TOVA_DEBUG")) {  // env: TOVA_DEBUG prints every node the callback is asked about
-        fprintf(stderr, "tova: node %s op %s src0 %s\n", t->name, ggml_op_name(t->op),
-                t->src[0] ? t->src[0]->name : "-");
+        fprintf(stderr, "tova: node %s op %s src0 %s src1 %s (%s, root %s)\n", t->name, ggml_op_name(t->op),
+                t->src[0] ? t->src[0]->name : "-", t->src[1] ? t->src[1]->name : "-",
+                t->src[1] ? ggml_op_name(t->src[1]->op) : "-", t->src[1] ? root_of(t->src[1])->name : "-");
     }
     if (t->op == GGML_OP_SET_ROWS) {
         // cpy_k/cpy_v: the node is a view of cache_{k,v}_l<il>; src[1] holds the destination cells
         note_cache_tensor(e, t);
-        const bool k_idxs = t->src[1] && strcmp(t->src[1]->name, "attn_inp_k_idxs") == 0;
+        // on a GPU the scheduler copies the input and names the copy "CUDA0#attn_inp_k_idxs#0"
+        const bool k_idxs = t->src[1] && strstr(t->src[1]->name, "attn_inp_k_idxs") != nullptr;
         // inputs are set before the graph runs: on a host buffer read the cells now and skip a sync
         const bool early = ask && k_idxs && !e->idxs_seen && ggml_backend_buffer_is_host(t->src[1]->buffer);
         if (ask && !early) return k_idxs && !e->idxs_seen;
@@ -223,10 +239,32 @@ extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) 
         }
         return !early;
     }
+    if (t->op == GGML_OP_FLASH_ATTN_EXT && e->capture_scores) {
+        if (ask) return true;
+        ggml_tensor * k = t->src[1] && t->src[1]->op == GGML_OP_CPY ? t->src[1]->src[0] : t->src[1];
+        const int il = k ? layer_of(root_of(k)->name, "cache_k_l") : -1;
+        if (il < 0 && k && e->cb_error.empty()) {
+            // the scheduler handed the node copies of its inputs: it runs on another backend than the cache
+            e->cb_error = std::string("flash attention runs on another backend than the KV cache (its K is the "
+                                      "copy '") + k->name + "'): the cache's device has no flash-attention kernel "
+                                      "for this head size or cache type; use flash_attn=False";
+        }
+        if (il >= 0 && il < e->n_layer && e->cb_error.empty()) {
+            const double t0 = now_s();
+            std::string err;
+            if (!e->fa.capture(t, il, root_of(k), e->n_tokens, err)) e->cb_error = err;
+            e->stats[TOVA_STAT_CAPTURE_S] += now_s() - t0;
+        }
+        return true;
+    }
     if (t->op == GGML_OP_SOFT_MAX && e->capture_scores) {
         const int il = layer_of(t->name, "kq_soft_max-");
         if (ask) return il >= 0 && il < e->n_layer;
-        if (il >= 0 && il < e->n_layer) capture_scores(e, t, il);
+        if (il >= 0 && il < e->n_layer) {
+            const double t0 = now_s();
+            capture_scores(e, t, il);
+            e->stats[TOVA_STAT_CAPTURE_S] += now_s() - t0;
+        }
         return true;
     }
     return ask ? false : true;
@@ -245,6 +283,7 @@ extern "C" int32_t tova_engine_begin(tova_engine * e, int32_t n_tokens, int32_t 
     e->new_cells.clear();
     e->cb_error.clear();
     std::fill(e->scored.begin(), e->scored.end(), 0);
+    if (e->capture_scores && !e->v_trans) e->fa.begin(e->n_layer);
     return TOVA_OK;
 }
 
@@ -262,12 +301,21 @@ extern "C" int32_t tova_engine_end(tova_engine * e) {
         e->meta_pos[c] = e->pos0 + i;
         for (int32_t l = 0; l < e->n_layer; l++) e->layer_pos[(size_t) l * e->n_cells + c] = e->pos0 + i;
     }
+    if (e->capture_scores && !e->v_trans) {
+        std::string err;
+        const double t0 = now_s();
+        if (!e->fa.compute(e->cache_k, e->scores.data(), e->n_cells, e->scored.data(), err))
+            return fail(e, TOVA_ERR_CAPTURE, err);
+        e->stats[TOVA_STAT_SCORE_S] += now_s() - t0;
+    }
+    if (e->capture_scores) e->stats[TOVA_STAT_SCORED_DECODES] += 1;
     for (int32_t l = 0; l < e->n_layer; l++) {
         if (!e->cache_k[l] || !e->cache_v[l])
             return fail(e, TOVA_ERR_CAPTURE, "cache tensors of layer " + std::to_string(l) + " not found");
         if (e->capture_scores && !e->scored[l])
             return fail(e, TOVA_ERR_CAPTURE,
-                        "no kq_soft_max-" + std::to_string(l) + " node (flash attention must be off for capture)");
+                        std::string(e->v_trans ? "no kq_soft_max-" : "no FLASH_ATTN_EXT node for layer ") +
+                            std::to_string(l) + " was seen during llama_decode");
     }
     return TOVA_OK;
 }
@@ -277,7 +325,7 @@ extern "C" int32_t tova_engine_cut(tova_engine * e, llama_context * ctx) {
     for (int32_t c = 0; c < e->n_cells; c++)
         if (e->meta_pos[c] >= 0) occupied.push_back(c);
     const int32_t k = (int32_t) occupied.size() - e->budget;
-    if (e->policy == TOVA_POLICY_FULL || k <= 0) return TOVA_OK;
+    if (e->policy == TOVA_POLICY_FULL || k <= 0 || k < e->evict_interval) return TOVA_OK;
     if (uses_scores(e->policy))
         for (int32_t l = 0; l < e->n_layer; l++)
             if (!e->scored[l]) return fail(e, TOVA_ERR_STATE, "cut without scores from the last decode");
@@ -312,6 +360,9 @@ extern "C" int32_t tova_engine_cut(tova_engine * e, llama_context * ctx) {
         plan[l] = {e->cache_k[l], e->cache_v[l], tova::policy_moves(evict, freed)};
     }
     std::string err;
+    const double t0 = now_s();
+    // llama_decode returns before a GPU finishes the graph (the last layers may still read the cache): wait
+    llama_synchronize(ctx);
     if (!e->mover.apply(plan, e->v_trans, e->force_graph, err)) return fail(e, TOVA_ERR_BACKEND, err);
     for (int32_t l = 0; l < e->n_layer; l++) {
         const size_t off = (size_t) l * e->n_cells;
@@ -329,6 +380,8 @@ extern "C" int32_t tova_engine_cut(tova_engine * e, llama_context * ctx) {
     for (int32_t c : freed) e->meta_pos[c] = -1;
     if (!llama_memory_seq_rm(llama_get_memory(ctx), 0, p_min, p_max + 1))
         return fail(e, TOVA_ERR_STATE, "llama_memory_seq_rm refused the range");
+    e->stats[TOVA_STAT_CUT_S] += now_s() - t0;
+    e->stats[TOVA_STAT_CUTS] += 1;
     return TOVA_OK;
 }
 
@@ -347,6 +400,29 @@ extern "C" int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * o
 extern "C" int32_t tova_engine_n_observed(const tova_engine * e) { return e->n_observed; }
 
 extern "C" void tova_engine_set_force_graph_mover(tova_engine * e, bool force) { e->force_graph = force; }
+
+extern "C" int32_t tova_engine_set_evict_interval(tova_engine * e, int32_t m) {
+    if (m < 1 || e->budget + m > e->n_cells)
+        return fail(e, TOVA_ERR_ARG, "evict_interval must be >= 1 and budget + evict_interval <= n_cells (got " +
+                                         std::to_string(m) + ")");
+    e->evict_interval = m;
+    return TOVA_OK;
+}
+
+extern "C" void tova_engine_set_threads(tova_engine * e, int32_t n_threads) {
+    e->fa.set_threads(n_threads > 0 ? n_threads : 1);
+}
+
+extern "C" int32_t tova_engine_stats(tova_engine * e, double * out, size_t n, bool reset) {
+    if (!out || n != TOVA_STAT_COUNT) return TOVA_ERR_ARG;
+    memcpy(out, e->stats, sizeof(e->stats));
+    if (reset) memset(e->stats, 0, sizeof(e->stats));
+    return TOVA_OK;
+}
+
+extern "C" const char * tova_engine_cache_buffer(const tova_engine * e) {
+    return e->cache_k[0] && e->cache_k[0]->buffer ? ggml_backend_buffer_name(e->cache_k[0]->buffer) : "";
+}
 
 extern "C" const char * tova_engine_last_error(const tova_engine * e) { return e->error.c_str(); }
 

@@ -57,6 +57,27 @@ static ggml_tensor * cell_view(ggml_context * ctx, ggml_tensor * t, int32_t cell
     return ggml_view_2d(ctx, t, 1, t->ne[0], t->ne[1] * es, cell * es);
 }
 
+// Byte-exact I32 alias of t (rows of nb[1] bytes), placed on t's own memory. Rows are then copied as I32 -> I32,
+// a plain copy on every backend: ggml's Metal backend copies quantized types only to F32/F16, never Q8_0 -> Q8_0
+// (ggml-metal-device.m, ggml_metal_device_supports_op, case GGML_OP_CPY). Null when a row is not whole words.
+static ggml_tensor * i32_alias(ggml_context * ctx, ggml_tensor * t) {
+    if (t->nb[1] % 4 != 0 || t->nb[1] != ggml_row_size(t->type, t->ne[0]) || !ggml_is_contiguous(t)) return nullptr;
+    ggml_tensor * a = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, t->nb[1] / 4, ggml_nrows(t));
+    if (ggml_backend_tensor_alloc(t->buffer, a, t->data) != GGML_STATUS_SUCCESS) return nullptr;
+    return a;
+}
+
+// Copies cell src to cell dst of t: whole rows through the I32 alias when there is one, else in t's own type
+// (a transposed V column: F16/F32/BF16, which every backend copies).
+static ggml_tensor * copy_cell(ggml_context * ctx, ggml_tensor * t, ggml_tensor * alias, int32_t src, int32_t dst,
+                               bool transposed) {
+    if (!transposed && alias) {
+        return ggml_cpy(ctx, ggml_view_1d(ctx, alias, alias->ne[0], src * alias->nb[1]),
+                        ggml_view_1d(ctx, alias, alias->ne[0], dst * alias->nb[1]));
+    }
+    return ggml_cpy(ctx, cell_view(ctx, t, src, transposed), cell_view(ctx, t, dst, transposed));
+}
+
 // The device whose backend computes on t's buffer; plain host buffers name no device: the CPU's.
 static ggml_backend_dev_t device_of(const ggml_tensor * t) {
     ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
@@ -101,20 +122,33 @@ bool mover::apply_graph(const std::vector<layer_moves> & layers, bool v_trans, s
                 later.push_back(l);
                 continue;
             }
+            ggml_tensor * ak = i32_alias(ctx, l->k);
+            ggml_tensor * av = v_trans ? nullptr : i32_alias(ctx, l->v);
             // sources are read before any destination is written: src and dst sets are disjoint
             for (const auto & m : l->moves) {
-                ggml_build_forward_expand(
-                    gf, ggml_cpy(ctx, cell_view(ctx, l->k, m.first, false), cell_view(ctx, l->k, m.second, false)));
-                ggml_build_forward_expand(gf, ggml_cpy(ctx, cell_view(ctx, l->v, m.first, v_trans),
-                                                       cell_view(ctx, l->v, m.second, v_trans)));
+                ggml_build_forward_expand(gf, copy_cell(ctx, l->k, ak, m.first, m.second, false));
+                ggml_build_forward_expand(gf, copy_cell(ctx, l->v, av, m.first, m.second, v_trans));
             }
         }
         bool ok = true;
         for (ggml_tensor * t = ggml_get_first_tensor(ctx); t && ok; t = ggml_get_next_tensor(ctx, t)) {
             if (t->buffer == nullptr && t->view_src != nullptr) ok = ggml_backend_view_init(t) == GGML_STATUS_SUCCESS;
         }
+        const char * unsupported = nullptr;
+        for (int i = 0; ok && i < ggml_graph_n_nodes(gf); i++) {
+            ggml_tensor * node = ggml_graph_node(gf, i);
+            if (!ggml_backend_supports_op(backend_, node)) {
+                unsupported = ggml_type_name(node->src[0]->type);
+                ok = false;
+            }
+        }
         if (ok) ok = ggml_backend_graph_compute(backend_, gf) == GGML_STATUS_SUCCESS;
         ggml_free(ctx);
+        if (unsupported) {
+            err = std::string("the cache's backend (") + ggml_backend_name(backend_) + ") cannot copy " + unsupported +
+                  " cells (ggml CPY)";
+            return false;
+        }
         if (!ok) {
             err = "the mover graph failed on the cache's backend";
             return false;

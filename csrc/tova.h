@@ -55,7 +55,8 @@ int32_t tova_engine_begin(tova_engine * e, int32_t n_tokens, int32_t pos0, bool 
 // After a successful llama_decode: records which cells now hold the new tokens.
 int32_t tova_engine_end(tova_engine * e);
 // Evict down to `budget` occupied cells, each layer by its policy (tova_policy_choose); removes the evicted
-// metadata positions from llama.cpp (seq 0). No-op while occupied <= budget or for TOVA_POLICY_FULL.
+// metadata positions from llama.cpp (seq 0). No-op while occupied < budget + evict_interval or for
+// TOVA_POLICY_FULL. With flash attention on (v_trans false) tova's scores come from capture_fa.
 int32_t tova_engine_cut(tova_engine * e, struct llama_context * ctx);
 // Forget everything (after llama_memory_clear).
 void tova_engine_reset(tova_engine * e);
@@ -69,6 +70,23 @@ int32_t tova_engine_n_observed(const tova_engine * e);
 // Force the ggml-graph mover even for host buffers (tests). env: TOVA_MOVER=graph does the same.
 void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
 const char * tova_engine_last_error(const tova_engine * e);
+// Cut only once budget + m cells are occupied (evicting m or more at once, by the newest query's scores);
+// m = 1 is the paper's per-token TOVA. Needs budget + m <= n_cells.
+int32_t tova_engine_set_evict_interval(tova_engine * e, int32_t m);
+// CPU threads for the flash-attention scoring graph when the cache is in host memory.
+void tova_engine_set_threads(tova_engine * e, int32_t n_threads);
+// Cumulative costs since creation (or the last reset), for profiling: out[TOVA_STAT_COUNT].
+enum tova_stat {
+    TOVA_STAT_SCORED_DECODES = 0,  // decodes that captured scores
+    TOVA_STAT_CAPTURE_S = 1,       // seconds in the eval callback's data phase (reading scores / the query)
+    TOVA_STAT_SCORE_S = 2,         // seconds in the flash-attention scoring graph (upload, compute, read-back)
+    TOVA_STAT_CUTS = 3,            // cuts that evicted
+    TOVA_STAT_CUT_S = 4,           // seconds moving rows and removing metadata (mover + llama_memory_seq_rm)
+    TOVA_STAT_COUNT = 5,
+};
+int32_t tova_engine_stats(tova_engine * e, double * out, size_t n, bool reset);
+// Name of the buffer holding the K cache (e.g. "CPU", "CUDA0"); "" before the first decode.
+const char * tova_engine_cache_buffer(const tova_engine * e);
 
 // The policy alone, for tests on synthetic arrays: of the n cells with score[i] and original position pos[i]
 // (pos < 0: empty, never chosen), writes to out_evict the k cells to evict, lowest score first (ties: older

@@ -26,6 +26,32 @@ def rope(x, pos, base):
     return out
 
 
+def _blocks(x):
+    return x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+
+
+def quantize_roundtrip(x, type_name: str):
+    """What a llama.cpp cache of this type gives back: ggml's reference quantizers, blocks of 32 along the
+    last axis, scales stored as f16."""
+    if type_name == "f32":
+        return x
+    if type_name == "f16":
+        return x.astype(np.float16).astype(np.float64)
+    b = _blocks(x.astype(np.float32))
+    if type_name == "q8_0":
+        d = np.abs(b).max(-1, keepdims=True) / 127
+        q = np.round(b * np.where(d > 0, 1 / np.where(d > 0, d, 1), 0))
+        out = q * d.astype(np.float16).astype(np.float32)
+    elif type_name == "q4_0":
+        idx = np.abs(b).argmax(-1)[..., None]
+        d = np.take_along_axis(b, idx, -1) / -8
+        q = np.minimum(15, np.trunc(b * np.where(d != 0, 1 / np.where(d != 0, d, 1), 0) + 8.5))
+        out = (q - 8) * d.astype(np.float16).astype(np.float32)
+    else:
+        raise ValueError(type_name)
+    return out.reshape(x.shape).astype(np.float64)
+
+
 POLICIES = ("tova", "window", "sink", "h2o")
 # wrong policies the comparison must reject: one eviction set for all layers (the cheaper policy, not TOVA);
 # the newest token never evicted; h2o accumulating only the last query row of a prompt piece
@@ -34,13 +60,20 @@ WRONG_VARIANTS = ("shared", "protect_newest", "h2o_last_row")
 
 class Reference:
     """policy: one of POLICIES or WRONG_VARIANTS; keep: positions < keep are never evicted; n_sink: sink's
-    protected first positions."""
+    protected first positions. evict_interval m: hold up to budget + m keys and cut back to budget only once
+    that full (m = 1: the paper)."""
 
     def __init__(self, m: TinyLlama, budget: int, chunk: int, policy: str = "tova", *, keep: int = 0,
-                 n_sink: int = 4):
+                 n_sink: int = 4, evict_interval: int = 1, type_k: str = "f32", type_v: str = "f32"):
+        """type_k/type_v: emulate a cache of that type (keys/values rounded as llama.cpp stores them; the
+        query rounded to what K . q runs on in ggml's CPU kernels: q8_0 for quantized K, f16 for f16 K)."""
         assert policy in POLICIES + WRONG_VARIANTS
-        self.m, self.budget, self.memory, self.policy = m, budget, budget + chunk, policy
+        self.m, self.budget, self.policy = m, budget, policy
         self.keep, self.n_sink = keep, n_sink
+        self.type_k, self.type_v = type_k, type_v
+        self.evict_interval = evict_interval
+        self.memory = budget + max(chunk, evict_interval)
+        self.before_cut = None
         # h2o: attention accumulated since each key entered, aligned with self.pos
         self.acc = [np.zeros(0) for _ in range(m.n_layer)]
         w = {k: v.astype(np.float64) for k, v in m.weights.items()}
@@ -65,6 +98,9 @@ class Reference:
             q = rope((h @ w[p + "attn_q.weight"].T).reshape(T, m.n_head, m.head_dim), pos, m.rope_base)
             k = rope((h @ w[p + "attn_k.weight"].T).reshape(T, m.n_head_kv, m.head_dim), pos, m.rope_base)
             v = (h @ w[p + "attn_v.weight"].T).reshape(T, m.n_head_kv, m.head_dim)
+            k, v = quantize_roundtrip(k, self.type_k), quantize_roundtrip(v, self.type_v)
+            if self.type_k != "f32":
+                q = quantize_roundtrip(q, "q8_0" if self.type_k.startswith("q") else "f16")
             K = np.concatenate([self.k[il], k])
             V = np.concatenate([self.v[il], v])
             n_old = len(self.k[il])
@@ -119,8 +155,13 @@ class Reference:
         return protected + sorted(rest, key=lambda i: (-score[i], -pos[i]))[:room]
 
     def _cut(self, rows):
-        if len(self.pos[0]) <= self.budget:
+        n = len(self.pos[0])
+        k = n - self.budget
+        self.before_cut = None
+        if k <= 0 or k < self.evict_interval:
             return
+        self.before_cut = ([a.copy() for a in self.k], [a.copy() for a in self.v], [p.copy() for p in self.pos],
+                           [a.copy() for a in self.acc], rows)
         if self.policy == "shared":
             rows = [np.mean(rows, axis=0)] * len(rows)
         for il, row in enumerate(rows):
@@ -137,6 +178,29 @@ class Reference:
             piece = tokens[i : i + room]
             self._cut(self._piece(piece))
             i += len(piece)
+
+    def follow(self, kept, rtol: float) -> int:
+        """Redo the last cut with another engine's per-layer kept positions (`kept`: [n_layer, width], -1 padded)
+        when that choice is TOVA's up to a near tie: every kept key scores at least every evicted key / (1+rtol)
+        by this reference's scores. Returns the number of layers whose set changed; raises AssertionError when
+        the other choice is not a near-tie (a real disagreement) or there was no cut."""
+        assert self.before_cut is not None, "no cut in the last step to follow"
+        ks, vs, ps, accs, rows = self.before_cut
+        changed = 0
+        for il, row in enumerate(kept):
+            want = np.sort(row[row >= 0])
+            if np.array_equal(want, np.sort(self.pos[il])):
+                continue
+            held = list(ps[il])
+            assert set(want) <= set(held) and len(want) == len(self.pos[il]), f"layer {il}: not a subset"
+            keep = np.array([held.index(p) for p in want])
+            drop = np.setdiff1d(np.arange(len(held)), keep)
+            lo, hi = rows[il][keep].min(), rows[il][drop].max()
+            assert hi <= lo * (1 + rtol), f"layer {il}: evicted score {hi:.6g} > kept {lo:.6g} beyond a near tie"
+            self.k[il], self.v[il], self.pos[il] = ks[il][keep], vs[il][keep], ps[il][keep]
+            self.acc[il] = accs[il][keep]
+            changed += 1
+        return changed
 
     def kept_positions(self):
         """[n_layer, max(budget, held)] ascending, -1 padded: the engine's kept_positions() layout."""

@@ -163,6 +163,9 @@ def test_reset_starts_clean(smollm2_path):
         ({"budget": 8, "policy": "lru"}, "policy"),
         ({"budget": 8, "type_k": "q9"}, "cache type"),
         ({"budget": 8, "type_v": "q8_0"}, "flash attention"),
+        ({"budget": 8, "evict_interval": 0}, "evict_interval"),
+        ({"budget": 8, "evict_interval": True}, "evict_interval"),
+        ({"budget": 8, "flash_attn": "yes"}, "flash_attn"),
     ],
 )
 def test_bad_arguments_are_value_errors(smollm2_path, kwargs, match):

@@ -29,6 +29,10 @@ int32_t tova_engine_n_observed(const tova_engine * e);
 int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * out, size_t n);
 void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
 const char * tova_engine_last_error(const tova_engine * e);
+int32_t tova_engine_set_evict_interval(tova_engine * e, int32_t m);
+void tova_engine_set_threads(tova_engine * e, int32_t n_threads);
+const char * tova_engine_cache_buffer(const tova_engine * e);
+int32_t tova_engine_stats(tova_engine * e, double * out, size_t n, bool reset);
 int32_t tova_policy_evict(const float * score, const int32_t * pos, int32_t n, int32_t k, int32_t * out_evict);
 int32_t tova_policy_choose(int32_t policy, const double * score, const int32_t * pos, int32_t n, int32_t k,
                            int32_t keep, int32_t n_sink, int32_t * out_evict);

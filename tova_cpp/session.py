@@ -28,6 +28,16 @@ Policies (all per layer, all with the same budget; each layer of the model keeps
 they count toward the budget, and the policy chooses among the rest (for h2o the unprotected budget
 u = budget - protected tokens held is halved: ceil(u/2) recent, u//2 heavy); with ``sink`` the first
 max(keep, n_sink) positions are protected. keep must be < budget. Ties in a score evict the older key first.
+
+evict_interval m > 1 (deviation from the paper, which cuts after every token): the cache holds up to
+budget + m cells and is cut back to `budget` only once it is that full, by the policy (tova: by the attention
+row of the token that filled it; scores are captured only for that token, so the per-layer capture cost is
+paid once per m steps).
+
+flash_attn=True (every policy but h2o, which needs every query's row and refuses it): flash attention never
+forms the probabilities, so for tova the engine keeps each layer's newest query and recomputes softmax(K q * scale + mask) per head on the cache's own device (csrc/capture_fa.cpp); the
+scores use the cache's own K rows (an F32 cache is cast to F16 only inside flash attention).
+Quantized caches (q8_0, q4_0) are moved as raw bytes; a quantized V cache needs flash_attn=True (llama.cpp).
 """
 
 from __future__ import annotations
@@ -116,6 +126,7 @@ class Session:
         keep: int = 0,
         n_sink: int | None = None,
         chunk: int = 256,
+        evict_interval: int = 1,
         n_ubatch: int | None = None,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
@@ -145,8 +156,12 @@ class Session:
         n_ubatch = chunk if n_ubatch is None else n_ubatch
         if chunk > n_ubatch:
             raise ValueError(f"chunk ({chunk}) must not exceed n_ubatch ({n_ubatch}): a chunk is one ubatch")
-        if flash_attn and policy != "full":
-            raise ValueError("flash_attn=True is not supported by the TOVA capture yet; use flash_attn=False")
+        if isinstance(evict_interval, bool) or not isinstance(evict_interval, int) or evict_interval < 1:
+            raise ValueError(f"evict_interval must be an integer >= 1, got {evict_interval!r}")
+        if not isinstance(flash_attn, bool):
+            raise ValueError(f"flash_attn must be True or False, got {flash_attn!r}")
+        if flash_attn and policy == "h2o":
+            raise ValueError("policy h2o needs flash_attn=False: it accumulates every query's attention row")
         tk, tv = _cache_type(type_k), _cache_type(type_v)
         if tv not in (CACHE_TYPES["f32"], CACHE_TYPES["f16"], CACHE_TYPES["bf16"]) and not flash_attn:
             raise ValueError(f"a quantized V cache ({type_v}) needs flash attention in llama.cpp")
@@ -167,8 +182,9 @@ class Session:
             raise UnsupportedModelError(why)
 
         self.policy, self.budget, self.chunk, self.keep, self.n_sink = policy, budget, chunk, keep, n_sink
+        self.evict_interval, self.flash_attn = evict_interval, flash_attn
         self.n_layer = llama_cpp.llama_model_n_layer(model)
-        self.memory = budget + chunk  # most cells ever occupied
+        self.memory = budget + max(chunk, evict_interval)  # most cells ever occupied
         vocab = llama_cpp.llama_model_get_vocab(model)
         self._vocab = vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
@@ -177,7 +193,8 @@ class Session:
         cparams.n_ctx = self.memory
         cparams.n_batch = cparams.n_ubatch = n_ubatch
         cparams.n_seq_max = 1
-        cparams.n_threads = cparams.n_threads_batch = n_threads or default_threads()
+        n_threads = n_threads or default_threads()
+        cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
@@ -205,6 +222,8 @@ class Session:
         # llama.cpp pads n_ctx up to a multiple of 256: the engine tracks every real cell
         self.n_cells = llama_cpp.llama_n_ctx(ctx)
         self._check(lib.tova_engine_set_cells(engine, self.n_cells))
+        self._check(lib.tova_engine_set_evict_interval(engine, evict_interval))
+        lib.tova_engine_set_threads(engine, n_threads)
         self.n_ubatch = n_ubatch
         self._batch = llama_cpp.llama_batch_init(n_ubatch, 0, 1)
         self.n_past = 0  # tokens seen: the next token's position
@@ -260,10 +279,12 @@ class Session:
         while i < toks.size:
             room = self.memory - self.n_occupied
             piece = toks[i : i + room]
+            # scores are needed only when this piece ends in a cut (every evict_interval-th token in decode)
+            cuts = self.n_occupied + piece.size >= self.budget + self.evict_interval
             for s in range(0, piece.size, self.n_ubatch):
                 sub = piece[s : s + self.n_ubatch]
                 last = s + self.n_ubatch >= piece.size
-                lg = self._decode(sub, capture=last, logits_all=logits_all)
+                lg = self._decode(sub, capture=last and cuts, logits_all=logits_all)
                 if lg is not None:
                     out.append(lg)
             self._check(lib.tova_engine_cut(self._engine, ffi.cast("void *", self._ctx)))
@@ -313,6 +334,21 @@ class Session:
         if self._engine:
             lib.tova_engine_reset(self._engine)
         self.n_past = 0
+
+    @property
+    def cache_buffer(self) -> str:
+        """Name of the buffer holding the K cache ("CPU", "CUDA0", ...); "" before the first decode."""
+        self._require_open()
+        return ffi.string(lib.tova_engine_cache_buffer(self._engine)).decode()
+
+    def engine_stats(self, reset: bool = False) -> dict[str, float]:
+        """Cumulative engine costs (profiling): scored decodes, seconds capturing in the eval callback, seconds
+        in the flash-attention scoring graph, cuts, seconds moving rows + removing metadata."""
+        self._require_open()
+        out = ffi.new("double[5]")
+        self._check(lib.tova_engine_stats(self._engine, out, 5, reset))
+        keys = ("scored_decodes", "capture_s", "score_s", "cuts", "cut_s")
+        return dict(zip(keys, list(out)))
 
     def set_force_graph_mover(self, force: bool) -> None:
         """Move rows with the ggml graph (the device path) even when the cache is in host memory."""

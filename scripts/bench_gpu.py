@@ -1,0 +1,192 @@
+"""Decode speed of TOVA vs the full cache on a GPU, on synthetic random-weight llamas (speed only: the weights
+are random, so the text is noise). Writes the models with gguf.GGUFWriter, then for each model measures decode
+tokens/s at several depths (tokens seen before the measured tokens) for:
+  full        the whole context in the cache (flash attention on)
+  tova B m    TOVA with budget B, evicting every m steps (flash attention on)
+  base B      policy 'full' in a context of B cells filled to B tokens: attention over B cells with no TOVA cost.
+              The reference for TOVA's overhead at equal budget ('window' is not on this branch).
+Every configuration goes through tova_cpp.Session (same Python per-token path), one token per llama_decode, no
+sampling. Prints llama-bench style rows: | model | size | params | backend | test | t/s |.
+
+usage: python scripts/bench_gpu.py --out DIR [--models 1b,8b] [--depths 0,4096,16384,32768] [--n-gen 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {
+    # Llama-3.2-1B and Llama-3-8B shapes
+    "1b": dict(n_embd=2048, n_layer=16, n_head=32, n_head_kv=8, n_ff=8192, n_vocab=128256, wtype="f16"),
+    "8b": dict(n_embd=4096, n_layer=32, n_head=32, n_head_kv=8, n_ff=14336, n_vocab=128256, wtype="q4_0"),
+    # smoke tests of this script on a CPU
+    "tiny": dict(n_embd=256, n_layer=2, n_head=4, n_head_kv=2, n_ff=512, n_vocab=1000, wtype="q4_0"),
+    "tiny16": dict(n_embd=256, n_layer=2, n_head=4, n_head_kv=2, n_ff=512, n_vocab=1000, wtype="f16"),
+}
+
+
+def _random_f16(rng, shape, std):
+    # tile a 4M-element random block: independence does not matter for speed, writing 2 GB of fresh noise does
+    n = int(np.prod(shape))
+    base = (rng.standard_normal(min(n, 1 << 22)) * std).astype(np.float16)
+    return np.resize(base, n).reshape(shape)
+
+
+def _random_q4_0(rng, shape, std):
+    """Q4_0 bytes [rows, cols/32*18]: per block an f16 scale then 16 bytes of nibbles (values (q-8)*d)."""
+    rows, cols = shape
+    nb = cols // 32
+    base = rng.integers(0, 256, size=(min(rows, 256), nb, 18), dtype=np.uint8)
+    d = np.float16(std / 4.6)  # uniform nibbles: std of (q-8) is ~4.6
+    base[:, :, 0:2] = np.frombuffer(np.array([d], dtype=np.float16).tobytes(), dtype=np.uint8)
+    blocks = np.resize(base, (rows, nb, 18))
+    return blocks.reshape(rows, nb * 18)
+
+
+def write_model(path: Path, name: str) -> dict:
+    import gguf
+
+    sh = SHAPES[name]
+    d, L, nh, nkv, ff, V = (sh[k] for k in ("n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "n_vocab"))
+    hd = d // nh
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(131072)
+    w.add_embedding_length(d)
+    w.add_block_count(L)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(nh)
+    w.add_head_count_kv(nkv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(500000.0)
+    w.add_vocab_size(V)
+    w.add_tokenizer_model("none")
+    w.add_file_type(1 if sh["wtype"] == "f16" else 2)
+
+    def lin(tname, n_out, n_in):
+        std = 1.0 / np.sqrt(n_in)
+        if sh["wtype"] == "f16":
+            w.add_tensor(tname, _random_f16(rng, (n_out, n_in), std))
+        else:
+            w.add_tensor(tname, _random_q4_0(rng, (n_out, n_in), std),
+                         raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+
+    lin("token_embd.weight", V, d)
+    for il in range(L):
+        p = f"blk.{il}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(d, dtype=np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(d, dtype=np.float32))
+        lin(p + "attn_q.weight", d, d)
+        lin(p + "attn_k.weight", nkv * hd, d)
+        lin(p + "attn_v.weight", nkv * hd, d)
+        lin(p + "attn_output.weight", d, d)
+        lin(p + "ffn_gate.weight", ff, d)
+        lin(p + "ffn_up.weight", ff, d)
+        lin(p + "ffn_down.weight", d, ff)
+    w.add_tensor("output_norm.weight", np.ones(d, dtype=np.float32))
+    lin("output.weight", V, d)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return sh
+
+
+def decode_tps(s, rng, n_gen: int) -> float:
+    toks = rng.integers(0, s.n_vocab, size=n_gen)
+    s.eval([int(toks[0])])  # warm: graph reuse and the first cut after a prompt
+    t0 = time.perf_counter()
+    for t in toks[1:]:
+        s.eval([int(t)])
+    return (n_gen - 1) / (time.perf_counter() - t0)
+
+
+def fill(s, rng, n: int, step: int = 4096) -> None:
+    while n > 0:
+        k = min(step, n)
+        s.eval(rng.integers(0, s.n_vocab, size=k))
+        n -= k
+
+
+def run_model(path: Path, label: str, size_gib: float, params_b: float, args, rows: list) -> None:
+    from tova_cpp import Session
+
+    depths = [int(x) for x in args.depths.split(",")]
+    budgets = [int(x) for x in args.budgets.split(",")]
+    intervals = [int(x) for x in args.intervals.split(",")]
+    common = dict(n_gpu_layers=-1, flash_attn=True, chunk=args.chunk, n_threads=4)
+
+    def emit(test, tps, extra=None):
+        row = dict(model=label, size_gib=size_gib, params_b=params_b, backend=args.backend, test=test, tps=tps)
+        row.update(extra or {})
+        rows.append(row)
+        print(f"| {label} | {size_gib:.2f} GiB | {params_b:.2f} B | {args.backend} | {test} | {tps:.2f} |"
+              + (f" {json.dumps(extra)}" if extra else ""), flush=True)
+
+    rng = np.random.default_rng(1)
+    # full cache, flash attention on: one session, deepened step by step
+    with Session(path, policy="full", budget=max(depths) + args.n_gen + 8, **common) as s:
+        seen = 0
+        for depth in depths:
+            fill(s, rng, depth - seen)
+            tps = decode_tps(s, rng, args.n_gen)
+            seen = s.n_past
+            emit(f"full tg{args.n_gen} @ d{depth}", tps)
+    # no-eviction-cost reference at equal budget: B cells, full
+    for b in budgets:
+        with Session(path, policy="full", budget=b + args.n_gen + 8, **common) as s:
+            fill(s, rng, b)
+            emit(f"base{b} tg{args.n_gen} @ d{b}", decode_tps(s, rng, args.n_gen))
+    for b in budgets:
+        for m in intervals:
+            with Session(path, policy="tova", budget=b, evict_interval=m, **common) as s:
+                seen = 0
+                for depth in depths:
+                    fill(s, rng, depth - seen)
+                    s.engine_stats(reset=True)
+                    tps = decode_tps(s, rng, args.n_gen)
+                    st = s.engine_stats()
+                    seen = s.n_past
+                    per = {k: round(v / (args.n_gen) * 1e6, 1) for k, v in st.items() if k.endswith("_s")}
+                    emit(f"tova{b} m{m} tg{args.n_gen} @ d{depth}", tps,
+                         {"us_per_token": per, "cuts": st["cuts"], "n_kv_cells": s.n_cells})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="folder for the models and results.json")
+    ap.add_argument("--models", default="1b,8b")
+    ap.add_argument("--depths", default="0,4096,16384,32768")
+    ap.add_argument("--budgets", default="512,2048")
+    ap.add_argument("--intervals", default="1,8")
+    ap.add_argument("--n-gen", type=int, default=128)
+    ap.add_argument("--chunk", type=int, default=256, help="prompt chunk (= n_ubatch) for every session")
+    ap.add_argument("--backend", default="CUDA", help="label for the backend column")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list = []
+    print("| model | size | params | backend | test | t/s |\n| --- | --- | --- | --- | --- | --- |", flush=True)
+    for name in args.models.split(","):
+        path = args.out / f"synthetic-{name}.gguf"
+        t0 = time.perf_counter()
+        if not path.exists():
+            write_model(path, name)
+        sh = SHAPES[name]
+        size = path.stat().st_size / 2**30
+        d, L, ff, V = sh["n_embd"], sh["n_layer"], sh["n_ff"], sh["n_vocab"]
+        kv = sh["n_head_kv"] * d // sh["n_head"]
+        params = (2 * V * d + L * (2 * d * d + 2 * kv * d + 3 * d * ff)) / 1e9
+        print(f"# wrote {path.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        run_model(path, f"llama {name} {sh['wtype'].upper()} (random)", size, params, args, rows)
+        (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

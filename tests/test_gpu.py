@@ -1,0 +1,107 @@
+"""The reference comparison with every layer and the KV cache on a GPU (CUDA or Metal build of llama.cpp):
+the mover and the flash-attention scoring graph then run as ggml graphs on the device. Skipped without one."""
+
+from __future__ import annotations
+
+import llama_cpp
+import numpy as np
+import pytest
+from reference import Reference
+from test_reference import BUDGET, CHUNK, STEPS, first_mismatch
+from tiny_gguf import write_tiny_llama
+
+from tova_cpp import Session
+
+# CUDA's kernels are not the CPU's: on this sharp tiny model the logits of the plain forward pass (before any
+# eviction, policy or not) already differ from the float64 oracle by up to ~0.07 (F32 cache) and ~0.2 (q4_0
+# cache, flash attention) out of |logits| ~3 (measured on an H200, docs/CUDA.md). So on a GPU: logits within
+# 10% of max|logit|, and a kept set may differ from the oracle's when it is TOVA's up to a 25% near tie by the
+# oracle's scores (the oracle then follows). Wrong policies still fail these bounds (test below).
+GPU_RTOL, GPU_TIE_RTOL, GPU_MAX_TIES = 0.1, 0.25, 10
+
+pytestmark = pytest.mark.skipif(
+    not llama_cpp.llama_supports_gpu_offload(),
+    reason="llama-cpp-python was built without a GPU backend (CMAKE_ARGS=-DGGML_CUDA=on or Metal)",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """head_dim 64: CUDA has flash-attention kernels for it (not for the CPU tests' 16); 2 x 4 heads."""
+    path = tmp_path_factory.mktemp("tiny-gpu") / "tiny-llama-256-f32.gguf"
+    return path, write_tiny_llama(path, n_embd=256, n_ff=256)
+
+
+def gpu_session(path, **kw):
+    kw.setdefault("type_k", "f32")
+    kw.setdefault("type_v", "f32")
+    kw.setdefault("n_threads", 2)
+    return Session(path, budget=BUDGET, chunk=CHUNK, n_gpu_layers=-1, **kw)
+
+
+@pytest.mark.parametrize("prompt_len", [10, 50], ids=["prompt<budget", "chunked"])
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+@pytest.mark.parametrize("evict_interval", [1, 5], ids=["m=1", "m=5"])
+def test_offloaded_engine_matches_reference(tiny, prompt_len, flash_attn, evict_interval):
+    path, model = tiny
+    rng = np.random.default_rng(prompt_len)
+    tokens = rng.integers(0, model.n_vocab, size=prompt_len + STEPS).tolist()
+    with gpu_session(path, flash_attn=flash_attn, evict_interval=evict_interval) as s:
+        ref = Reference(model, BUDGET, CHUNK, evict_interval=evict_interval)
+        msg = first_mismatch(s, ref, tokens[:prompt_len], tokens[prompt_len:], max_ties=GPU_MAX_TIES,
+                             rtol=GPU_RTOL, tie_rtol=GPU_TIE_RTOL)
+        buffer = s.cache_buffer
+    assert msg is None
+    assert buffer and not buffer.startswith("CPU"), f"the KV cache is in {buffer!r}, not on the GPU"
+
+
+# q4_0 is left out: CUDA's q4_0 flash attention is already 0.2 away from the oracle's logits on the prompt
+# (before any eviction) and ~10x apart on the smallest scores; q4_0 is checked exactly on the CPU
+# (test_reference.py) and for invariants with the rotation on, below.
+@pytest.mark.parametrize("cache", ["f16", "q8_0"])
+@pytest.mark.parametrize("evict_interval", [1, 4], ids=["m=1", "m=4"])
+def test_offloaded_quantized_cache_matches_reference(tiny, cache, evict_interval, monkeypatch):
+    """Flash attention on, K and V of one type on the GPU: the oracle that rounds K/V/q as ggml stores them.
+    llama.cpp rotates q/k/v by a Hadamard matrix before a quantized cache when head_dim % 64 == 0; the oracle
+    does not, so the rotation is switched off here (it leaves q.k unchanged; it changes what gets rounded).
+    CUDA's quantized flash attention (q8_1 queries) is further from the oracle than the CPU's: a near tie here
+    may be up to 2x in score; the exact quantized comparison runs on the CPU (test_reference.py)."""
+    monkeypatch.setenv("LLAMA_ATTN_ROT_DISABLE", "1")
+    path, model = tiny
+    tokens = np.random.default_rng(20).integers(0, model.n_vocab, size=20 + STEPS).tolist()
+    with gpu_session(path, flash_attn=True, type_k=cache, type_v=cache, evict_interval=evict_interval) as s:
+        ref = Reference(model, BUDGET, CHUNK, evict_interval=evict_interval, type_k=cache, type_v=cache)
+        msg = first_mismatch(s, ref, tokens[:20], tokens[20:], max_ties=GPU_MAX_TIES, rtol=0.15, tie_rtol=1.0)
+        buffer = s.cache_buffer
+    assert msg is None
+    assert buffer and not buffer.startswith("CPU")
+
+
+@pytest.mark.parametrize("variant", ["shared", "protect_newest"])
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_offloaded_wrong_policies_fail_the_gpu_bounds(tiny, variant, flash_attn):
+    path, model = tiny
+    tokens = np.random.default_rng(7).integers(0, model.n_vocab, size=20 + STEPS).tolist()
+    with gpu_session(path, flash_attn=flash_attn) as s:
+        ref = Reference(model, BUDGET, CHUNK, variant)
+        msg = first_mismatch(s, ref, tokens[:20], tokens[20:], max_ties=GPU_MAX_TIES, rtol=GPU_RTOL,
+                             tie_rtol=GPU_TIE_RTOL)
+    assert msg is not None and "differ" in msg
+
+
+@pytest.mark.parametrize("cache", ["q8_0", "q4_0"])
+def test_offloaded_rotated_quantized_cache_stays_bounded(tiny, cache):
+    """llama.cpp's default for quantized caches with head_dim 64: Hadamard-rotated q/k/v. The query is taken from
+    FLASH_ATTN_EXT (rotated like K), so scores stay q.k; checked here: invariants and finite logits."""
+    path, model = tiny
+    tokens = np.random.default_rng(3).integers(0, model.n_vocab, size=20 + STEPS).tolist()
+    with gpu_session(path, flash_attn=True, type_k=cache, type_v=cache) as s:
+        s.eval(tokens[:20])
+        for t in tokens[20:]:
+            s.eval([t])
+            assert np.isfinite(s.logits()).all()
+            assert s.n_occupied == BUDGET
+            assert s.pos_window() == (s.n_past - BUDGET, s.n_past - 1)
+            for row in s.kept_positions():
+                assert np.unique(row).size == BUDGET and row.min() >= 0 and row.max() < s.n_past
+        assert len({tuple(r) for r in s.kept_positions()}) > 1
