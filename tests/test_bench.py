@@ -201,6 +201,19 @@ def test_ppl_command(smollm2_path, text_file, tmp_path, capsys):
     )
     assert (out / "ppl.png").stat().st_size > 1000
 
+    # --combine merges earlier runs (a later file's row replaces an earlier one's) without running anything
+    other = tmp_path / "other.csv"
+    changed = [{**rows[0], "ppl": "99.5"}, {**rows[0], "policy": "window", "ppl": "123.0"}]
+    with open(other, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=ppl.COLUMNS)
+        w.writeheader()
+        w.writerows(changed)
+    assert main(["ppl", "--combine", str(out / "ppl.csv"), str(other), "-o", str(tmp_path / "both")]) == 0
+    both = {(r["policy"], r["budget"]): float(r["ppl"]) for r in _rows(tmp_path / "both" / "ppl.csv")}
+    assert both == {**by, ("tova", "8"): 99.5, ("window", "8"): 123.0}
+    assert (tmp_path / "both" / "ppl.png").is_file()
+    assert main(["ppl", "--combine", str(text_file), "-o", str(tmp_path / "bad")]) == 2
+
 
 def test_niah_command(smollm2_path, pg_installed, tmp_path):
     out = tmp_path / "niah"

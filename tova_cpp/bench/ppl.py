@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TovaError
-from ..session import Session
+from ..session import POLICIES, Session
 from . import common
 
 COLUMNS = [
@@ -157,11 +157,42 @@ def add_parser(sub) -> None:
     p.add_argument("--budgets", type=common.int_list, default=[64, 128, 256, 512, 1024, 2048])
     p.add_argument("--ctx", type=common._positive, default=4096, help="window length in tokens")
     p.add_argument("--n-windows", type=common._positive, default=1)
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="CSV",
+        help="run nothing: merge the ppl.csv files of earlier runs into one table, CSV, JSON and plot",
+    )
     common.add_common_args(p, out="bench_results/ppl")
     p.set_defaults(func=run)
 
 
+def read_csv(paths: list[str]) -> list[PplResult]:
+    """Results of earlier runs; a later file's (model, text, policy, budget, ctx) row replaces an earlier one."""
+    import csv
+
+    rows: dict[tuple, PplResult] = {}
+    types = {f: t for f, t in PplResult.__annotations__.items()}
+    for path in paths:
+        try:
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    r = PplResult(
+                        **{
+                            k: (int if types[k] == "int" else float if types[k] == "float" else str)(v)
+                            for k, v in row.items()
+                        }
+                    )
+                    rows[(r.model, r.text, r.policy, r.budget, r.ctx)] = r
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise common.BenchError(f"{path} is not a ppl.csv from `tova bench ppl`: {e}") from None
+    order = {p: i for i, p in enumerate(POLICIES)}
+    return sorted(rows.values(), key=lambda r: (order.get(r.policy, len(order)), r.policy, r.budget))
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.combine:
+        return combine(args)
     try:
         text_name, text = common.load_text(args.texts)
         path, threads, policies = common.resolve(args)
@@ -226,6 +257,25 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         plot(results, out / "ppl.png")
     print(f"\nwrote {out}/ppl.csv, ppl.json" + ("" if args.no_plot else ", ppl.png"))
+    return 0
+
+
+def combine(args: argparse.Namespace) -> int:
+    try:
+        results = read_csv(args.combine)
+    except TovaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not results:
+        print("error: the CSV files hold no results", file=sys.stderr)
+        return 2
+    rows = [asdict(r) for r in results]
+    out = common.out_dir(args)
+    common.write_csv(out / "ppl.csv", rows, COLUMNS)
+    common.write_json(out / "ppl.json", {"command": common.command_line(args), "sources": args.combine}, rows)
+    print(table(results))
+    if not args.no_plot:
+        plot(results, out / "ppl.png")
     return 0
 
 
