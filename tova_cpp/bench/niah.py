@@ -123,7 +123,7 @@ def add_parser(sub) -> None:
     p.add_argument("--budgets", type=common.int_list, default=[128, 512])
     p.add_argument("--n-trials", type=common._positive, default=1, help="prompts per (context, depth)")
     p.add_argument("--chunk", type=common._positive, default=256, help="prefill piece for bounded policies")
-    p.add_argument("--max-new", type=common._positive, default=16, help="answer tokens at most")
+    p.add_argument("--max-new", type=common._positive, default=32, help="answer tokens at most")
     p.add_argument("--seed", type=int, default=0)
     common.add_common_args(p, out="bench_results/niah")
     p.set_defaults(func=run)
