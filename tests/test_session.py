@@ -1,10 +1,8 @@
-"""Session on real models: exactness at budget >= tokens, long bounded runs, refusals, the CLI."""
+"""Session on real models: exactness at budget >= tokens, long bounded runs, refusals."""
 
 from __future__ import annotations
 
 import importlib
-import subprocess
-import sys
 
 import llama_cpp
 import numpy as np
@@ -183,26 +181,6 @@ def test_other_llama_cpp_python_version_is_refused(monkeypatch):
     monkeypatch.setattr(llama_cpp, "__version__", "0.3.35")
     with pytest.raises(TovaVersionError, match="llama-cpp-python==0.3.36"):
         importlib.reload(tova_cpp._ffi)
-
-
-def run_cli(argv, cwd, timeout):
-    # cwd outside the checkout: `-m tova_cpp` must find the installed package, not the source tree
-    return subprocess.run([sys.executable, "-m", "tova_cpp", *argv], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
-
-
-def test_cli_generates_and_reports_cells(smollm2_path, tmp_path):
-    r = run_cli(["Name three colors.", "-n", "24", "--budget", "16", "--chunk", "8"], tmp_path, 300)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip()
-    assert "cells used / budget: 16 / 16" in r.stderr
-
-
-@pytest.mark.parametrize("argv", [["   "], ["hi", "-m", "/nonexistent.gguf"]])
-def test_cli_errors_are_one_line(argv, tmp_path):
-    r = run_cli(argv, tmp_path, 120)
-    assert r.returncode == 1
-    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
 
 
 def test_logits_all_returns_one_row_per_token(smollm2_path):

@@ -26,10 +26,25 @@ class TinyLlama:
         return self.n_embd // self.n_head
 
 
-def write_tiny_llama(path: Path, *, seed: int = 0, extra: dict | None = None, **shape) -> TinyLlama:
-    """Writes a llama GGUF; weights are numpy (n_out, n_in), y = W @ x. `extra`: more metadata keys."""
+# a ChatML template (SmolLM2's shape) for the byte-tokenizer fixture
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'"
+    " + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def write_tiny_llama(path: Path, *, seed: int = 0, extra: dict | None = None, tokenizer: str = "none",
+                     **shape) -> TinyLlama:
+    """Writes a llama GGUF; weights are numpy (n_out, n_in), y = W @ x. `extra`: more metadata keys.
+
+    tokenizer "none": ids only (vocab n_vocab). "bytes": a SentencePiece vocab of the specials above and the
+    256 byte tokens, ChatML template, EOS/EOG = <|im_end|>; the special tokens' output rows are zero, so
+    greedy or top-k sampling never ends a generation (tests control the length)."""
     import gguf
 
+    if tokenizer == "bytes":
+        shape["n_vocab"] = len(SPECIALS) + 256
     m = TinyLlama(**shape)
     rng = np.random.default_rng(seed)
     d, kv = m.n_embd, m.n_head_kv * m.head_dim
@@ -52,6 +67,8 @@ def write_tiny_llama(path: Path, *, seed: int = 0, extra: dict | None = None, **
         w[p + "ffn_down.weight"] = lin(d, m.n_ff)
     w["output_norm.weight"] = np.ones(d, dtype=np.float32)
     w["output.weight"] = lin(m.n_vocab, d)
+    if tokenizer == "bytes":
+        w["output.weight"][: len(SPECIALS)] = 0.0
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(4096)
@@ -63,7 +80,18 @@ def write_tiny_llama(path: Path, *, seed: int = 0, extra: dict | None = None, **
     writer.add_layer_norm_rms_eps(m.eps)
     writer.add_rope_freq_base(m.rope_base)
     writer.add_vocab_size(m.n_vocab)
-    writer.add_tokenizer_model("none")
+    if tokenizer == "bytes":
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(SPECIALS + [f"<0x{b:02X}>" for b in range(256)])
+        writer.add_token_scores([0.0] * m.n_vocab)
+        writer.add_token_types([2, 3, 3, 3, 3] + [6] * 256)  # unknown, control x4, byte
+        writer.add_unk_token_id(0)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(4)
+        writer.add_add_bos_token(True)
+        writer.add_chat_template(CHATML)
+    else:
+        writer.add_tokenizer_model("none")
     for key, value in (extra or {}).items():
         if isinstance(value, float):
             writer.add_float32(key, value)

@@ -4,11 +4,14 @@ Each layer keeps the `budget` tokens with the highest attention from the newest 
 
 from .errors import EngineError, ModelLoadError, TovaError, TovaVersionError, UnsupportedModelError
 from .models import default_model_path
+from .llama import GenerationResponse, Llama
 from .session import POLICIES, Session
 
 __all__ = [
     "POLICIES",
     "EngineError",
+    "GenerationResponse",
+    "Llama",
     "ModelLoadError",
     "Session",
     "TovaError",

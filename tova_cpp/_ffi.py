@@ -42,7 +42,13 @@ def _load():
         )
     ffi = cffi.FFI()
     ffi.cdef(CDEF)
-    lib = ffi.dlopen(str(Path(__file__).with_name("libtova_engine.so")))
+    so = Path(__file__).with_name("libtova_engine.so")
+    if not so.is_file():
+        raise ImportError(
+            f"tova_cpp's engine is not built in {so.parent}: install the package (bash scripts/setup.sh, or pip "
+            "install --no-build-isolation .) and import it from outside the source tree"
+        )
+    lib = ffi.dlopen(str(so))
     ours = os.path.realpath(ffi.string(lib.tova_libllama_path()).decode())
     theirs = os.path.realpath(Path(llama_cpp.__file__).parent / "lib" / "libllama.so")
     if os.path.dirname(ours) != os.path.dirname(theirs):
