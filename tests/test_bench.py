@@ -100,9 +100,12 @@ def test_budget_at_least_window_equals_full_exactly(tiny, policy):
 
 # -- input errors --------------------------------------------------------------------------------------------
 def test_missing_text_file_is_a_clear_cli_error(tmp_path, capsys):
-    rc = main(["ppl", "--texts", str(tmp_path / "nope.txt"), "-o", str(tmp_path / "out")])
-    assert rc == 2
-    assert "text file not found" in capsys.readouterr().err
+    from tova_cpp import cli
+
+    for entry in (main, lambda argv: cli.main(["bench", *argv])):  # python -m tova_cpp.bench / tova bench
+        rc = entry(["ppl", "--texts", str(tmp_path / "nope.txt"), "-o", str(tmp_path / "out")])
+        assert rc == 2
+        assert "text file not found" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
