@@ -231,33 +231,35 @@ def run(args: argparse.Namespace) -> int:
                     nll.size / seconds,
                 )
             )
+            # after every run, so an interrupted sweep keeps what it measured
+            meta = common.meta(
+                args,
+                path,
+                threads,
+                text=text_name,
+                ctx=args.ctx,
+                n_windows=len(windows),
+                protocol="token-by-token",
+            )
+            save(results, common.out_dir(args), meta)
     except TovaError as e:
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = [asdict(r) for r in results]
     out = common.out_dir(args)
-    common.write_csv(out / "ppl.csv", rows, COLUMNS)
-    common.write_json(
-        out / "ppl.json",
-        common.meta(
-            args,
-            path,
-            threads,
-            text=text_name,
-            ctx=args.ctx,
-            n_windows=len(windows),
-            protocol="token-by-token",
-        ),
-        rows,
-    )
     print()
     print(table(results))
     if not args.no_plot:
         plot(results, out / "ppl.png")
     print(f"\nwrote {out}/ppl.csv, ppl.json" + ("" if args.no_plot else ", ppl.png"))
     return 0
+
+
+def save(results: list[PplResult], out: Path, meta: dict) -> None:
+    rows = [asdict(r) for r in results]
+    common.write_csv(out / "ppl.csv", rows, COLUMNS)
+    common.write_json(out / "ppl.json", meta, rows)
 
 
 def combine(args: argparse.Namespace) -> int:
