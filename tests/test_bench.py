@@ -249,6 +249,13 @@ def test_niah_command(smollm2_path, pg_installed, tmp_path):
         assert re.fullmatch(r"\d{7}", r["key"]) and r["correct"] in ("0", "1")
         assert abs(int(r["n_prompt"]) - int(r["context"])) <= 8
     assert (out / "niah.png").stat().st_size > 1000
+    # --combine: two sweeps' CSVs into one heatmap
+    assert (
+        main(["niah", "--combine", str(out / "niah.csv"), str(out / "niah.csv"), "-o", str(tmp_path / "c")])
+        == 0
+    )
+    assert len(_rows(tmp_path / "c" / "niah.csv")) == 2 * len(rows)
+    assert (tmp_path / "c" / "niah.png").is_file()
 
 
 def test_speed_command(smollm2_path, tmp_path, capsys):

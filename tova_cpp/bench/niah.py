@@ -125,11 +125,57 @@ def add_parser(sub) -> None:
     p.add_argument("--chunk", type=common._positive, default=256, help="prefill piece for bounded policies")
     p.add_argument("--max-new", type=common._positive, default=32, help="answer tokens at most")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="CSV",
+        help="run nothing: merge the niah.csv files of earlier runs into one table, CSV, JSON and heatmap",
+    )
     common.add_common_args(p, out="bench_results/niah")
     p.set_defaults(func=run)
 
 
+def read_csv(paths: list[str]) -> list[NiahResult]:
+    import csv
+
+    types = dict(NiahResult.__annotations__)
+    out = []
+    for path in paths:
+        try:
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    conv = {"int": int, "float": float, "str": str}
+                    out.append(NiahResult(**{k: conv[types[k]](v) for k, v in row.items()}))
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise common.BenchError(f"{path} is not a niah.csv from `tova bench niah`: {e}") from None
+    return out
+
+
+def combine(args: argparse.Namespace) -> int:
+    try:
+        results = read_csv(args.combine)
+        if not results:
+            raise common.BenchError("the CSV files hold no results")
+    except TovaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    contexts = sorted({r.context for r in results})
+    depths = sorted({r.depth for r in results})
+    out = common.out_dir(args)
+    rows = [asdict(r) for r in results]
+    common.write_csv(out / "niah.csv", rows, COLUMNS)
+    common.write_json(
+        out / "niah.json", {"command": common.command_line(args), "sources": args.combine}, rows
+    )
+    print(table(results, contexts))
+    if not args.no_plot:
+        heatmap(results, contexts, depths, out / "niah.png")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.combine:
+        return combine(args)
     try:
         if any(not 0 <= d <= 100 for d in args.depths):
             raise common.BenchError(f"--depths are percentages in 0..100, got {args.depths}")
