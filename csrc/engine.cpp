@@ -23,10 +23,14 @@ struct tova_engine {
     int32_t n_cells;
     bool v_trans;
     bool force_graph;
+    int32_t keep = 0;    // original positions < keep are never evicted
+    int32_t n_sink = 4;  // TOVA_POLICY_SINK: original positions < n_sink are never evicted
 
     std::vector<int32_t> meta_pos;   // [n_cells] metadata position llama.cpp holds in the cell, -1 if free
     std::vector<int32_t> layer_pos;  // [n_layer * n_cells] original position each layer holds, -1 if empty
-    std::vector<float> scores;       // [n_layer * n_cells] newest query's head-averaged attention
+    std::vector<float> scores;       // [n_layer * n_cells] tova: newest query's head-averaged attention
+    std::vector<double> acc;         // [n_layer * n_cells] h2o: head-averaged attention summed over every query
+                                     // since the token entered; travels with its row, 0 in free cells
     std::vector<uint8_t> scored;     // [n_layer] layer captured in the last scored decode
     std::vector<ggml_tensor *> cache_k, cache_v;  // [n_layer], live as long as the context
 
@@ -35,6 +39,7 @@ struct tova_engine {
     int32_t pos0 = 0;
     bool capture_scores = false;
     bool idxs_seen = false;
+    int32_t n_observed = 0;          // nodes read in the data phase (each one costs a backend sync)
     std::vector<int64_t> new_cells;  // cells llama.cpp chose for the batch (from attn_inp_k_idxs)
     std::string cb_error;            // first failure inside the callback (it cannot return errors)
 
@@ -53,7 +58,7 @@ static void write_err(char * err, size_t len, const std::string & msg) {
 
 extern "C" tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int32_t budget, int32_t n_cells,
                                             bool v_trans, char * err, size_t err_len) {
-    if (policy != TOVA_POLICY_FULL && policy != TOVA_POLICY_TOVA) {
+    if (policy < TOVA_POLICY_FULL || policy > TOVA_POLICY_H2O) {
         write_err(err, err_len, "unknown policy " + std::to_string(policy));
         return nullptr;
     }
@@ -80,6 +85,32 @@ extern "C" tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int
 
 extern "C" void tova_engine_free(tova_engine * e) { delete e; }
 
+static bool uses_scores(int32_t policy) { return policy == TOVA_POLICY_TOVA || policy == TOVA_POLICY_H2O; }
+
+extern "C" int32_t tova_engine_set_keep(tova_engine * e, int32_t keep) {
+    if (!e) return TOVA_ERR_ARG;
+    if (keep < 0 || keep >= e->budget)
+        return fail(e, TOVA_ERR_ARG,
+                    "keep must be in [0, budget) (got keep=" + std::to_string(keep) +
+                        ", budget=" + std::to_string(e->budget) + "): the protected prefix must leave room to evict");
+    if (tova_engine_n_occupied(e) != 0)
+        return fail(e, TOVA_ERR_STATE, "set keep before the first decode or after reset");
+    e->keep = keep;
+    return TOVA_OK;
+}
+
+extern "C" int32_t tova_engine_set_n_sink(tova_engine * e, int32_t n_sink) {
+    if (!e) return TOVA_ERR_ARG;
+    if (n_sink < 0 || (e->policy == TOVA_POLICY_SINK && n_sink >= e->budget))
+        return fail(e, TOVA_ERR_ARG,
+                    "n_sink must be in [0, budget) (got n_sink=" + std::to_string(n_sink) +
+                        ", budget=" + std::to_string(e->budget) + ")");
+    if (tova_engine_n_occupied(e) != 0)
+        return fail(e, TOVA_ERR_STATE, "set n_sink before the first decode or after reset");
+    e->n_sink = n_sink;
+    return TOVA_OK;
+}
+
 extern "C" int32_t tova_engine_set_cells(tova_engine * e, int32_t n_cells) {
     if (n_cells < e->budget) return fail(e, TOVA_ERR_ARG, "n_cells must be >= budget");
     e->n_cells = n_cells;
@@ -91,6 +122,7 @@ extern "C" void tova_engine_reset(tova_engine * e) {
     e->meta_pos.assign(e->n_cells, -1);
     e->layer_pos.assign((size_t) e->n_layer * e->n_cells, -1);
     e->scores.assign((size_t) e->n_layer * e->n_cells, 0.0f);
+    e->acc.assign((size_t) e->n_layer * e->n_cells, 0.0);
     e->n_tokens = 0;
     e->error.clear();
     e->cb_error.clear();
@@ -119,11 +151,34 @@ static void note_cache_tensor(tova_engine * e, ggml_tensor * t) {
     if (il >= 0 && il < e->n_layer) e->cache_v[il] = r;
 }
 
+// h2o: acc[cell] += sum over the batch's queries of their head-averaged attention. The rows of ALL queries of
+// the batch count (what H2O does with a prompt), not only the last one; empty and masked cells hold 0.
+static void accumulate_scores(tova_engine * e, ggml_tensor * t, int il) {
+    const int64_t n_kv = t->ne[0], n_tok = t->ne[1], n_head = t->ne[2];
+    const float * p = (const float *) t->data;
+    std::vector<float> copy;
+    if (!ggml_backend_buffer_is_host(t->buffer)) {
+        copy.resize((size_t) n_kv * n_tok * n_head);
+        ggml_backend_tensor_get(t, copy.data(), 0, copy.size() * sizeof(float));
+        p = copy.data();
+    }
+    std::vector<double> sum(n_kv, 0.0);
+    for (int64_t r = 0; r < n_tok * n_head; r++)
+        for (int64_t j = 0; j < n_kv; j++) sum[j] += p[r * n_kv + j];
+    double * out = &e->acc[(size_t) il * e->n_cells];
+    for (int64_t j = 0; j < n_kv; j++) out[j] += sum[j] / (double) n_head;  // mean over all query heads
+    e->scored[il] = 1;
+}
+
 // kq_soft_max-<il>: F32 [n_kv, n_tokens, n_head, n_stream]; element (j, t, h) at (h*n_tokens + t)*n_kv + j
 static void capture_scores(tova_engine * e, ggml_tensor * t, int il) {
     const int64_t n_kv = t->ne[0], n_tok = t->ne[1], n_head = t->ne[2];
-    if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t) || n_kv > e->n_cells) {
+    if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t) || n_kv > e->n_cells || n_tok != e->n_tokens) {
         e->cb_error = std::string("unexpected layout of ") + t->name;
+        return;
+    }
+    if (e->policy == TOVA_POLICY_H2O) {
+        accumulate_scores(e, t, il);
         return;
     }
     float * out = &e->scores[(size_t) il * e->n_cells];
@@ -144,6 +199,7 @@ static void capture_scores(tova_engine * e, ggml_tensor * t, int il) {
 extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     tova_engine * e = (tova_engine *) user_data;
     if (!e || e->n_tokens == 0) return ask ? false : true;
+    if (!ask) e->n_observed++;
     if (ask && getenv("TOVA_DEBUG")) {  // env: TOVA_DEBUG prints every node the callback is asked about
         fprintf(stderr, "tova: node %s op %s src0 %s\n", t->name, ggml_op_name(t->op),
                 t->src[0] ? t->src[0]->name : "-");
@@ -182,11 +238,13 @@ extern "C" int32_t tova_engine_begin(tova_engine * e, int32_t n_tokens, int32_t 
         return fail(e, TOVA_ERR_ARG, "batch does not fit in the context's cells");
     e->n_tokens = n_tokens;
     e->pos0 = pos0;
-    e->capture_scores = capture && e->policy != TOVA_POLICY_FULL;
+    // tova needs the row that ends a piece; h2o's accumulator needs every query; window/sink/full need none
+    e->capture_scores = (e->policy == TOVA_POLICY_TOVA && capture) || e->policy == TOVA_POLICY_H2O;
     e->idxs_seen = false;
+    e->n_observed = 0;
     e->new_cells.clear();
     e->cb_error.clear();
-    if (e->capture_scores) std::fill(e->scored.begin(), e->scored.end(), 0);
+    std::fill(e->scored.begin(), e->scored.end(), 0);
     return TOVA_OK;
 }
 
@@ -220,11 +278,12 @@ extern "C" int32_t tova_engine_cut(tova_engine * e, llama_context * ctx) {
         if (e->meta_pos[c] >= 0) occupied.push_back(c);
     const int32_t k = (int32_t) occupied.size() - e->budget;
     if (e->policy == TOVA_POLICY_FULL || k <= 0) return TOVA_OK;
-    for (int32_t l = 0; l < e->n_layer; l++)
-        if (!e->scored[l]) return fail(e, TOVA_ERR_STATE, "cut without scores from the last decode");
+    if (uses_scores(e->policy))
+        for (int32_t l = 0; l < e->n_layer; l++)
+            if (!e->scored[l]) return fail(e, TOVA_ERR_STATE, "cut without scores from the last decode");
 
     // F: the k cells with the smallest metadata positions; llama.cpp frees exactly these
-    std::vector<float> meta_as_score(e->meta_pos.begin(), e->meta_pos.end());
+    std::vector<double> meta_as_score(e->meta_pos.begin(), e->meta_pos.end());
     std::vector<int32_t> freed = tova::policy_lowest(occupied, meta_as_score.data(), e->meta_pos.data(), k);
     int32_t p_min = INT32_MAX, p_max = -1;
     for (int32_t c : freed) {
@@ -233,19 +292,39 @@ extern "C" int32_t tova_engine_cut(tova_engine * e, llama_context * ctx) {
     }
     if (p_max - p_min + 1 != k) return fail(e, TOVA_ERR_STATE, "metadata positions are not a contiguous window");
 
+    const tova::policy_params params = {e->policy, e->keep, e->n_sink};
     std::vector<tova::layer_moves> plan(e->n_layer);
+    std::vector<double> score(e->n_cells);
     for (int32_t l = 0; l < e->n_layer; l++) {
-        const float * s = &e->scores[(size_t) l * e->n_cells];
-        int32_t * pos = &e->layer_pos[(size_t) l * e->n_cells];
-        std::vector<int32_t> evict = tova::policy_lowest(occupied, s, pos, k);
+        const size_t off = (size_t) l * e->n_cells;
+        const double * s = nullptr;
+        if (e->policy == TOVA_POLICY_TOVA) {
+            std::copy(e->scores.begin() + off, e->scores.begin() + off + e->n_cells, score.begin());
+            s = score.data();
+        } else if (e->policy == TOVA_POLICY_H2O) {
+            s = &e->acc[off];
+        }
+        std::vector<int32_t> evict = tova::policy_choose(params, occupied, &e->layer_pos[off], s, k);
+        if ((int32_t) evict.size() != k)
+            return fail(e, TOVA_ERR_ARG, "the protected prefix (keep=" + std::to_string(e->keep) + ", n_sink=" +
+                                             std::to_string(e->n_sink) + ") leaves fewer than " + std::to_string(k) +
+                                             " evictable cells in layer " + std::to_string(l));
         plan[l] = {e->cache_k[l], e->cache_v[l], tova::policy_moves(evict, freed)};
     }
     std::string err;
     if (!e->mover.apply(plan, e->v_trans, e->force_graph, err)) return fail(e, TOVA_ERR_BACKEND, err);
     for (int32_t l = 0; l < e->n_layer; l++) {
-        int32_t * pos = &e->layer_pos[(size_t) l * e->n_cells];
-        for (const auto & m : plan[l].moves) pos[m.second] = pos[m.first];
-        for (int32_t c : freed) pos[c] = -1;
+        const size_t off = (size_t) l * e->n_cells;
+        int32_t * pos = &e->layer_pos[off];
+        double * acc = &e->acc[off];
+        for (const auto & m : plan[l].moves) {  // a row's bookkeeping travels with it
+            pos[m.second] = pos[m.first];
+            acc[m.second] = acc[m.first];
+        }
+        for (int32_t c : freed) {
+            pos[c] = -1;
+            acc[c] = 0.0;
+        }
     }
     for (int32_t c : freed) e->meta_pos[c] = -1;
     if (!llama_memory_seq_rm(llama_get_memory(ctx), 0, p_min, p_max + 1))
@@ -265,6 +344,8 @@ extern "C" int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * o
     return TOVA_OK;
 }
 
+extern "C" int32_t tova_engine_n_observed(const tova_engine * e) { return e->n_observed; }
+
 extern "C" void tova_engine_set_force_graph_mover(tova_engine * e, bool force) { e->force_graph = force; }
 
 extern "C" const char * tova_engine_last_error(const tova_engine * e) { return e->error.c_str(); }
@@ -275,7 +356,22 @@ extern "C" int32_t tova_policy_evict(const float * score, const int32_t * pos, i
     std::vector<int32_t> occupied;
     for (int32_t i = 0; i < n; i++)
         if (pos[i] >= 0) occupied.push_back(i);
-    std::vector<int32_t> evict = tova::policy_lowest(occupied, score, pos, k);
+    std::vector<double> s(score, score + n);
+    std::vector<int32_t> evict = tova::policy_lowest(occupied, s.data(), pos, k);
+    std::copy(evict.begin(), evict.end(), out_evict);
+    return (int32_t) evict.size();
+}
+
+extern "C" int32_t tova_policy_choose(int32_t policy, const double * score, const int32_t * pos, int32_t n,
+                                      int32_t k, int32_t keep, int32_t n_sink, int32_t * out_evict) {
+    if (policy < TOVA_POLICY_FULL || policy > TOVA_POLICY_H2O || !pos || n < 0 || k < 0 || keep < 0 ||
+        n_sink < 0 || (k > 0 && !out_evict))
+        return TOVA_ERR_ARG;
+    if (uses_scores(policy) && !score) return TOVA_ERR_ARG;
+    std::vector<int32_t> occupied;
+    for (int32_t i = 0; i < n; i++)
+        if (pos[i] >= 0) occupied.push_back(i);
+    std::vector<int32_t> evict = tova::policy_choose({policy, keep, n_sink}, occupied, pos, score, k);
     std::copy(evict.begin(), evict.end(), out_evict);
     return (int32_t) evict.size();
 }

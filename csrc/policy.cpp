@@ -2,9 +2,11 @@
 
 #include <algorithm>
 
+#include "tova.h"
+
 namespace tova {
 
-std::vector<int32_t> policy_lowest(const std::vector<int32_t> & occupied, const float * score, const int32_t * pos,
+std::vector<int32_t> policy_lowest(const std::vector<int32_t> & occupied, const double * score, const int32_t * pos,
                                    int32_t k) {
     std::vector<int32_t> cells = occupied;
     if (k <= 0) return {};
@@ -15,6 +17,44 @@ std::vector<int32_t> policy_lowest(const std::vector<int32_t> & occupied, const 
     });
     cells.resize(k);
     return cells;
+}
+
+// the k candidates with the smallest original position
+static std::vector<int32_t> oldest(std::vector<int32_t> cells, const int32_t * pos, int32_t k) {
+    if (k > (int32_t) cells.size()) k = (int32_t) cells.size();
+    std::partial_sort(cells.begin(), cells.begin() + k, cells.end(),
+                      [&](int32_t a, int32_t b) { return pos[a] < pos[b]; });
+    cells.resize(k);
+    return cells;
+}
+
+// H2O (Zhang et al. 2023): half of the unprotected budget for the most recent tokens (the larger half when odd),
+// the other half for the heavy hitters, i.e. evict the lowest accumulated attention among the older tokens
+static std::vector<int32_t> h2o(std::vector<int32_t> cand, int32_t n_protected, int32_t n_occupied,
+                                const int32_t * pos, const double * acc, int32_t k) {
+    const int32_t unprotected_kept = n_occupied - k - n_protected;
+    const int32_t n_recent = std::max(0, unprotected_kept - unprotected_kept / 2);
+    if (n_recent >= (int32_t) cand.size()) return {};
+    std::sort(cand.begin(), cand.end(), [&](int32_t a, int32_t b) { return pos[a] > pos[b]; });  // newest first
+    std::vector<int32_t> older(cand.begin() + n_recent, cand.end());
+    return policy_lowest(older, acc, pos, k);
+}
+
+std::vector<int32_t> policy_choose(const policy_params & p, const std::vector<int32_t> & occupied,
+                                   const int32_t * pos, const double * score, int32_t k) {
+    if (k <= 0 || p.policy == TOVA_POLICY_FULL) return {};
+    const int32_t protect_below = p.policy == TOVA_POLICY_SINK ? std::max(p.keep, p.n_sink) : p.keep;
+    std::vector<int32_t> cand;
+    for (int32_t c : occupied)
+        if (pos[c] >= protect_below) cand.push_back(c);
+    const int32_t n_protected = (int32_t) (occupied.size() - cand.size());
+    switch (p.policy) {
+        case TOVA_POLICY_TOVA:   return policy_lowest(cand, score, pos, k);
+        case TOVA_POLICY_WINDOW:
+        case TOVA_POLICY_SINK:   return oldest(cand, pos, k);
+        case TOVA_POLICY_H2O:    return h2o(cand, n_protected, (int32_t) occupied.size(), pos, score, k);
+        default:                 return {};
+    }
 }
 
 std::vector<std::pair<int32_t, int32_t>> policy_moves(const std::vector<int32_t> & evict,

@@ -17,7 +17,10 @@ typedef struct tova_engine tova_engine;
 
 enum tova_policy {
     TOVA_POLICY_FULL = 0,  // no eviction
-    TOVA_POLICY_TOVA = 1,  // keep the `budget` keys with the highest head-averaged attention of the newest query
+    TOVA_POLICY_TOVA = 1,    // keep the `budget` keys with the highest head-averaged attention of the newest query
+    TOVA_POLICY_WINDOW = 2,  // keep the most recent `budget` keys
+    TOVA_POLICY_SINK = 3,    // keep the first n_sink keys and the most recent ones (StreamingLLM)
+    TOVA_POLICY_H2O = 4,     // keep the most recent half and the largest accumulated attention half (H2O)
 };
 
 enum tova_status {
@@ -33,18 +36,25 @@ enum tova_status {
 tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int32_t budget, int32_t n_cells, bool v_trans,
                                  char * err, size_t err_len);
 void tova_engine_free(tova_engine * e);
+// Protected prefix (like llama.cpp's --keep): original positions < keep are never evicted by any policy.
+// 0 <= keep < budget; default 0. Only while the engine holds no token (after create or reset).
+int32_t tova_engine_set_keep(tova_engine * e, int32_t keep);
+// TOVA_POLICY_SINK: original positions < n_sink are never evicted. 0 <= n_sink < budget; default 4. Only while
+// the engine holds no token. Accepted and unused for the other policies.
+int32_t tova_engine_set_n_sink(tova_engine * e, int32_t n_sink);
 // Resize to the context's real cell count (llama_n_ctx, padded by llama.cpp); clears the state.
 int32_t tova_engine_set_cells(tova_engine * e, int32_t n_cells);
 
 // llama_context_params.cb_eval; user_data = the engine. Runs on the llama_decode thread.
 bool tova_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
 
-// Before llama_decode of n_tokens tokens at positions pos0..pos0+n_tokens-1. capture_scores: record the
-// attention row of the batch's last token (needed only for the decode that ends a piece).
+// Before llama_decode of n_tokens tokens at positions pos0..pos0+n_tokens-1. capture_scores: TOVA records the
+// attention row of the batch's last token (needed only for the decode that ends a piece). H2O captures on every
+// decode whatever the flag (its accumulator must see every query); window, sink and full never capture.
 int32_t tova_engine_begin(tova_engine * e, int32_t n_tokens, int32_t pos0, bool capture_scores);
 // After a successful llama_decode: records which cells now hold the new tokens.
 int32_t tova_engine_end(tova_engine * e);
-// Evict down to `budget` occupied cells by the scores of the last captured row; removes the evicted
+// Evict down to `budget` occupied cells, each layer by its policy (tova_policy_choose); removes the evicted
 // metadata positions from llama.cpp (seq 0). No-op while occupied <= budget or for TOVA_POLICY_FULL.
 int32_t tova_engine_cut(tova_engine * e, struct llama_context * ctx);
 // Forget everything (after llama_memory_clear).
@@ -53,6 +63,9 @@ void tova_engine_reset(tova_engine * e);
 int32_t tova_engine_n_occupied(const tova_engine * e);
 // out: [n_layer * n_cells] original position held by each layer's cell, -1 where empty.
 int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * out, size_t n);
+// Graph nodes the eval callback read during the last llama_decode; each one costs a backend sync
+// (tova and h2o: one per layer; window, sink and full: none on host buffers).
+int32_t tova_engine_n_observed(const tova_engine * e);
 // Force the ggml-graph mover even for host buffers (tests). env: TOVA_MOVER=graph does the same.
 void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
 const char * tova_engine_last_error(const tova_engine * e);
@@ -61,6 +74,13 @@ const char * tova_engine_last_error(const tova_engine * e);
 // (pos < 0: empty, never chosen), writes to out_evict the k cells to evict, lowest score first (ties: older
 // position first). Returns the number written.
 int32_t tova_policy_evict(const float * score, const int32_t * pos, int32_t n, int32_t k, int32_t * out_evict);
+
+// Any policy alone, for tests on synthetic arrays: which k of the n cells (original position pos[i], < 0: empty,
+// never chosen) one layer evicts under `policy` with protected prefix `keep` and `n_sink`. score: per cell, the
+// newest query's head-averaged attention (tova) or the accumulated attention (h2o); may be NULL for the others.
+// Writes the cells to out_evict (room for k); returns the number written or TOVA_ERR_ARG.
+int32_t tova_policy_choose(int32_t policy, const double * score, const int32_t * pos, int32_t n, int32_t k,
+                           int32_t keep, int32_t n_sink, int32_t * out_evict);
 
 // The file libllama was loaded from, as seen by this library (to check that one copy is in the process).
 const char * tova_libllama_path(void);

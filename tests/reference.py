@@ -1,5 +1,7 @@
 """NumPy oracle: the llama forward pass (RMSNorm, RoPE, GQA attention, SwiGLU) in float64 with a per-layer
-KV cache cut by TOVA exactly as DESIGN.md section 1 says, processing the same pieces as the engine."""
+KV cache cut by each policy exactly as DESIGN.md section 1 and tova_cpp.session's docstring say, processing
+the same pieces as the engine. Written from the definitions (which positions a layer KEEPS), not from the
+C++ code."""
 
 from __future__ import annotations
 
@@ -24,12 +26,23 @@ def rope(x, pos, base):
     return out
 
 
-class Reference:
-    """variant: "tova" (the paper), "shared" (one eviction set for all layers: the cheaper, wrong policy),
-    "protect_newest" (the newest token is never evicted: wrong)."""
+POLICIES = ("tova", "window", "sink", "h2o")
+# wrong policies the comparison must reject: one eviction set for all layers (the cheaper policy, not TOVA);
+# the newest token never evicted; h2o accumulating only the last query row of a prompt piece
+WRONG_VARIANTS = ("shared", "protect_newest", "h2o_last_row")
 
-    def __init__(self, m: TinyLlama, budget: int, chunk: int, variant: str = "tova"):
-        self.m, self.budget, self.memory, self.variant = m, budget, budget + chunk, variant
+
+class Reference:
+    """policy: one of POLICIES or WRONG_VARIANTS; keep: positions < keep are never evicted; n_sink: sink's
+    protected first positions."""
+
+    def __init__(self, m: TinyLlama, budget: int, chunk: int, policy: str = "tova", *, keep: int = 0,
+                 n_sink: int = 4):
+        assert policy in POLICIES + WRONG_VARIANTS
+        self.m, self.budget, self.memory, self.policy = m, budget, budget + chunk, policy
+        self.keep, self.n_sink = keep, n_sink
+        # h2o: attention accumulated since each key entered, aligned with self.pos
+        self.acc = [np.zeros(0) for _ in range(m.n_layer)]
         w = {k: v.astype(np.float64) for k, v in m.weights.items()}
         self.w = w
         self.k = [np.zeros((0, m.n_head_kv, m.head_dim)) for _ in range(m.n_layer)]
@@ -44,6 +57,7 @@ class Reference:
         pos = np.arange(self.n_past, self.n_past + T)
         x = w["token_embd.weight"][tokens]
         rows = []  # per layer: the last token's attention over the layer's keys, head-averaged
+        sums = []  # per layer: the column sums of all T query rows, head-averaged (h2o)
         r = m.n_head // m.n_head_kv
         for il in range(m.n_layer):
             p = f"blk.{il}."
@@ -59,38 +73,61 @@ class Reference:
                 mask[t, n_old + t + 1 :] = -np.inf
             out = np.empty((T, m.n_head, m.head_dim))
             probs_last = np.zeros(len(K))
+            probs_all = np.zeros(len(K))
             for hq in range(m.n_head):
                 s = q[:, hq] @ K[:, hq // r].T / np.sqrt(m.head_dim) + mask
                 s = np.exp(s - s.max(-1, keepdims=True))
                 s /= s.sum(-1, keepdims=True)
                 out[:, hq] = s @ V[:, hq // r]
                 probs_last += s[-1]
+                probs_all += s.sum(0)
             rows.append(probs_last / m.n_head)
+            sums.append(probs_all / m.n_head)
             x = x + out.reshape(T, -1) @ w[p + "attn_output.weight"].T
             h = rms_norm(x, w[p + "ffn_norm.weight"], m.eps)
             g = h @ w[p + "ffn_gate.weight"].T
             x = x + ((g / (1 + np.exp(-g))) * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
             self.k[il], self.v[il] = K, V
             self.pos[il] = np.concatenate([self.pos[il], pos])
+            added = sums[il] if self.policy != "h2o_last_row" else rows[il]
+            self.acc[il] = np.concatenate([self.acc[il], np.zeros(T)]) + added
         self.n_past += T
         h = rms_norm(x[-1], w["output_norm.weight"], m.eps)
         self.last_logits = h @ w["output.weight"].T
         return rows
 
+    def _kept(self, il, row):
+        """Indices (into this layer's keys) of the `budget` keys the layer keeps."""
+        pos, budget = self.pos[il], self.budget
+        protect_below = max(self.keep, self.n_sink) if self.policy == "sink" else self.keep
+        protected = [i for i in range(len(pos)) if pos[i] < protect_below]
+        rest = [i for i in range(len(pos)) if pos[i] >= protect_below]
+        room = budget - len(protected)  # cells left for the unprotected keys
+        newest_first = sorted(rest, key=lambda i: -pos[i])
+        if self.policy in ("window", "sink"):
+            return protected + newest_first[:room]
+        if self.policy in ("h2o", "h2o_last_row"):
+            n_recent = room - room // 2  # the recent half takes the extra cell when odd
+            recent, older = newest_first[:n_recent], newest_first[n_recent:]
+            # largest accumulated attention first; ties: the newer key stays
+            heavy = sorted(older, key=lambda i: (-self.acc[il][i], -pos[i]))[: room - n_recent]
+            return protected + recent + heavy
+        score = row.copy()
+        if self.policy == "protect_newest":
+            score[np.argmax(pos)] = np.inf
+        # highest score first; ties: the newer key stays
+        return protected + sorted(rest, key=lambda i: (-score[i], -pos[i]))[:room]
+
     def _cut(self, rows):
-        n = len(self.pos[0])
-        k = n - self.budget
-        if k <= 0:
+        if len(self.pos[0]) <= self.budget:
             return
-        if self.variant == "shared":
+        if self.policy == "shared":
             rows = [np.mean(rows, axis=0)] * len(rows)
-        for il, score in enumerate(rows):
-            score = score.copy()
-            if self.variant == "protect_newest":
-                score[np.argmax(self.pos[il])] = np.inf
-            order = np.lexsort((self.pos[il], score))  # lowest score first, ties: older first
-            keep = np.sort(order[k:])
-            self.k[il], self.v[il], self.pos[il] = self.k[il][keep], self.v[il][keep], self.pos[il][keep]
+        for il, row in enumerate(rows):
+            keep = np.sort(np.array(self._kept(il, row)))
+            assert len(keep) == self.budget
+            self.k[il], self.v[il] = self.k[il][keep], self.v[il][keep]
+            self.pos[il], self.acc[il] = self.pos[il][keep], self.acc[il][keep]
 
     def eval(self, tokens):
         tokens = list(tokens)

@@ -39,6 +39,13 @@ def test_generate_prints_text_and_timings(smollm2_path, tmp_path):
     assert "cells used / budget = 16 / 16" in r.stderr
 
 
+def test_generate_with_sink_and_keep(smollm2_path, tmp_path):
+    r = tova("generate", "-p", "Name three colors.", "-n", "24", "--budget", "16", "--chunk", "8", "--policy", "sink",
+             "--n-sink", "2", "--keep", "6", "--temp", "0", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "cells used / budget = 16 / 16 (policy sink)" in r.stderr
+
+
 def test_the_main_job_spelling_and_the_console_script(smollm2_path, tmp_path):
     # `python -m tova_cpp "prompt"` (README) and the installed `tova` script give the same greedy text
     a = tova("Say hi.", "-n", "8", "--temp", "0", "--budget", "32", cwd=tmp_path)
@@ -116,6 +123,7 @@ def test_chat_ctrl_c_stops_the_answer_not_the_chat(tiny_path, tmp_path):
         (["generate", "-p", "hi", "-m", "/nonexistent.gguf"], "error: model file not found"),
         (["generate", "-f", "/nonexistent-prompt.txt"], "error: cannot read prompt file"),
         (["generate"], "error: give exactly one prompt"),
+        (["generate", "-p", "hi", "--budget", "8", "--keep", "8"], "error: keep must be"),
     ],
 )
 def test_errors_are_one_line_exit_1(argv, message, tmp_path):

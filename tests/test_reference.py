@@ -1,5 +1,6 @@
 """The engine against the NumPy oracle on a tiny random F32 model: logits and per-layer kept positions at
-every step, for each way a prompt can arrive; wrong policies must fail the same comparison."""
+every step, for every policy (and protected prefix) x each way a prompt can arrive x both movers; wrong
+policies must fail the same comparison."""
 
 from __future__ import annotations
 
@@ -11,6 +12,26 @@ from tiny_gguf import write_tiny_llama
 from tova_cpp import Session
 
 BUDGET, CHUNK, STEPS = 16, 8, 200
+EXTRA_STEPS = 48  # the baselines: three full turns of a 16-cell budget, to keep CI time modest
+
+# (policy, Session/Reference keyword args, decode steps): adding a policy is adding a line
+POLICY_CASES = [
+    ("tova", {}, STEPS),
+    ("window", {}, EXTRA_STEPS),
+    ("sink", {}, EXTRA_STEPS),
+    ("h2o", {}, EXTRA_STEPS),
+    ("h2o", {"budget": 15}, EXTRA_STEPS),  # odd budget: 8 recent + 7 heavy
+    ("tova", {"keep": 5}, EXTRA_STEPS),
+    ("tova", {"keep": 12}, EXTRA_STEPS),  # with the 10-token prompt the protected prefix completes while decoding
+    ("window", {"keep": 3}, EXTRA_STEPS),
+    ("sink", {"keep": 6, "n_sink": 2}, EXTRA_STEPS),
+    ("h2o", {"keep": 5}, EXTRA_STEPS),  # 11 unprotected cells: 6 recent + 5 heavy
+]
+
+
+def case_id(case):
+    policy, kw, _ = case
+    return "-".join([policy] + [f"{k}{v}" for k, v in kw.items()])
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +40,8 @@ def tiny(tmp_path_factory):
     return path, write_tiny_llama(path)
 
 
-def session(path, budget=BUDGET, graph_mover=False):
-    s = Session(path, budget=budget, chunk=CHUNK, type_k="f32", type_v="f32", n_threads=2)
+def session(path, budget=BUDGET, graph_mover=False, **kw):
+    s = Session(path, budget=budget, chunk=CHUNK, type_k="f32", type_v="f32", n_threads=2, **kw)
     s.set_force_graph_mover(graph_mover)
     return s
 
@@ -38,28 +59,48 @@ def first_mismatch(s: Session, ref: Reference, prompt, stream):
         tol = 1e-4 * np.abs(ref_logits).max()
         if not np.allclose(logits, ref_logits, rtol=1e-4, atol=tol):
             return f"step {step}: logits differ by {np.abs(logits - ref_logits).max()}"
-        assert s.n_occupied <= BUDGET
+        assert s.n_occupied <= s.budget
         assert s.pos_window() == (s.n_past - s.n_occupied, s.n_past - 1)
+        protected = np.arange(min(s.keep, s.n_past))
+        assert all(np.isin(protected, row).all() for row in kept)  # never evicted, in any layer
     return None
 
 
+@pytest.mark.parametrize("case", POLICY_CASES, ids=case_id)
 @pytest.mark.parametrize("prompt_len", [10, 20, 50], ids=["prompt<budget", "budget<prompt<=memory", "chunked"])
 @pytest.mark.parametrize("graph_mover", [False, True], ids=["memcpy", "graph"])
-def test_engine_matches_reference(tiny, prompt_len, graph_mover):
+def test_engine_matches_reference(tiny, case, prompt_len, graph_mover):
+    policy, kw, steps = case
+    kw = dict(kw)
+    budget = kw.pop("budget", BUDGET)
     path, model = tiny
     rng = np.random.default_rng(prompt_len)
-    tokens = rng.integers(0, model.n_vocab, size=prompt_len + STEPS).tolist()
-    with session(path, graph_mover=graph_mover) as s:
-        assert first_mismatch(s, Reference(model, BUDGET, CHUNK), tokens[:prompt_len], tokens[prompt_len:]) is None
+    tokens = rng.integers(0, model.n_vocab, size=prompt_len + steps).tolist()
+    ref = Reference(model, budget, CHUNK, policy, **kw)
+    with session(path, budget=budget, graph_mover=graph_mover, policy=policy, **kw) as s:
+        assert first_mismatch(s, ref, tokens[:prompt_len], tokens[prompt_len:]) is None
 
 
-@pytest.mark.parametrize("variant", ["shared", "protect_newest"])
-def test_wrong_policies_fail_the_comparison(tiny, variant):
+@pytest.mark.parametrize(
+    "policy, kw, variant, ref_kw",
+    [
+        ("tova", {}, "shared", {}),
+        ("tova", {}, "protect_newest", {}),
+        ("h2o", {}, "h2o_last_row", {}),  # the prompt piece's accumulation must count every query row
+        ("h2o", {}, "window", {}),
+        ("sink", {}, "window", {}),  # the sinks matter
+        ("tova", {"keep": 4}, "tova", {}),  # the protected prefix matters
+        ("window", {}, "window", {"keep": 4}),  # ... and is off by default
+    ],
+    ids=["tova-vs-shared", "tova-vs-protect_newest", "h2o-vs-last_row", "h2o-vs-window", "sink-vs-window",
+         "keep-vs-none", "none-vs-keep"],
+)
+def test_wrong_policies_fail_the_comparison(tiny, policy, kw, variant, ref_kw):
     path, model = tiny
     rng = np.random.default_rng(7)
     tokens = rng.integers(0, model.n_vocab, size=20 + STEPS).tolist()
-    with session(path) as s:
-        msg = first_mismatch(s, Reference(model, BUDGET, CHUNK, variant), tokens[:20], tokens[20:])
+    with session(path, policy=policy, **kw) as s:
+        msg = first_mismatch(s, Reference(model, BUDGET, CHUNK, variant, **ref_kw), tokens[:20], tokens[20:])
     assert msg is not None and "differ" in msg
 
 

@@ -92,6 +92,29 @@ def test_long_decode_keeps_the_cache_bounded(smollm2_path, type_k):
         assert s.n_past == len(s.tokenize(PROMPT)) + 3000
 
 
+@pytest.mark.parametrize("policy", ["window", "sink", "h2o"])
+def test_baselines_on_smollm2_stay_bounded_and_per_layer(smollm2_path, policy):
+    with Session(smollm2_path, budget=32, chunk=16, policy=policy, keep=2, n_threads=2) as s:
+        s.eval(s.tokenize(PROMPT * 3))  # longer than memory: chunked cuts
+        for _ in range(64):
+            logits = s.logits()
+            assert np.isfinite(logits).all()
+            s.eval([int(np.argmax(logits))])
+            check_invariants(s)
+        kept = s.kept_positions()
+        assert (kept[:, :2] == [0, 1]).all()  # keep
+        n_sets = len({tuple(r) for r in kept})
+        if policy == "h2o":
+            assert n_sets > 1  # accumulated attention differs by layer
+            # keep 2 + 30 unprotected cells: the 15 most recent + 15 heavy hitters
+            assert (kept[:, -15:] == np.arange(s.n_past - 15, s.n_past)).all()
+        else:
+            assert n_sets == 1  # no scores: every layer keeps the same positions
+            n_first = 4 if policy == "sink" else 2
+            recent = np.arange(s.n_past - (32 - n_first), s.n_past)
+            np.testing.assert_array_equal(kept[0], np.concatenate([np.arange(n_first), recent]))
+
+
 def test_graph_mover_matches_memcpy(smollm2_path):
     runs = []
     for force in (False, True):
@@ -191,3 +214,75 @@ def test_logits_all_returns_one_row_per_token(smollm2_path):
         assert rows.shape == (len(tokens), s.n_vocab)
         np.testing.assert_array_equal(rows[-1], s.logits())
         assert np.isfinite(rows).all()
+
+
+# -- policies, keep and n_sink: typed validation on a tiny model (no download needed) --------------------
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    from tiny_gguf import write_tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_tiny_llama(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"keep": -1}, "keep"),
+        ({"keep": 8}, r"keep must be an integer in \[0, budget=8\)"),  # keep >= budget is refused
+        ({"keep": 100}, "keep"),
+        ({"keep": True}, "keep"),
+        ({"keep": 1.0}, "keep"),
+        ({"policy": "sink", "n_sink": 8}, "n_sink"),
+        ({"policy": "sink", "n_sink": -1}, "n_sink"),
+        ({"policy": "sink", "n_sink": "4"}, "n_sink"),
+        ({"policy": "sink", "budget": 4}, "n_sink"),  # the default n_sink=4 needs budget > 4
+        ({"policy": "tova", "n_sink": 2}, "'sink' only"),
+        ({"policy": "h2o", "flash_attn": True}, "flash_attn"),
+        ({"policy": "H2O"}, "policy"),
+    ],
+)
+def test_policy_arguments_are_value_errors(tiny_path, kwargs, match):
+    kwargs = {"budget": 8, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        Session(tiny_path, **kwargs)
+
+
+@pytest.mark.parametrize("policy", sorted(tova_cpp.POLICIES))
+def test_every_policy_runs_bounded_with_the_largest_keep(tiny_path, policy):
+    kw = {"n_sink": 2} if policy == "sink" else {}
+    with Session(tiny_path, budget=8, chunk=4, policy=policy, keep=7, n_threads=2, **kw) as s:
+        assert (s.policy, s.keep) == (policy, 7)
+        s.eval(list(range(3, 15)) if policy != "full" else list(range(3, 9)))
+        for t in range(6):
+            s.eval([t + 3])
+            kept = s.kept_positions()
+            assert s.n_occupied == (7 + t if policy == "full" else 8)
+            assert (kept[:, :7] == np.arange(7)).all()  # the protected prefix, in every layer
+            if policy in ("window", "sink", "h2o"):
+                assert (kept[:, 7] == s.n_past - 1).all()  # one unprotected cell: the newest token
+
+
+@pytest.mark.parametrize("policy, syncs", [("full", 0), ("window", 0), ("sink", 0), ("tova", 3), ("h2o", 3)])
+def test_only_scoring_policies_capture(tiny_path, policy, syncs):
+    from tova_cpp._ffi import lib
+
+    # the tiny model has 3 layers; the cells of new tokens are read without a sync on host buffers
+    with Session(tiny_path, budget=8, chunk=4, policy=policy, n_threads=2) as s:
+        s.eval(list(range(3, 9)))  # two ubatches (4 + 2 tokens); n_observed counts the last decode
+        assert lib.tova_engine_n_observed(s._engine) == syncs
+        s.eval([5])
+        assert lib.tova_engine_n_observed(s._engine) == syncs
+
+
+def test_keep_is_set_before_the_first_decode_only(tiny_path):
+    from tova_cpp._ffi import ffi, lib
+
+    with Session(tiny_path, budget=8, chunk=4, keep=2, n_threads=2) as s:
+        assert lib.tova_engine_set_keep(s._engine, 8) == -1  # keep >= budget: TOVA_ERR_ARG, no crash
+        assert "keep" in ffi.string(lib.tova_engine_last_error(s._engine)).decode()
+        s.eval([1, 2, 3])
+        assert lib.tova_engine_set_keep(s._engine, 3) == -3  # TOVA_ERR_STATE while tokens are held
+        s.reset()
+        assert lib.tova_engine_set_keep(s._engine, 3) == 0

@@ -1,6 +1,7 @@
 """tova_cpp: TOVA (Oren et al., "Transformers are Multi-State RNNs", EMNLP 2024) for llama.cpp GGUF models.
 
-Each layer keeps the `budget` tokens with the highest attention from the newest query (averaged over heads)."""
+Each layer keeps the `budget` tokens with the highest attention from the newest query (averaged over heads).
+The paper's baselines `window`, `sink` and `h2o` and a protected prefix (`keep`) run on the same engine."""
 
 from .errors import EngineError, ModelLoadError, TovaError, TovaVersionError, UnsupportedModelError
 from .models import default_model_path

