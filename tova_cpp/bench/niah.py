@@ -289,7 +289,7 @@ def heatmap(results: list[NiahResult], contexts: list[int], depths: list[float],
     configs = _configs(results)
     ncol = min(4, len(configs))
     nrow = -(-len(configs) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol + 1, 2.4 * nrow + 0.6), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.8 * ncol + 1.2, 3.0 * nrow + 0.8), squeeze=False)
     for ax in axes.flat[len(configs) :]:
         ax.axis("off")
     im = None
@@ -311,8 +311,10 @@ def heatmap(results: list[NiahResult], contexts: list[int], depths: list[float],
         ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths], fontsize=7)
         ax.set_title(policy if policy == "full" else f"{policy} B={budget}", fontsize=9)
         ax.set_xlabel("context (tokens)", fontsize=7)
-        ax.set_ylabel("needle depth", fontsize=7)
+        if ax in axes[:, 0]:
+            ax.set_ylabel("needle depth", fontsize=7)
     fig.suptitle(f"{results[0].model}: needle retrieval accuracy", fontsize=10)
+    fig.subplots_adjust(hspace=0.6, wspace=0.35, right=0.85)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
     fig.savefig(path, dpi=100)
     plt.close(fig)
