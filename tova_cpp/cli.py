@@ -99,12 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(c)
     _sampling_args(c, temp=0.2)
     c.set_defaults(func=cmd_chat)
-    try:
-        from .bench import add_bench_parser
-    except ImportError:
-        pass
-    else:
-        add_bench_parser(sub)
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 
