@@ -273,8 +273,10 @@ def test_only_scoring_policies_capture(tiny_path, policy, syncs):
 
     # the tiny model has 3 layers; the cells of new tokens are read without a sync on host buffers
     with Session(tiny_path, budget=8, chunk=4, policy=policy, n_threads=2) as s:
-        s.eval(list(range(3, 9)))  # two ubatches (4 + 2 tokens); n_observed counts the last decode
-        assert lib.tova_engine_n_observed(s._engine) == syncs
+        s.eval(list(range(3, 9)))  # fits in the budget: no cut follows, so tova captures nothing
+        assert lib.tova_engine_n_observed(s._engine) == (syncs if policy == "h2o" else 0)
+        s.eval(list(range(3, 8)))  # 6 + 5 > 8: ubatches of 4 + 1 tokens, a cut after the last one
+        assert lib.tova_engine_n_observed(s._engine) == syncs  # counts the last decode
         s.eval([5])
         assert lib.tova_engine_n_observed(s._engine) == syncs
 
