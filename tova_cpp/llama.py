@@ -241,6 +241,7 @@ class Llama:
                 tokens = tokens[1:]  # the template wrote a BOS and the tokenizer added one
         if not tokens:
             raise ValueError("the prompt is empty")
+        self._state = b""  # if eval fails, the next call starts over instead of extending a lost cache
         self.session.eval(tokens)
         self._state = data
         return len(tokens)
@@ -336,6 +337,8 @@ class Llama:
             llama_cpp.llama_sampler_free(chain)
             # what the cache holds, as the text a caller sends back (the reply decoded the same way)
             self._state = prompt_state + self.detokenize(fed).decode(errors="replace").encode()
+            if self.session.n_past == 0:  # an engine error reset the session: nothing to extend
+                self._state = b""
             self.last_timings = {
                 "prompt_tokens": n_prompt, "prompt_s": t1 - t0, "eval_tokens": locals().get("n_gen", 0),
                 "eval_s": time.perf_counter() - t1,
