@@ -27,10 +27,8 @@ import llama_cpp
 import numpy as np
 
 from .models import default_model_path
-from .session import Session, _meta
+from .session import Session
 
-# bytes per block and elements per block of the KV cache types Session accepts
-_TYPE_BLOCK = {"f32": (4, 1), "f16": (2, 1), "bf16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
 
 
 @dataclass
@@ -140,7 +138,7 @@ class Llama:
         self.chat_format = chat_format
         self.verbose = verbose
         self._state = b""  # the text (UTF-8) whose tokens the cache holds: prompts fed + generated pieces
-        self._n_head_kv = self._n_embd_k = self._n_embd_v = None
+        self._row_bytes = None
         self.last_timings: dict[str, float] = {}
 
     # -- small helpers --------------------------------------------------------------------------------
@@ -163,22 +161,9 @@ class Llama:
 
     def kv_row_bytes(self) -> int:
         """Bytes one cell takes in all layers (K row + V row)."""
-        if self._n_embd_k is None:
-            m = self.session._model
-            n_head = llama_cpp.llama_model_n_head(m)
-            n_head_kv = llama_cpp.llama_model_n_head_kv(m)
-            n_embd = llama_cpp.llama_model_n_embd(m)
-            arch = _meta(m, "general.architecture") or "llama"
-            hk = _meta(m, f"{arch}.attention.key_length")
-            hv = _meta(m, f"{arch}.attention.value_length")
-            self._n_embd_k = n_head_kv * (int(hk) if hk else n_embd // n_head)
-            self._n_embd_v = n_head_kv * (int(hv) if hv else n_embd // n_head)
-
-        def row(t: str, n: int) -> int:
-            size, block = _TYPE_BLOCK[t]
-            return n // block * size
-
-        return self.session.n_layer * (row(self.type_k, self._n_embd_k) + row(self.type_v, self._n_embd_v))
+        if self._row_bytes is None:
+            self._row_bytes = self.session.kv_row_bytes()
+        return self._row_bytes
 
     @property
     def kv_bytes(self) -> int:

@@ -56,6 +56,8 @@ from .errors import EngineError, ModelLoadError, UnsupportedModelError
 POLICIES = {"full": 0, "tova": 1, "window": 2, "sink": 3, "h2o": 4}
 DEFAULT_N_SINK = 4
 CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
+# (bytes per block, elements per block) of each cache type
+_TYPE_BLOCK = {"f32": (4, 1), "f16": (2, 1), "bf16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
 # architectures whose attention bias comes from positions (ALiBi): evicting would change what they compute
 ALIBI_ARCHS = {"bloom", "mpt", "jais", "baichuan", "refact"}
 
@@ -183,6 +185,7 @@ class Session:
 
         self.policy, self.budget, self.chunk, self.keep, self.n_sink = policy, budget, chunk, keep, n_sink
         self.evict_interval, self.flash_attn = evict_interval, flash_attn
+        self.type_k, self.type_v = type_k, type_v
         self.n_layer = llama_cpp.llama_model_n_layer(model)
         self.memory = budget + max(chunk, evict_interval)  # most cells ever occupied
         vocab = llama_cpp.llama_model_get_vocab(model)
@@ -315,6 +318,32 @@ class Session:
             kept = np.sort(row[row >= 0])
             out[layer, : kept.size] = kept
         return out
+
+    def kv_row_bytes(self) -> int:
+        """Bytes one cell takes in all layers (K row + V row at type_k/type_v), from the GGUF metadata.
+        Raises ValueError when a size varies per layer (no single row size)."""
+        arch = _meta(self._model, "general.architecture")
+
+        def key(name: str) -> int | None:
+            value = _meta(self._model, f"{arch}.{name}")
+            try:
+                return int(value) if value is not None else None
+            except ValueError:  # per-layer arrays: not a single row size
+                raise ValueError(f"{arch}.{name} varies per layer ({value}); KV bytes are not derived") from None
+
+        n_head = key("attention.head_count")
+        n_head_kv = key("attention.head_count_kv") or n_head
+        n_embd = key("embedding_length")
+        if n_head is None or n_embd is None:
+            raise ValueError(f"the GGUF lacks {arch}.attention.head_count / {arch}.embedding_length")
+
+        def row(t: str, n: int) -> int:
+            size, block = _TYPE_BLOCK[t]
+            return n // block * size
+
+        k = row(self.type_k, n_head_kv * (key("attention.key_length") or n_embd // n_head))
+        v = row(self.type_v, n_head_kv * (key("attention.value_length") or n_embd // n_head))
+        return self.n_layer * (k + v)
 
     @property
     def n_occupied(self) -> int:

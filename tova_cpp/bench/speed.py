@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TovaError
-from ..session import Session, _meta
+from ..session import Session
 from . import common
 
 COLUMNS = [
@@ -44,7 +44,6 @@ COLUMNS = [
     "peak_rss_mib",
 ]
 # bytes per element of the KV cache types Session accepts (block types: block bytes / block elements)
-TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 @dataclass
@@ -66,27 +65,12 @@ class SpeedResult:
     peak_rss_mib: float
 
 
-def kv_row_bytes(s: Session, type_k: str = "f16", type_v: str = "f16") -> float:
-    """Bytes of one cell's K row + V row in one layer, from the model's GGUF metadata."""
-    arch = _meta(s._model, "general.architecture")
-
-    def key(name: str) -> int | None:
-        value = _meta(s._model, f"{arch}.{name}")
-        try:
-            return int(value) if value is not None else None
-        except ValueError:  # per-layer arrays: not a single row size
-            raise common.BenchError(
-                f"{arch}.{name} varies per layer ({value}); KV bytes are not derived"
-            ) from None
-
-    n_head = key("attention.head_count")
-    n_head_kv = key("attention.head_count_kv") or n_head
-    n_embd = key("embedding_length")
-    if n_head is None or n_embd is None:
-        raise common.BenchError(f"the GGUF lacks {arch}.attention.head_count / {arch}.embedding_length")
-    k_len = key("attention.key_length") or n_embd // n_head
-    v_len = key("attention.value_length") or n_embd // n_head
-    return n_head_kv * (k_len * TYPE_BYTES[type_k] + v_len * TYPE_BYTES[type_v])
+def kv_row_bytes(s: Session) -> int:
+    """Bytes of one cell's K row + V row over all layers (Session.kv_row_bytes), as a bench error if underived."""
+    try:
+        return s.kv_row_bytes()
+    except ValueError as e:
+        raise common.BenchError(str(e)) from None
 
 
 def measure(
@@ -134,7 +118,7 @@ def measure(
             if rep:  # block 0 is the warm-up
                 tg.append(n_gen / (time.perf_counter() - t0))
         n_cells = s.n_occupied
-        kv = n_cells * s.n_layer * kv_row_bytes(s)
+        kv = n_cells * kv_row_bytes(s)
     return {
         "pp": pp,
         "tg": tg,
