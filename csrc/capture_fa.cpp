@@ -44,9 +44,9 @@ bool fa_scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int
     }
     // an F32 cache reaches flash attention through a cast to F16: score on the cache's own rows instead
     if (k->op == GGML_OP_CPY && k->src[0]) k = k->src[0];
-    if (k->view_src != cache_k || q->type != GGML_TYPE_F32 || !mask || mask->type != GGML_TYPE_F16 ||
-        q->ne[3] != 1 || k->ne[3] != 1 || q->ne[0] != k->ne[0] || q->nb[0] != sizeof(float) ||
-        q->ne[2] % k->ne[2] != 0 || mask->ne[0] != k->ne[1] || q->ne[1] != n_tokens) {
+    if (k->view_src != cache_k || q->type != GGML_TYPE_F32 || !mask || mask->type != GGML_TYPE_F16 || q->ne[3] != 1 ||
+        k->ne[3] != 1 || q->ne[0] != k->ne[0] || q->nb[0] != sizeof(float) || q->ne[2] % k->ne[2] != 0 ||
+        mask->ne[0] != k->ne[1] || q->ne[1] != n_tokens) {
         err = "unexpected FLASH_ATTN_EXT operands in layer " + std::to_string(il) +
               " (one sequence, F32 query, F16 mask, K a view of cache_k_l" + std::to_string(il) + " expected)";
         return false;
@@ -124,7 +124,8 @@ bool fa_scorer::ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t 
             if (set_threads) set_threads(backend_, n_threads_);
         }
     }
-    if (buf_ && q_len_ == q_len && n_kv_max_ == n_kv_max && n_layer_ == n_layer && n_head_alloc_ == n_head_) return true;
+    if (buf_ && q_len_ == q_len && n_kv_max_ == n_kv_max && n_layer_ == n_layer && n_head_alloc_ == n_head_)
+        return true;
     if (buf_) ggml_backend_buffer_free(buf_);
     if (buf_ctx_) ggml_free(buf_ctx_);
     buf_ = nullptr;
@@ -146,8 +147,8 @@ bool fa_scorer::ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t 
     return true;
 }
 
-bool fa_scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scores, int32_t n_cells,
-                        uint8_t * scored, std::string & err) {
+bool fa_scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scores, int32_t n_cells, uint8_t * scored,
+                        std::string & err) {
     const int32_t n_layer = (int32_t) layers_.size();
     if (n_kv_ == 0 || n_kv_ > n_cells || !cache_k[0]) {
         err = "no FLASH_ATTN_EXT node was captured (or n_kv exceeds the context)";
@@ -174,7 +175,8 @@ bool fa_scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scor
         if (!lv.seen) continue;
         ggml_tensor * k = ggml_view_3d(ctx, cache_k[l], lv.ne[0], lv.ne[1], lv.ne[2], lv.nb[1], lv.nb[2], lv.offs);
         ggml_tensor * q = ggml_view_3d(ctx, q_, head_dim_, 1, n_head_, head_dim_ * fs, head_dim_ * fs, l * q_->nb[1]);
-        ggml_tensor * kq = ggml_mul_mat(ctx, k, q);  // [n_kv, 1, n_head]; query head h reads KV head h / (n_head/n_head_kv)
+        ggml_tensor * kq =
+            ggml_mul_mat(ctx, k, q);  // [n_kv, 1, n_head]; query head h reads KV head h / (n_head/n_head_kv)
         ggml_prec_set_acc(kq, GGML_PREC_F32);
         float sm_scale = lv.scale;
         if (lv.softcap != 0.0f) {  // flash attention: softcap * tanh(kq * scale / softcap), then the mask

@@ -18,7 +18,7 @@ struct ggml_gallocr;
 namespace tova {
 
 class fa_scorer {
-  public:
+public:
     ~fa_scorer();
     void set_threads(int32_t n) { n_threads_ = n; }
     // Before each scored llama_decode.
@@ -31,7 +31,7 @@ class fa_scorer {
     bool compute(const std::vector<ggml_tensor *> & cache_k, float * scores, int32_t n_cells, uint8_t * scored,
                  std::string & err);
 
-  private:
+private:
     struct layer_view {
         bool seen = false;
         int64_t ne[4];  // K view as FLASH_ATTN_EXT reads it: [head_dim, n_kv, n_head_kv, n_stream]
@@ -53,10 +53,10 @@ class fa_scorer {
     void * backend_dev_ = nullptr;
     ggml_context * buf_ctx_ = nullptr;
     ggml_backend_buffer * buf_ = nullptr;
-    ggml_tensor * q_ = nullptr;     // F32 [head_dim, n_head, n_layer]
-    ggml_tensor * mask_ = nullptr;  // F16 [n_kv_max]
-    ggml_tensor * probs_ = nullptr; // F32 [n_kv_max, n_head, n_layer] each head's softmax row
-    ggml_tensor * out_ = nullptr;   // F32 [n_kv * n_layer] head means, packed
+    ggml_tensor * q_ = nullptr;      // F32 [head_dim, n_head, n_layer]
+    ggml_tensor * mask_ = nullptr;   // F16 [n_kv_max]
+    ggml_tensor * probs_ = nullptr;  // F32 [n_kv_max, n_head, n_layer] each head's softmax row
+    ggml_tensor * out_ = nullptr;    // F32 [n_kv * n_layer] head means, packed
     int64_t q_len_ = 0, n_kv_max_ = 0, n_head_alloc_ = 0;
     int32_t n_layer_ = 0;
     ggml_gallocr * galloc_ = nullptr;

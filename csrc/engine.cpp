@@ -25,8 +25,8 @@ struct tova_engine {
     int32_t n_cells;
     bool v_trans;  // also: flash attention off (llama.cpp stores V transposed exactly when FA is off)
     bool force_graph;
-    int32_t keep = 0;    // original positions < keep are never evicted
-    int32_t n_sink = 4;  // TOVA_POLICY_SINK: original positions < n_sink are never evicted
+    int32_t keep = 0;            // original positions < keep are never evicted
+    int32_t n_sink = 4;          // TOVA_POLICY_SINK: original positions < n_sink are never evicted
     int32_t evict_interval = 1;  // cut only once budget + evict_interval cells are occupied
 
     std::vector<int32_t> meta_pos;   // [n_cells] metadata position llama.cpp holds in the cell, -1 if free
@@ -47,7 +47,7 @@ struct tova_engine {
     std::string cb_error;            // first failure inside the callback (it cannot return errors)
 
     tova::mover mover;
-    tova::fa_scorer fa;  // flash attention on: scores recomputed from the newest query
+    tova::fa_scorer fa;                  // flash attention on: scores recomputed from the newest query
     double stats[TOVA_STAT_COUNT] = {};  // tova_engine_stats
     std::string error;
 };
@@ -245,9 +245,12 @@ extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) 
         const int il = k ? layer_of(root_of(k)->name, "cache_k_l") : -1;
         if (il < 0 && k && e->cb_error.empty()) {
             // the scheduler handed the node copies of its inputs: it runs on another backend than the cache
-            e->cb_error = std::string("flash attention runs on another backend than the KV cache (its K is the "
-                                      "copy '") + k->name + "'): the cache's device has no flash-attention kernel "
-                                      "for this head size or cache type; use flash_attn=False";
+            e->cb_error = std::string(
+                              "flash attention runs on another backend than the KV cache (its K is the "
+                              "copy '") +
+                          k->name +
+                          "'): the cache's device has no flash-attention kernel "
+                          "for this head size or cache type; use flash_attn=False";
         }
         if (il >= 0 && il < e->n_layer && e->cb_error.empty()) {
             const double t0 = now_s();
@@ -296,8 +299,9 @@ extern "C" int32_t tova_engine_end(tova_engine * e) {
     for (int32_t i = 0; i < n; i++) {
         const int64_t c = e->new_cells[i];
         if (c < 0 || c >= e->n_cells || e->meta_pos[c] != -1)
-            return fail(e, TOVA_ERR_STATE, "llama.cpp placed a token in cell " + std::to_string(c) +
-                                               " which the engine holds as occupied");
+            return fail(
+                e, TOVA_ERR_STATE,
+                "llama.cpp placed a token in cell " + std::to_string(c) + " which the engine holds as occupied");
         e->meta_pos[c] = e->pos0 + i;
         for (int32_t l = 0; l < e->n_layer; l++) e->layer_pos[(size_t) l * e->n_cells + c] = e->pos0 + i;
     }
@@ -354,9 +358,10 @@ extern "C" int32_t tova_engine_cut(tova_engine * e, llama_context * ctx) {
         }
         std::vector<int32_t> evict = tova::policy_choose(params, occupied, &e->layer_pos[off], s, k);
         if ((int32_t) evict.size() != k)
-            return fail(e, TOVA_ERR_ARG, "the protected prefix (keep=" + std::to_string(e->keep) + ", n_sink=" +
-                                             std::to_string(e->n_sink) + ") leaves fewer than " + std::to_string(k) +
-                                             " evictable cells in layer " + std::to_string(l));
+            return fail(e, TOVA_ERR_ARG,
+                        "the protected prefix (keep=" + std::to_string(e->keep) +
+                            ", n_sink=" + std::to_string(e->n_sink) + ") leaves fewer than " + std::to_string(k) +
+                            " evictable cells in layer " + std::to_string(l));
         plan[l] = {e->cache_k[l], e->cache_v[l], tova::policy_moves(evict, freed)};
     }
     std::string err;
@@ -403,8 +408,9 @@ extern "C" void tova_engine_set_force_graph_mover(tova_engine * e, bool force) {
 
 extern "C" int32_t tova_engine_set_evict_interval(tova_engine * e, int32_t m) {
     if (m < 1 || e->budget + m > e->n_cells)
-        return fail(e, TOVA_ERR_ARG, "evict_interval must be >= 1 and budget + evict_interval <= n_cells (got " +
-                                         std::to_string(m) + ")");
+        return fail(
+            e, TOVA_ERR_ARG,
+            "evict_interval must be >= 1 and budget + evict_interval <= n_cells (got " + std::to_string(m) + ")");
     e->evict_interval = m;
     return TOVA_OK;
 }
@@ -438,10 +444,10 @@ extern "C" int32_t tova_policy_evict(const float * score, const int32_t * pos, i
     return (int32_t) evict.size();
 }
 
-extern "C" int32_t tova_policy_choose(int32_t policy, const double * score, const int32_t * pos, int32_t n,
-                                      int32_t k, int32_t keep, int32_t n_sink, int32_t * out_evict) {
-    if (policy < TOVA_POLICY_FULL || policy > TOVA_POLICY_H2O || !pos || n < 0 || k < 0 || keep < 0 ||
-        n_sink < 0 || (k > 0 && !out_evict))
+extern "C" int32_t tova_policy_choose(int32_t policy, const double * score, const int32_t * pos, int32_t n, int32_t k,
+                                      int32_t keep, int32_t n_sink, int32_t * out_evict) {
+    if (policy < TOVA_POLICY_FULL || policy > TOVA_POLICY_H2O || !pos || n < 0 || k < 0 || keep < 0 || n_sink < 0 ||
+        (k > 0 && !out_evict))
         return TOVA_ERR_ARG;
     if (uses_scores(policy) && !score) return TOVA_ERR_ARG;
     std::vector<int32_t> occupied;

@@ -30,8 +30,8 @@ static std::vector<int32_t> oldest(std::vector<int32_t> cells, const int32_t * p
 
 // H2O (Zhang et al. 2023): half of the unprotected budget for the most recent tokens (the larger half when odd),
 // the other half for the heavy hitters, i.e. evict the lowest accumulated attention among the older tokens
-static std::vector<int32_t> h2o(std::vector<int32_t> cand, int32_t n_protected, int32_t n_occupied,
-                                const int32_t * pos, const double * acc, int32_t k) {
+static std::vector<int32_t> h2o(std::vector<int32_t> cand, int32_t n_protected, int32_t n_occupied, const int32_t * pos,
+                                const double * acc, int32_t k) {
     const int32_t unprotected_kept = n_occupied - k - n_protected;
     const int32_t n_recent = std::max(0, unprotected_kept - unprotected_kept / 2);
     if (n_recent >= (int32_t) cand.size()) return {};
@@ -40,8 +40,8 @@ static std::vector<int32_t> h2o(std::vector<int32_t> cand, int32_t n_protected, 
     return policy_lowest(older, acc, pos, k);
 }
 
-std::vector<int32_t> policy_choose(const policy_params & p, const std::vector<int32_t> & occupied,
-                                   const int32_t * pos, const double * score, int32_t k) {
+std::vector<int32_t> policy_choose(const policy_params & p, const std::vector<int32_t> & occupied, const int32_t * pos,
+                                   const double * score, int32_t k) {
     if (k <= 0 || p.policy == TOVA_POLICY_FULL) return {};
     const int32_t protect_below = p.policy == TOVA_POLICY_SINK ? std::max(p.keep, p.n_sink) : p.keep;
     std::vector<int32_t> cand;
@@ -49,11 +49,15 @@ std::vector<int32_t> policy_choose(const policy_params & p, const std::vector<in
         if (pos[c] >= protect_below) cand.push_back(c);
     const int32_t n_protected = (int32_t) (occupied.size() - cand.size());
     switch (p.policy) {
-        case TOVA_POLICY_TOVA:   return policy_lowest(cand, score, pos, k);
+        case TOVA_POLICY_TOVA:
+            return policy_lowest(cand, score, pos, k);
         case TOVA_POLICY_WINDOW:
-        case TOVA_POLICY_SINK:   return oldest(cand, pos, k);
-        case TOVA_POLICY_H2O:    return h2o(cand, n_protected, (int32_t) occupied.size(), pos, score, k);
-        default:                 return {};
+        case TOVA_POLICY_SINK:
+            return oldest(cand, pos, k);
+        case TOVA_POLICY_H2O:
+            return h2o(cand, n_protected, (int32_t) occupied.size(), pos, score, k);
+        default:
+            return {};
     }
 }
 

@@ -28,8 +28,8 @@ struct policy_params {
     int32_t keep;    // original positions < keep are never evicted
     int32_t n_sink;  // sink: original positions < n_sink are never evicted
 };
-std::vector<int32_t> policy_choose(const policy_params & p, const std::vector<int32_t> & occupied,
-                                   const int32_t * pos, const double * score, int32_t k);
+std::vector<int32_t> policy_choose(const policy_params & p, const std::vector<int32_t> & occupied, const int32_t * pos,
+                                   const double * score, int32_t k);
 
 // The one-to-one moves that make `evict` (this layer's choice) equal to `freed` (the cells llama.cpp frees):
 // kept content in freed\evict moves into evict\freed. Returns pairs (src, dst).

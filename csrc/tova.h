@@ -16,7 +16,7 @@ struct llama_context;
 typedef struct tova_engine tova_engine;
 
 enum tova_policy {
-    TOVA_POLICY_FULL = 0,  // no eviction
+    TOVA_POLICY_FULL = 0,    // no eviction
     TOVA_POLICY_TOVA = 1,    // keep the `budget` keys with the highest head-averaged attention of the newest query
     TOVA_POLICY_WINDOW = 2,  // keep the most recent `budget` keys
     TOVA_POLICY_SINK = 3,    // keep the first n_sink keys and the most recent ones (StreamingLLM)

@@ -74,8 +74,9 @@ def write_model(path: Path, name: str) -> dict:
         if sh["wtype"] == "f16":
             w.add_tensor(tname, _random_f16(rng, (n_out, n_in), std))
         else:
-            w.add_tensor(tname, _random_q4_0(rng, (n_out, n_in), std),
-                         raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+            w.add_tensor(
+                tname, _random_q4_0(rng, (n_out, n_in), std), raw_dtype=gguf.GGMLQuantizationType.Q4_0
+            )
 
     lin("token_embd.weight", V, d)
     for il in range(L):
@@ -123,11 +124,16 @@ def run_model(path: Path, label: str, size_gib: float, params_b: float, args, ro
     common = dict(n_gpu_layers=-1, flash_attn=True, chunk=args.chunk, n_threads=4)
 
     def emit(test, tps, extra=None):
-        row = dict(model=label, size_gib=size_gib, params_b=params_b, backend=args.backend, test=test, tps=tps)
+        row = dict(
+            model=label, size_gib=size_gib, params_b=params_b, backend=args.backend, test=test, tps=tps
+        )
         row.update(extra or {})
         rows.append(row)
-        print(f"| {label} | {size_gib:.2f} GiB | {params_b:.2f} B | {args.backend} | {test} | {tps:.2f} |"
-              + (f" {json.dumps(extra)}" if extra else ""), flush=True)
+        print(
+            f"| {label} | {size_gib:.2f} GiB | {params_b:.2f} B | {args.backend} | {test} | {tps:.2f} |"
+            + (f" {json.dumps(extra)}" if extra else ""),
+            flush=True,
+        )
 
     rng = np.random.default_rng(1)
     # full cache, flash attention on: one session, deepened step by step
@@ -154,8 +160,11 @@ def run_model(path: Path, label: str, size_gib: float, params_b: float, args, ro
                     st = s.engine_stats()
                     seen = s.n_past
                     per = {k: round(v / (args.n_gen) * 1e6, 1) for k, v in st.items() if k.endswith("_s")}
-                    emit(f"tova{b} m{m} tg{args.n_gen} @ d{depth}", tps,
-                         {"us_per_token": per, "cuts": st["cuts"], "n_kv_cells": s.n_cells})
+                    emit(
+                        f"tova{b} m{m} tg{args.n_gen} @ d{depth}",
+                        tps,
+                        {"us_per_token": per, "cuts": st["cuts"], "n_kv_cells": s.n_cells},
+                    )
 
 
 def main(argv=None) -> int:
@@ -171,7 +180,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list = []
-    print("| model | size | params | backend | test | t/s |\n| --- | --- | --- | --- | --- | --- |", flush=True)
+    print(
+        "| model | size | params | backend | test | t/s |\n| --- | --- | --- | --- | --- | --- |", flush=True
+    )
     for name in args.models.split(","):
         path = args.out / f"synthetic-{name}.gguf"
         t0 = time.perf_counter()

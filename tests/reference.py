@@ -6,7 +6,6 @@ C++ code."""
 from __future__ import annotations
 
 import numpy as np
-
 from tiny_gguf import TinyLlama
 
 
@@ -63,8 +62,19 @@ class Reference:
     protected first positions. evict_interval m: hold up to budget + m keys and cut back to budget only once
     that full (m = 1: the paper)."""
 
-    def __init__(self, m: TinyLlama, budget: int, chunk: int, policy: str = "tova", *, keep: int = 0,
-                 n_sink: int = 4, evict_interval: int = 1, type_k: str = "f32", type_v: str = "f32"):
+    def __init__(
+        self,
+        m: TinyLlama,
+        budget: int,
+        chunk: int,
+        policy: str = "tova",
+        *,
+        keep: int = 0,
+        n_sink: int = 4,
+        evict_interval: int = 1,
+        type_k: str = "f32",
+        type_v: str = "f32",
+    ):
         """type_k/type_v: emulate a cache of that type (keys/values rounded as llama.cpp stores them; the
         query rounded to what K . q runs on in ggml's CPU kernels: q8_0 for quantized K, f16 for f16 K)."""
         assert policy in POLICIES + WRONG_VARIANTS
@@ -160,8 +170,13 @@ class Reference:
         self.before_cut = None
         if k <= 0 or k < self.evict_interval:
             return
-        self.before_cut = ([a.copy() for a in self.k], [a.copy() for a in self.v], [p.copy() for p in self.pos],
-                           [a.copy() for a in self.acc], rows)
+        self.before_cut = (
+            [a.copy() for a in self.k],
+            [a.copy() for a in self.v],
+            [p.copy() for p in self.pos],
+            [a.copy() for a in self.acc],
+            rows,
+        )
         if self.policy == "shared":
             rows = [np.mean(rows, axis=0)] * len(rows)
         for il, row in enumerate(rows):
@@ -196,7 +211,9 @@ class Reference:
             keep = np.array([held.index(p) for p in want])
             drop = np.setdiff1d(np.arange(len(held)), keep)
             lo, hi = rows[il][keep].min(), rows[il][drop].max()
-            assert hi <= lo * (1 + rtol), f"layer {il}: evicted score {hi:.6g} > kept {lo:.6g} beyond a near tie"
+            assert hi <= lo * (1 + rtol), (
+                f"layer {il}: evicted score {hi:.6g} > kept {lo:.6g} beyond a near tie"
+            )
             self.k[il], self.v[il], self.pos[il] = ks[il][keep], vs[il][keep], ps[il][keep]
             self.acc[il] = accs[il][keep]
             changed += 1

@@ -95,8 +95,10 @@ def test_stop_string_truncates_text_and_stream(tiny_path):
         out = m("hello", max_tokens=40, temperature=0.0, stop=[stop, "never-there"])
         assert out["choices"][0]["text"] == cut
         assert out["choices"][0]["finish_reason"] == "stop"
-        streamed = "".join(c["choices"][0]["text"] for c in m("hello", max_tokens=40, temperature=0.0,
-                                                                 stop=stop, stream=True))
+        streamed = "".join(
+            c["choices"][0]["text"]
+            for c in m("hello", max_tokens=40, temperature=0.0, stop=stop, stream=True)
+        )
         assert streamed == cut
 
 
@@ -132,7 +134,7 @@ def test_follow_up_turn_decodes_only_the_new_tokens(llm):
     rendered2, _ = llm.chat_prompt(convo)
     state = (rendered1 + reply).encode()
     assert rendered2.encode().startswith(state)
-    new_tokens = llm.tokenize(rendered2.encode()[len(state):].decode(), add_bos=False, special=True)
+    new_tokens = llm.tokenize(rendered2.encode()[len(state) :].decode(), add_bos=False, special=True)
     second = llm.create_chat_completion(convo, max_tokens=8, temperature=0.0)
     n2 = second["usage"]["prompt_tokens"]
     # the new turn's tokens, plus the reply's last sampled token, which was never fed (one token; its text
@@ -168,14 +170,21 @@ def test_stream_generate_records(tiny_path):
     for r in rs:  # greedy: the sampled token is the most likely one
         assert r.top_logprobs[0][0] == r.token and r.logprob == pytest.approx(r.top_logprobs[0][1])
         assert r.logprob <= 0 and [lp for _, lp in r.top_logprobs] == sorted(
-            [lp for _, lp in r.top_logprobs], reverse=True)
+            [lp for _, lp in r.top_logprobs], reverse=True
+        )
 
 
 def test_logprobs_shapes(llm):
     out = llm("The sky is", max_tokens=5, temperature=0.0, logprobs=2)
     lp = out["choices"][0]["logprobs"]
     n = out["usage"]["completion_tokens"]
-    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    assert (
+        len(lp["tokens"])
+        == len(lp["token_logprobs"])
+        == len(lp["top_logprobs"])
+        == len(lp["text_offset"])
+        == n
+    )
     assert all(len(t) <= 2 for t in lp["top_logprobs"]) and all(x <= 0 for x in lp["token_logprobs"])
     chat = llm.create_chat_completion(CHAT, max_tokens=5, temperature=0.0, logprobs=True, top_logprobs=2)
     content = chat["choices"][0]["logprobs"]["content"]

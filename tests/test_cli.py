@@ -25,13 +25,31 @@ def tiny_path(tmp_path_factory):
 
 def tova(*argv, cwd, timeout=300, stdin=None):
     # cwd outside the checkout: the installed package and console script are what is tested
-    return subprocess.run([sys.executable, "-m", "tova_cpp", *map(str, argv)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, input=stdin)
+    return subprocess.run(
+        [sys.executable, "-m", "tova_cpp", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        input=stdin,
+    )
 
 
 def test_generate_prints_text_and_timings(smollm2_path, tmp_path):
-    r = tova("generate", "-p", "Name three colors.", "-n", "24", "--budget", "16", "--chunk", "8", "--temp", "0",
-             cwd=tmp_path)
+    r = tova(
+        "generate",
+        "-p",
+        "Name three colors.",
+        "-n",
+        "24",
+        "--budget",
+        "16",
+        "--chunk",
+        "8",
+        "--temp",
+        "0",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
     for key in TIMINGS:
@@ -40,8 +58,26 @@ def test_generate_prints_text_and_timings(smollm2_path, tmp_path):
 
 
 def test_generate_with_sink_and_keep(smollm2_path, tmp_path):
-    r = tova("generate", "-p", "Name three colors.", "-n", "24", "--budget", "16", "--chunk", "8", "--policy", "sink",
-             "--n-sink", "2", "--keep", "6", "--temp", "0", cwd=tmp_path)
+    r = tova(
+        "generate",
+        "-p",
+        "Name three colors.",
+        "-n",
+        "24",
+        "--budget",
+        "16",
+        "--chunk",
+        "8",
+        "--policy",
+        "sink",
+        "--n-sink",
+        "2",
+        "--keep",
+        "6",
+        "--temp",
+        "0",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert "cells used / budget = 16 / 16 (policy sink)" in r.stderr
 
@@ -51,15 +87,30 @@ def test_the_main_job_spelling_and_the_console_script(smollm2_path, tmp_path):
     a = tova("Say hi.", "-n", "8", "--temp", "0", "--budget", "32", cwd=tmp_path)
     script = shutil.which("tova", path=os.path.dirname(sys.executable))
     assert script, "the tova console script is not installed beside this Python"
-    b = subprocess.run([script, "generate", "Say hi.", "-n", "8", "--temp", "0", "--budget", "32"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    b = subprocess.run(
+        [script, "generate", "Say hi.", "-n", "8", "--temp", "0", "--budget", "32"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert a.returncode == b.returncode == 0, a.stderr + b.stderr
     assert a.stdout == b.stdout and a.stdout.strip()
 
 
 def test_generate_until_end_of_generation(smollm2_path, tmp_path):
-    r = tova("generate", "-p", "What is the capital of France? Answer in one sentence.", "-n", "-1", "--temp",
-             "0", "--budget", "256", cwd=tmp_path)
+    r = tova(
+        "generate",
+        "-p",
+        "What is the capital of France? Answer in one sentence.",
+        "-n",
+        "-1",
+        "--temp",
+        "0",
+        "--budget",
+        "256",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
 
@@ -67,9 +118,40 @@ def test_generate_until_end_of_generation(smollm2_path, tmp_path):
 def test_generate_from_file_with_sampling_flags(tiny_path, tmp_path):
     f = tmp_path / "prompt.txt"
     f.write_text("héllo wörld", encoding="utf-8")
-    argv = ["generate", "-m", tiny_path, "-f", f, "--raw", "-n", "20", "-s", "5", "--temp", "0.9", "--top-k", "20",
-            "--top-p", "0.9", "--min-p", "0.01", "--repeat-penalty", "1.1", "-t", "2", "--budget", "8",
-            "--chunk", "4", "-ctk", "q8_0", "-fa", "off", "-ngl", "0"]
+    argv = [
+        "generate",
+        "-m",
+        tiny_path,
+        "-f",
+        f,
+        "--raw",
+        "-n",
+        "20",
+        "-s",
+        "5",
+        "--temp",
+        "0.9",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--min-p",
+        "0.01",
+        "--repeat-penalty",
+        "1.1",
+        "-t",
+        "2",
+        "--budget",
+        "8",
+        "--chunk",
+        "4",
+        "-ctk",
+        "q8_0",
+        "-fa",
+        "off",
+        "-ngl",
+        "0",
+    ]
     a, b = tova(*argv, cwd=tmp_path), tova(*argv, cwd=tmp_path)
     assert a.returncode == 0, a.stderr
     assert a.stdout.startswith("héllo wörld") and a.stdout == b.stdout  # -s: reproducible
@@ -78,9 +160,30 @@ def test_generate_from_file_with_sampling_flags(tiny_path, tmp_path):
 
 def test_ctrl_c_stops_an_endless_generation(tiny_path, tmp_path):
     # the tiny fixture never samples end-of-generation: -n -1 runs until interrupted, in constant memory
-    p = subprocess.Popen([sys.executable, "-m", "tova_cpp", "generate", "-m", str(tiny_path), "-p", "abc", "--raw",
-                          "-n", "-1", "--budget", "8", "--chunk", "4", "--temp", "0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tova_cpp",
+            "generate",
+            "-m",
+            str(tiny_path),
+            "-p",
+            "abc",
+            "--raw",
+            "-n",
+            "-1",
+            "--budget",
+            "8",
+            "--chunk",
+            "4",
+            "--temp",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
     time.sleep(8)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
@@ -91,8 +194,17 @@ def test_ctrl_c_stops_an_endless_generation(tiny_path, tmp_path):
 
 
 def test_chat_streams_resets_and_exits_on_eof(smollm2_path, tmp_path):
-    r = tova("chat", "--budget", "64", "-n", "12", "--temp", "0", cwd=tmp_path,
-             stdin="Hello!\nWhat did I just say?\n/reset\nHello!\n")
+    r = tova(
+        "chat",
+        "--budget",
+        "64",
+        "-n",
+        "12",
+        "--temp",
+        "0",
+        cwd=tmp_path,
+        stdin="Hello!\nWhat did I just say?\n/reset\nHello!\n",
+    )
     assert r.returncode == 0, r.stderr
     assert "(conversation reset)" in r.stderr
     assert r.stderr.count("prompt eval time") == 3
@@ -102,9 +214,26 @@ def test_chat_streams_resets_and_exits_on_eof(smollm2_path, tmp_path):
 
 
 def test_chat_ctrl_c_stops_the_answer_not_the_chat(tiny_path, tmp_path):
-    p = subprocess.Popen([sys.executable, "-m", "tova_cpp", "chat", "-m", str(tiny_path), "-n", "-1",
-                          "--budget", "8", "--chunk", "4"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tova_cpp",
+            "chat",
+            "-m",
+            str(tiny_path),
+            "-n",
+            "-1",
+            "--budget",
+            "8",
+            "--chunk",
+            "4",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
     p.stdin.write(b"hi\n")
     p.stdin.flush()
     time.sleep(8)
@@ -151,8 +280,15 @@ def test_model_that_fails_to_load(tmp_path):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--temp", "hot"], ["-fa", "maybe"], ["--budget", "0"], ["-n", "-2"], ["--policy", "lru"], ["-ctk", "q9"],
-     ["--top-p", "1.5"]],
+    [
+        ["--temp", "hot"],
+        ["-fa", "maybe"],
+        ["--budget", "0"],
+        ["-n", "-2"],
+        ["--policy", "lru"],
+        ["-ctk", "q9"],
+        ["--top-p", "1.5"],
+    ],
 )
 def test_invalid_flag_values_get_argparse_messages(argv, tmp_path):
     r = tova("generate", "-p", "hi", *argv, cwd=tmp_path, timeout=120)

@@ -48,8 +48,15 @@ def test_offloaded_engine_matches_reference(tiny, prompt_len, flash_attn, evict_
     tokens = rng.integers(0, model.n_vocab, size=prompt_len + STEPS).tolist()
     with gpu_session(path, flash_attn=flash_attn, evict_interval=evict_interval) as s:
         ref = Reference(model, BUDGET, CHUNK, evict_interval=evict_interval)
-        msg = first_mismatch(s, ref, tokens[:prompt_len], tokens[prompt_len:], max_ties=GPU_MAX_TIES,
-                             rtol=GPU_RTOL, tie_rtol=GPU_TIE_RTOL)
+        msg = first_mismatch(
+            s,
+            ref,
+            tokens[:prompt_len],
+            tokens[prompt_len:],
+            max_ties=GPU_MAX_TIES,
+            rtol=GPU_RTOL,
+            tie_rtol=GPU_TIE_RTOL,
+        )
         buffer = s.cache_buffer
     assert msg is None
     assert buffer and not buffer.startswith("CPU"), f"the KV cache is in {buffer!r}, not on the GPU"
@@ -84,8 +91,9 @@ def test_offloaded_wrong_policies_fail_the_gpu_bounds(tiny, variant, flash_attn)
     tokens = np.random.default_rng(7).integers(0, model.n_vocab, size=20 + STEPS).tolist()
     with gpu_session(path, flash_attn=flash_attn) as s:
         ref = Reference(model, BUDGET, CHUNK, variant)
-        msg = first_mismatch(s, ref, tokens[:20], tokens[20:], max_ties=GPU_MAX_TIES, rtol=GPU_RTOL,
-                             tie_rtol=GPU_TIE_RTOL)
+        msg = first_mismatch(
+            s, ref, tokens[:20], tokens[20:], max_ties=GPU_MAX_TIES, rtol=GPU_RTOL, tie_rtol=GPU_TIE_RTOL
+        )
     assert msg is not None and "differ" in msg
 
 

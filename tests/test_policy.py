@@ -11,7 +11,10 @@ def evict(score, pos, k):
     pos = np.ascontiguousarray(pos, dtype=np.int32)
     out = np.full(max(k, 1), -9, dtype=np.int32)
     n = lib.tova_policy_evict(
-        ffi.cast("float *", score.ctypes.data), ffi.cast("int32_t *", pos.ctypes.data), len(score), k,
+        ffi.cast("float *", score.ctypes.data),
+        ffi.cast("int32_t *", pos.ctypes.data),
+        len(score),
+        k,
         ffi.cast("int32_t *", out.ctypes.data),
     )
     return sorted(out[:n].tolist())
@@ -58,7 +61,13 @@ def choose(policy, pos, k, score=None, keep=0, n_sink=4):
         sc = ffi.cast("double *", score.ctypes.data)
     out = np.full(max(k, 1), -9, dtype=np.int32)
     n = lib.tova_policy_choose(
-        POLICIES[policy], sc, ffi.cast("int32_t *", pos.ctypes.data), len(pos), k, keep, n_sink,
+        POLICIES[policy],
+        sc,
+        ffi.cast("int32_t *", pos.ctypes.data),
+        len(pos),
+        k,
+        keep,
+        n_sink,
         ffi.cast("int32_t *", out.ctypes.data),
     )
     assert n >= 0, n

@@ -22,13 +22,23 @@ POLICY_CASES = [
     ("tova", {}, STEPS, False),
     ("tova", {}, STEPS, True),
     ("window", {}, EXTRA_STEPS, False),
-    ("window", {}, EXTRA_STEPS, True),  # window/sink capture nothing: flash attention changes nothing for them
+    (
+        "window",
+        {},
+        EXTRA_STEPS,
+        True,
+    ),  # window/sink capture nothing: flash attention changes nothing for them
     ("sink", {}, EXTRA_STEPS, False),
     ("h2o", {}, EXTRA_STEPS, False),
     ("h2o", {"budget": 15}, EXTRA_STEPS, False),  # odd budget: 8 recent + 7 heavy
     ("tova", {"keep": 5}, EXTRA_STEPS, False),
     ("tova", {"keep": 5}, EXTRA_STEPS, True),
-    ("tova", {"keep": 12}, EXTRA_STEPS, False),  # with the 10-token prompt the prefix completes while decoding
+    (
+        "tova",
+        {"keep": 12},
+        EXTRA_STEPS,
+        False,
+    ),  # with the 10-token prompt the prefix completes while decoding
     ("window", {"keep": 3}, EXTRA_STEPS, False),
     ("sink", {"keep": 6, "n_sink": 2}, EXTRA_STEPS, False),
     ("sink", {"keep": 6, "n_sink": 2}, EXTRA_STEPS, True),
@@ -47,16 +57,40 @@ def tiny(tmp_path_factory):
     return path, write_tiny_llama(path)
 
 
-def session(path, budget=BUDGET, graph_mover=False, flash_attn=False, evict_interval=1, type_k="f32", type_v="f32",
-            **kw):
-    s = Session(path, budget=budget, chunk=CHUNK, type_k=type_k, type_v=type_v, n_threads=2, flash_attn=flash_attn,
-                evict_interval=evict_interval, **kw)
+def session(
+    path,
+    budget=BUDGET,
+    graph_mover=False,
+    flash_attn=False,
+    evict_interval=1,
+    type_k="f32",
+    type_v="f32",
+    **kw,
+):
+    s = Session(
+        path,
+        budget=budget,
+        chunk=CHUNK,
+        type_k=type_k,
+        type_v=type_v,
+        n_threads=2,
+        flash_attn=flash_attn,
+        evict_interval=evict_interval,
+        **kw,
+    )
     s.set_force_graph_mover(graph_mover)
     return s
 
 
-def first_mismatch(s: Session, ref: Reference, prompt, stream, max_ties: int = 0, rtol: float | None = None,
-                   tie_rtol: float = 5e-2):
+def first_mismatch(
+    s: Session,
+    ref: Reference,
+    prompt,
+    stream,
+    max_ties: int = 0,
+    rtol: float | None = None,
+    tie_rtol: float = 5e-2,
+):
     """Runs both; returns None if logits (rtol 1e-4, 2e-2 with flash attention) and kept positions agree at
     every step, else a message. max_ties > 0 (flash attention: F16 K/V inside the kernel move scores by ~1e-3):
     up to that many layer-cuts may keep another set when it is TOVA's up to a 5% near tie by the reference's
@@ -89,7 +123,9 @@ def first_mismatch(s: Session, ref: Reference, prompt, stream, max_ties: int = 0
 
 
 @pytest.mark.parametrize("case", POLICY_CASES, ids=case_id)
-@pytest.mark.parametrize("prompt_len", [10, 20, 50], ids=["prompt<budget", "budget<prompt<=memory", "chunked"])
+@pytest.mark.parametrize(
+    "prompt_len", [10, 20, 50], ids=["prompt<budget", "budget<prompt<=memory", "chunked"]
+)
 @pytest.mark.parametrize("graph_mover", [False, True], ids=["memcpy", "graph"])
 def test_engine_matches_reference(tiny, case, prompt_len, graph_mover):
     policy, kw, steps, flash_attn = case
@@ -99,9 +135,12 @@ def test_engine_matches_reference(tiny, case, prompt_len, graph_mover):
     rng = np.random.default_rng(prompt_len)
     tokens = rng.integers(0, model.n_vocab, size=prompt_len + steps).tolist()
     ref = Reference(model, budget, CHUNK, policy, **kw)
-    with session(path, budget=budget, graph_mover=graph_mover, flash_attn=flash_attn, policy=policy, **kw) as s:
-        msg = first_mismatch(s, ref, tokens[:prompt_len], tokens[prompt_len:], max_ties=3 * flash_attn,
-                             rtol=RTOL[flash_attn])
+    with session(
+        path, budget=budget, graph_mover=graph_mover, flash_attn=flash_attn, policy=policy, **kw
+    ) as s:
+        msg = first_mismatch(
+            s, ref, tokens[:prompt_len], tokens[prompt_len:], max_ties=3 * flash_attn, rtol=RTOL[flash_attn]
+        )
         assert msg is None
 
 
@@ -129,15 +168,22 @@ def tiny128(tmp_path_factory):
     ids=lambda v: str(v),
 )
 @pytest.mark.parametrize("prompt_len", [20, 50], ids=["budget<prompt<=memory", "chunked"])
-def test_quantized_cache_matches_reference(tiny128, type_k, type_v, flash_attn, graph_mover, evict_interval,
-                                           prompt_len):
+def test_quantized_cache_matches_reference(
+    tiny128, type_k, type_v, flash_attn, graph_mover, evict_interval, prompt_len
+):
     """Quantized rows are moved as raw bytes and scored as stored: the same kept sets as an oracle that rounds
     K/V as the cache stores them (logits within 2e-2: llama.cpp's summation order and f16 steps differ)."""
     path, model = tiny128
     rng = np.random.default_rng(prompt_len)
     tokens = rng.integers(0, model.n_vocab, size=prompt_len + STEPS).tolist()
-    with session(path, graph_mover=graph_mover, flash_attn=flash_attn, evict_interval=evict_interval,
-                 type_k=type_k, type_v=type_v) as s:
+    with session(
+        path,
+        graph_mover=graph_mover,
+        flash_attn=flash_attn,
+        evict_interval=evict_interval,
+        type_k=type_k,
+        type_v=type_v,
+    ) as s:
         ref = Reference(model, BUDGET, CHUNK, evict_interval=evict_interval, type_k=type_k, type_v=type_v)
         assert first_mismatch(s, ref, tokens[:prompt_len], tokens[prompt_len:], max_ties=3, rtol=2e-2) is None
 
@@ -147,7 +193,9 @@ def test_quantized_reference_is_not_the_f32_one(tiny128):
     path, model = tiny128
     tokens = np.random.default_rng(20).integers(0, model.n_vocab, size=20 + STEPS).tolist()
     with session(path, flash_attn=True, type_k="q4_0", type_v="q4_0") as s:
-        msg = first_mismatch(s, Reference(model, BUDGET, CHUNK), tokens[:20], tokens[20:], max_ties=3, rtol=2e-2)
+        msg = first_mismatch(
+            s, Reference(model, BUDGET, CHUNK), tokens[:20], tokens[20:], max_ties=3, rtol=2e-2
+        )
     assert msg is not None and "differ" in msg
 
 
@@ -194,8 +242,17 @@ def test_evict_interval_differs_from_per_token_tova(tiny):
         ("tova", {"keep": 4}, "tova", {}, False),  # the protected prefix matters
         ("window", {}, "window", {"keep": 4}, False),  # ... and is off by default
     ],
-    ids=["tova-vs-shared", "tova-vs-shared-fa-on", "tova-vs-protect_newest", "tova-vs-protect_newest-fa-on",
-         "h2o-vs-last_row", "h2o-vs-window", "sink-vs-window", "keep-vs-none", "none-vs-keep"],
+    ids=[
+        "tova-vs-shared",
+        "tova-vs-shared-fa-on",
+        "tova-vs-protect_newest",
+        "tova-vs-protect_newest-fa-on",
+        "h2o-vs-last_row",
+        "h2o-vs-window",
+        "sink-vs-window",
+        "keep-vs-none",
+        "none-vs-keep",
+    ],
 )
 def test_wrong_policies_fail_the_comparison(tiny, policy, kw, variant, ref_kw, flash_attn):
     path, model = tiny
@@ -216,14 +273,18 @@ def test_budget_above_every_token_is_the_full_model(tiny):
         for t in [tokens[:30]] + [[t] for t in tokens[30:]]:
             s.eval(t)
             ref.eval(t)
-            np.testing.assert_allclose(s.logits(), ref.last_logits, rtol=1e-4,
-                                       atol=1e-4 * np.abs(ref.last_logits).max())
+            np.testing.assert_allclose(
+                s.logits(), ref.last_logits, rtol=1e-4, atol=1e-4 * np.abs(ref.last_logits).max()
+            )
         assert s.n_occupied == 100
 
 
 @pytest.mark.parametrize(
     "key, value, match",
-    [("llama.attention.max_alibi_bias", 8.0, "ALiBi"), ("llama.attention.kv_lora_rank", 16, "latent attention")],
+    [
+        ("llama.attention.max_alibi_bias", 8.0, "ALiBi"),
+        ("llama.attention.kv_lora_rank", 16, "latent attention"),
+    ],
 )
 def test_alibi_and_mla_metadata_are_refused(tmp_path, key, value, match):
     from tova_cpp import UnsupportedModelError

@@ -29,8 +29,14 @@ def check_invariants(s: Session) -> None:
 def plain_logits(path, tokens, n_ctx, n_batch, steps):
     """Greedy continuation with llama-cpp-python's own Llama (no engine), same context settings."""
     llm = llama_cpp.Llama(
-        str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=2, flash_attn=False,
-        logits_all=False, verbose=False,
+        str(path),
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        n_threads=2,
+        flash_attn=False,
+        logits_all=False,
+        verbose=False,
     )
 
     def last():
@@ -69,7 +75,7 @@ def test_budget_above_sequence_equals_plain_llama_cpp(model_and_prompt):
             ours.append(s.logits())
         n_ctx = s.n_cells
     theirs = plain_logits(path, tokens, n_ctx, 256, 64)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=False):
         np.testing.assert_array_equal(a, b)
 
 

@@ -34,8 +34,9 @@ CHATML = (
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
-def write_tiny_llama(path: Path, *, seed: int = 0, extra: dict | None = None, tokenizer: str = "none",
-                     **shape) -> TinyLlama:
+def write_tiny_llama(
+    path: Path, *, seed: int = 0, extra: dict | None = None, tokenizer: str = "none", **shape
+) -> TinyLlama:
     """Writes a llama GGUF; weights are numpy (n_out, n_in), y = W @ x. `extra`: more metadata keys.
 
     tokenizer "none": ids only (vocab n_vocab). "bytes": a SentencePiece vocab of the specials above and the

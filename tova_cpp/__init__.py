@@ -4,8 +4,8 @@ Each layer keeps the `budget` tokens with the highest attention from the newest 
 The paper's baselines `window`, `sink` and `h2o` and a protected prefix (`keep`) run on the same engine."""
 
 from .errors import EngineError, ModelLoadError, TovaError, TovaVersionError, UnsupportedModelError
-from .models import default_model_path
 from .llama import GenerationResponse, Llama
+from .models import default_model_path
 from .session import POLICIES, Session
 
 __all__ = [

@@ -30,7 +30,6 @@ from .models import default_model_path
 from .session import Session
 
 
-
 @dataclass
 class GenerationResponse:
     """One generated token, as mlx-lm's stream_generate yields it (plus the bounded cache's state).
@@ -127,9 +126,19 @@ class Llama:
         self.model_path = str(model_path if model_path is not None else default_model_path())
         ubatch = max(chunk, min(n_batch, n_ubatch)) if isinstance(chunk, int) else n_ubatch
         self.session = Session(
-            self.model_path, budget=budget, policy=policy, chunk=chunk, n_ubatch=ubatch,
-            n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
-            type_k=type_k or "f16", type_v=type_v or "f16", verbose=verbose, keep=keep, n_sink=n_sink,
+            self.model_path,
+            budget=budget,
+            policy=policy,
+            chunk=chunk,
+            n_ubatch=ubatch,
+            n_threads=n_threads,
+            n_gpu_layers=n_gpu_layers,
+            flash_attn=flash_attn,
+            type_k=type_k or "f16",
+            type_v=type_v or "f16",
+            verbose=verbose,
+            keep=keep,
+            n_sink=n_sink,
             **session_kwargs,
         )
         self.budget, self.policy, self.chunk, self.keep = budget, policy, chunk, keep
@@ -195,7 +204,9 @@ class Llama:
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
         if ignore_eos:  # llama.cpp's --ignore-eos: a -inf logit bias on every end-of-generation token
             eog = [t for t in range(self.n_vocab) if self.session.is_eog(t)]
-            bias = (llama_cpp.llama_logit_bias * len(eog))(*[llama_cpp.llama_logit_bias(t, -np.inf) for t in eog])
+            bias = (llama_cpp.llama_logit_bias * len(eog))(
+                *[llama_cpp.llama_logit_bias(t, -np.inf) for t in eog]
+            )
             add(llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(eog), bias))
         add(llama_cpp.llama_sampler_init_penalties(self.n_vocab, 64, repeat_penalty, 0.0, 0.0))
         if temperature <= 0:
@@ -215,7 +226,7 @@ class Llama:
         tokens = None
         if self._state and len(data) > len(self._state) and data.startswith(self._state):
             try:
-                tokens = self.tokenize(data[len(self._state):].decode(), add_bos=False, special=True)
+                tokens = self.tokenize(data[len(self._state) :].decode(), add_bos=False, special=True)
             except UnicodeDecodeError:  # the cache ends inside a character: start over
                 tokens = None
         if tokens is None:
@@ -266,8 +277,14 @@ class Llama:
         seed = self.seed if seed is None else seed
         if seed == llama_cpp.LLAMA_DEFAULT_SEED:
             seed = int.from_bytes(os.urandom(4), "little")
-        return self._generate(prompt, max_tokens, (temperature, top_p, top_k, min_p, repeat_penalty, seed, ignore_eos),
-                              stops, add_bos, top_logprobs)
+        return self._generate(
+            prompt,
+            max_tokens,
+            (temperature, top_p, top_k, min_p, repeat_penalty, seed, ignore_eos),
+            stops,
+            add_bos,
+            top_logprobs,
+        )
 
     def _generate(self, prompt, max_tokens, sampling, stops, add_bos, top_logprobs):
         s = self.session
@@ -303,8 +320,9 @@ class Llama:
                 pending = pending[cut:]
                 hit = min((i for i in (text_out.find(x) for x in stops) if i >= 0), default=-1)
                 if hit >= 0:
-                    yield self._response(text_out[emitted:hit], tok, logprob, n_prompt, prompt_tps, n_gen, t1,
-                                         "stop", top)
+                    yield self._response(
+                        text_out[emitted:hit], tok, logprob, n_prompt, prompt_tps, n_gen, t1, "stop", top
+                    )
                     return
                 last = max_tokens is not None and n_gen >= max_tokens
                 if not last:  # the sampled token enters the cache only if generation goes on
@@ -314,8 +332,9 @@ class Llama:
                 chunk_text, emitted = text_out[emitted:upto], max(emitted, upto)
                 if last:
                     chunk_text += text_out[emitted:]
-                yield self._response(chunk_text, tok, logprob, n_prompt, prompt_tps, n_gen, t1,
-                                     "length" if last else None, top)
+                yield self._response(
+                    chunk_text, tok, logprob, n_prompt, prompt_tps, n_gen, t1, "length" if last else None, top
+                )
                 if last:
                     return
         finally:
@@ -325,16 +344,27 @@ class Llama:
             if self.session.n_past == 0:  # an engine error reset the session: nothing to extend
                 self._state = b""
             self.last_timings = {
-                "prompt_tokens": n_prompt, "prompt_s": t1 - t0, "eval_tokens": locals().get("n_gen", 0),
+                "prompt_tokens": n_prompt,
+                "prompt_s": t1 - t0,
+                "eval_tokens": locals().get("n_gen", 0),
                 "eval_s": time.perf_counter() - t1,
             }
 
     def _response(self, text, tok, logprob, n_prompt, prompt_tps, n_gen, t1, reason, top=None):
         dt = time.perf_counter() - t1
         return GenerationResponse(
-            text=text, token=tok, logprob=logprob, prompt_tokens=n_prompt, prompt_tps=prompt_tps,
-            generation_tokens=n_gen, generation_tps=n_gen / max(dt, 1e-9), n_occupied=self.session.n_occupied,
-            kv_bytes=self.kv_bytes, peak_memory=_peak_rss_gb(), finish_reason=reason, top_logprobs=top,
+            text=text,
+            token=tok,
+            logprob=logprob,
+            prompt_tokens=n_prompt,
+            prompt_tps=prompt_tps,
+            generation_tokens=n_gen,
+            generation_tps=n_gen / max(dt, 1e-9),
+            n_occupied=self.session.n_occupied,
+            kv_bytes=self.kv_bytes,
+            peak_memory=_peak_rss_gb(),
+            finish_reason=reason,
+            top_logprobs=top,
         )
 
     # -- llama-cpp-python's API ------------------------------------------------------------------------
@@ -365,35 +395,57 @@ class Llama:
         if logprobs is not None and (isinstance(logprobs, bool) or logprobs < 0):
             raise ValueError(f"logprobs must be an integer >= 0 or None, got {logprobs!r}")
         gen = self.stream_generate(
-            prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            repeat_penalty=repeat_penalty, seed=seed, stop=stop, top_logprobs=logprobs or 0,
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            stop=stop,
+            top_logprobs=logprobs or 0,
         )
         meta = {
-            "id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
+            "id": f"cmpl-{uuid.uuid4()}",
+            "object": "text_completion",
+            "created": int(time.time()),
             "model": model or self.model_path,
         }
         if stream:
             return self._stream_completion(gen, meta, prompt if echo else "", logprobs)
-        text, lp, last = prompt if echo else "", _LogprobBuilder(self, logprobs, len(prompt) if echo else 0), None
+        text, lp, last = (
+            prompt if echo else "",
+            _LogprobBuilder(self, logprobs, len(prompt) if echo else 0),
+            None,
+        )
         for r in gen:
             lp.add(r)
             text += r.text
             last = r
         out = dict(meta)
-        out["choices"] = [{"text": text, "index": 0, "logprobs": lp.result(), "finish_reason": last.finish_reason}]
+        out["choices"] = [
+            {"text": text, "index": 0, "logprobs": lp.result(), "finish_reason": last.finish_reason}
+        ]
         out["usage"] = _usage(last)
         return out
 
     def _stream_completion(self, gen, meta, echo_text, logprobs):
         if echo_text:
-            yield dict(meta, choices=[{"text": echo_text, "index": 0, "logprobs": None, "finish_reason": None}])
+            yield dict(
+                meta, choices=[{"text": echo_text, "index": 0, "logprobs": None, "finish_reason": None}]
+            )
         for r in gen:
             if not r.text and r.finish_reason is None:
                 continue
             lp = _LogprobBuilder(self, logprobs, 0)
             lp.add(r)
-            yield dict(meta, choices=[{"text": r.text, "index": 0, "logprobs": lp.result(),
-                                       "finish_reason": r.finish_reason}])
+            yield dict(
+                meta,
+                choices=[
+                    {"text": r.text, "index": 0, "logprobs": lp.result(), "finish_reason": r.finish_reason}
+                ],
+            )
 
     def __call__(self, prompt, **kwargs):
         return self.create_completion(prompt, **kwargs)
@@ -437,10 +489,23 @@ class Llama:
         stop = ([stop] if isinstance(stop, str) else list(stop or [])) + fmt_stops
         n_top = (top_logprobs or 0) if logprobs else None
         gen = self.stream_generate(
-            prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            repeat_penalty=repeat_penalty, seed=seed, stop=stop, add_bos=True, top_logprobs=n_top or 0,
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            stop=stop,
+            add_bos=True,
+            top_logprobs=n_top or 0,
         )
-        meta = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": model or self.model_path}
+        meta = {
+            "id": f"chatcmpl-{uuid.uuid4()}",
+            "created": int(time.time()),
+            "model": model or self.model_path,
+        }
         if stream:
             return self._stream_chat(gen, meta, n_top)
         text, content_lp, last = "", [], None
@@ -449,32 +514,58 @@ class Llama:
                 content_lp.append(self._chat_logprob(r, n_top))
             text += r.text
             last = r
-        return dict(meta, object="chat.completion", choices=[{
-            "index": 0, "message": {"role": "assistant", "content": text},
-            "logprobs": {"content": content_lp} if n_top is not None else None,
-            "finish_reason": last.finish_reason,
-        }], usage=_usage(last))
+        return dict(
+            meta,
+            object="chat.completion",
+            choices=[
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": {"content": content_lp} if n_top is not None else None,
+                    "finish_reason": last.finish_reason,
+                }
+            ],
+            usage=_usage(last),
+        )
 
     def _stream_chat(self, gen, meta, n_top):
         meta = dict(meta, object="chat.completion.chunk")
-        yield dict(meta, choices=[{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
-                                   "finish_reason": None}])
+        yield dict(
+            meta,
+            choices=[{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}],
+        )
         for r in gen:
             lp = None
             if n_top is not None and r.token >= 0 and not self.session.is_eog(r.token):
                 lp = {"content": [self._chat_logprob(r, n_top)]}
             if r.text:
-                yield dict(meta, choices=[{"index": 0, "delta": {"content": r.text}, "logprobs": lp,
-                                           "finish_reason": None}])
+                yield dict(
+                    meta,
+                    choices=[
+                        {"index": 0, "delta": {"content": r.text}, "logprobs": lp, "finish_reason": None}
+                    ],
+                )
             if r.finish_reason is not None:
-                yield dict(meta, choices=[{"index": 0, "delta": {}, "logprobs": None,
-                                           "finish_reason": r.finish_reason}])
+                yield dict(
+                    meta,
+                    choices=[{"index": 0, "delta": {}, "logprobs": None, "finish_reason": r.finish_reason}],
+                )
 
     def _chat_logprob(self, r: GenerationResponse, n_top: int) -> dict:
         piece = self._piece(r.token)
-        return {"token": piece.decode(errors="replace"), "logprob": r.logprob, "bytes": list(piece),
-                "top_logprobs": [{"token": self._piece(t).decode(errors="replace"), "logprob": lp,
-                                  "bytes": list(self._piece(t))} for t, lp in r.top_logprobs or []][:n_top]}
+        return {
+            "token": piece.decode(errors="replace"),
+            "logprob": r.logprob,
+            "bytes": list(piece),
+            "top_logprobs": [
+                {
+                    "token": self._piece(t).decode(errors="replace"),
+                    "logprob": lp,
+                    "bytes": list(self._piece(t)),
+                }
+                for t, lp in r.top_logprobs or []
+            ][:n_top],
+        }
 
 
 class _LogprobBuilder:
@@ -492,13 +583,19 @@ class _LogprobBuilder:
         self.offsets.append(self.offset)
         self.offset += len(piece)
         self.lps.append(r.logprob)
-        self.tops.append({self.llm._piece(t).decode(errors="replace"): lp for t, lp in (r.top_logprobs or [])[: self.n]})
+        self.tops.append(
+            {self.llm._piece(t).decode(errors="replace"): lp for t, lp in (r.top_logprobs or [])[: self.n]}
+        )
 
     def result(self):
         if self.n is None:
             return None
-        return {"tokens": self.tokens, "text_offset": self.offsets, "token_logprobs": self.lps,
-                "top_logprobs": self.tops}
+        return {
+            "tokens": self.tokens,
+            "text_offset": self.offsets,
+            "token_logprobs": self.lps,
+            "top_logprobs": self.tops,
+        }
 
 
 def _registered_formatter(name: str):
@@ -513,12 +610,19 @@ def _registered_formatter(name: str):
     # register_chat_format wraps the formatter in a handler that needs a llama_cpp.Llama; take the formatter
     # back out of the closure (llama-cpp-python is pinned; tests/test_api.py checks "chatml")
     cells = [c.cell_contents for c in handler.__closure__ or ()]
-    formatter = next((c for c in cells if callable(c) and getattr(c, "__name__", "").startswith("format")), None)
+    formatter = next(
+        (c for c in cells if callable(c) and getattr(c, "__name__", "").startswith("format")), None
+    )
     if formatter is None:
-        raise ValueError(f"chat_format {name!r} is not a plain prompt format (function-calling formats are not)")
+        raise ValueError(
+            f"chat_format {name!r} is not a plain prompt format (function-calling formats are not)"
+        )
     return formatter
 
 
 def _usage(r: GenerationResponse) -> dict:
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.generation_tokens,
-            "total_tokens": r.prompt_tokens + r.generation_tokens}
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.generation_tokens,
+        "total_tokens": r.prompt_tokens + r.generation_tokens,
+    }

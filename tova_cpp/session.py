@@ -35,7 +35,8 @@ row of the token that filled it; scores are captured only for that token, so the
 paid once per m steps).
 
 flash_attn=True (every policy but h2o, which needs every query's row and refuses it): flash attention never
-forms the probabilities, so for tova the engine keeps each layer's newest query and recomputes softmax(K q * scale + mask) per head on the cache's own device (csrc/capture_fa.cpp); the
+forms the probabilities, so for tova the engine keeps each layer's newest query and recomputes
+softmax(K q * scale + mask) per head on the cache's own device (csrc/capture_fa.cpp); the
 scores use the cache's own K rows (an F32 cache is cast to F16 only inside flash attention).
 Quantized caches (q8_0, q4_0) are moved as raw bytes; a quantized V cache needs flash_attn=True (llama.cpp).
 """
@@ -199,12 +200,16 @@ class Session:
         n_threads = n_threads or default_threads()
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         cparams.type_k, cparams.type_v = tk, tv
         cparams.no_perf = True
         err = ffi.new("char[]", 512)
-        engine = lib.tova_engine_create(POLICIES[policy], self.n_layer, budget, self.memory, not flash_attn, err, 512)
+        engine = lib.tova_engine_create(
+            POLICIES[policy], self.n_layer, budget, self.memory, not flash_attn, err, 512
+        )
         if engine == ffi.NULL:
             self.close()
             raise ValueError(ffi.string(err).decode())
@@ -214,7 +219,9 @@ class Session:
                 msg = ffi.string(lib.tova_engine_last_error(engine)).decode()
                 self.close()
                 raise ValueError(msg)
-        self._callback = llama_cpp.ggml_backend_sched_eval_callback(int(ffi.cast("uintptr_t", lib.tova_eval_callback)))
+        self._callback = llama_cpp.ggml_backend_sched_eval_callback(
+            int(ffi.cast("uintptr_t", lib.tova_eval_callback))
+        )
         cparams.cb_eval = self._callback
         cparams.cb_eval_user_data = ctypes.c_void_p(int(ffi.cast("uintptr_t", engine)))
         ctx = llama_cpp.llama_init_from_model(model, cparams)
@@ -306,7 +313,9 @@ class Session:
         """int32 [n_layer, n_cells]: original position each layer holds in each cell, -1 where empty."""
         self._require_open()
         out = np.empty((self.n_layer, self.n_cells), dtype=np.int32)
-        self._check(lib.tova_engine_cell_positions(self._engine, ffi.cast("int32_t *", out.ctypes.data), out.size))
+        self._check(
+            lib.tova_engine_cell_positions(self._engine, ffi.cast("int32_t *", out.ctypes.data), out.size)
+        )
         return out
 
     def kept_positions(self) -> np.ndarray:
@@ -329,7 +338,9 @@ class Session:
             try:
                 return int(value) if value is not None else None
             except ValueError:  # per-layer arrays: not a single row size
-                raise ValueError(f"{arch}.{name} varies per layer ({value}); KV bytes are not derived") from None
+                raise ValueError(
+                    f"{arch}.{name} varies per layer ({value}); KV bytes are not derived"
+                ) from None
 
         n_head = key("attention.head_count")
         n_head_kv = key("attention.head_count_kv") or n_head
@@ -377,7 +388,7 @@ class Session:
         out = ffi.new("double[5]")
         self._check(lib.tova_engine_stats(self._engine, out, 5, reset))
         keys = ("scored_decodes", "capture_s", "score_s", "cuts", "cut_s")
-        return dict(zip(keys, list(out)))
+        return dict(zip(keys, list(out), strict=False))
 
     def set_force_graph_mover(self, force: bool) -> None:
         """Move rows with the ggml graph (the device path) even when the cache is in host memory."""

@@ -293,7 +293,7 @@ def heatmap(results: list[NiahResult], contexts: list[int], depths: list[float],
     for ax in axes.flat[len(configs) :]:
         ax.axis("off")
     im = None
-    for ax, (policy, budget) in zip(axes.flat, configs):
+    for ax, (policy, budget) in zip(axes.flat, configs, strict=False):
         grid = np.zeros((len(depths), len(contexts)))
         for i, d in enumerate(depths):
             for j, c in enumerate(contexts):

@@ -185,7 +185,7 @@ def table(summaries: list[RetentionSummary]) -> str:
 def heatmap(summaries: list[RetentionSummary], arrays: dict[str, np.ndarray], path: Path) -> None:
     plt = common.pyplot()
     fig, axes = plt.subplots(len(summaries), 2, figsize=(12, 2.2 * len(summaries) + 0.8), squeeze=False)
-    for (ax_kept, ax_surv), s in zip(axes, summaries):
+    for (ax_kept, ax_surv), s in zip(axes, summaries, strict=False):
         kept, steps = arrays[f"{s.policy}_kept"], arrays[f"{s.policy}_steps"]
         n = kept.shape[1]
         survival = steps / (n - np.arange(n))[None, :]  # steps since arrival: n - position
