@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import sys
 from pathlib import Path
 
 import cffi
@@ -40,6 +42,30 @@ const char * tova_libllama_path(void);
 """
 
 
+ENGINE = "libtova_engine.so"
+
+
+def _engine_path() -> Path:
+    """Where the built engine is. A wheel install keeps it beside this file. An editable install
+    (scripts/setup.sh) maps the package to the source tree and keeps the engine in site-packages: the package's
+    __path__ lists both. A source checkout that shadows an installed tova_cpp (python run from the repo root)
+    falls back to the installed distribution's copy."""
+    dirs = [Path(d) for d in getattr(sys.modules[__package__], "__path__", [])] + [Path(__file__).parent]
+    for d in dirs:
+        if (d / ENGINE).is_file():
+            return d / ENGINE
+    try:
+        installed = Path(str(importlib.metadata.distribution("tova_cpp").locate_file(f"tova_cpp/{ENGINE}")))
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed is not None and installed.is_file():
+        return installed
+    raise ImportError(
+        f"tova_cpp's engine ({ENGINE}) is not built: run `bash scripts/setup.sh` from the repository root "
+        "(or `pip install .`)"
+    )
+
+
 def _load():
     import llama_cpp  # must come first: the engine binds to the libllama it has loaded
 
@@ -51,19 +77,13 @@ def _load():
         )
     ffi = cffi.FFI()
     ffi.cdef(CDEF)
-    so = Path(__file__).with_name("libtova_engine.so")
-    if not so.is_file():
-        raise ImportError(
-            f"tova_cpp's engine is not built in {so.parent}: install the package (bash scripts/setup.sh, or pip "
-            "install --no-build-isolation .) and import it from outside the source tree"
-        )
-    lib = ffi.dlopen(str(so))
+    lib = ffi.dlopen(str(_engine_path()))
     ours = os.path.realpath(ffi.string(lib.tova_libllama_path()).decode())
     theirs = os.path.realpath(Path(llama_cpp.__file__).parent / "lib" / "libllama.so")
     if os.path.dirname(ours) != os.path.dirname(theirs):
         raise TovaVersionError(
             f"the tova_cpp engine loaded {ours} but llama_cpp uses {theirs}; reinstall tova_cpp against "
-            f"llama-cpp-python=={REQUIRED_LLAMA_CPP_PYTHON} (pip install --no-build-isolation .)"
+            f"llama-cpp-python=={REQUIRED_LLAMA_CPP_PYTHON} (bash scripts/setup.sh, or pip install --force-reinstall .)"
         )
     return ffi, lib
 
