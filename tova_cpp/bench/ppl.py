@@ -1,7 +1,7 @@
 """`tova bench ppl`: perplexity of a long text for each (policy, budget), every token predicted from the
 bounded cache.
 
-Protocol (the paper's, DESIGN.md section 1): the text is cut into consecutive windows of `ctx` tokens; each
+Protocol (the paper's, docs/ARCHITECTURE.md section 1): the text is cut into consecutive windows of `ctx` tokens; each
 window starts from an empty cache and is fed one token per `Session.eval([tok])` call, so every policy evicts
 after every token (the per-token limit C = 1) and the logits of token i+1 come from the cache as it was after
 token i. Every token of the window but the first is scored (the paper scores the whole window;
