@@ -2,15 +2,12 @@
 
 #include <cstring>
 
+#include "backend.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml.h"
 
 namespace tova {
-
-mover::~mover() {
-    if (backend_) ggml_backend_free(backend_);
-}
 
 // element (cell c, dim j) of a transposed V cache lies at (j*kv_size + c)*elsize
 static void copy_host(ggml_tensor * t, int32_t src, int32_t dst, bool transposed) {
@@ -27,12 +24,13 @@ static void copy_host(ggml_tensor * t, int32_t src, int32_t dst, bool transposed
     }
 }
 
-bool mover::apply(const std::vector<layer_moves> & layers, bool v_trans, bool force_graph, std::string & err) {
-    bool any_device = false;
+bool mover::apply(const std::vector<layer_moves> & layers, bool v_trans, bool force_graph, backends & devs,
+                  std::string & err) {
+    std::vector<const layer_moves *> device;
     for (const auto & l : layers) {
         if (l.moves.empty()) continue;
         if (force_graph || !ggml_backend_buffer_is_host(l.k->buffer) || !ggml_backend_buffer_is_host(l.v->buffer)) {
-            any_device = true;
+            device.push_back(&l);
             continue;
         }
         for (const auto & m : l.moves) {
@@ -40,14 +38,7 @@ bool mover::apply(const std::vector<layer_moves> & layers, bool v_trans, bool fo
             copy_host(l.v, m.first, m.second, v_trans);
         }
     }
-    if (!any_device) return true;
-    std::vector<layer_moves> device;
-    for (const auto & l : layers) {
-        if (l.moves.empty()) continue;
-        if (force_graph || !ggml_backend_buffer_is_host(l.k->buffer) || !ggml_backend_buffer_is_host(l.v->buffer))
-            device.push_back(l);
-    }
-    return apply_graph(device, v_trans, err);
+    return device.empty() || apply_graph(device, v_trans, devs, err);
 }
 
 // View of one cell's content, in the cache's own type: a contiguous row, or a strided column when transposed.
@@ -78,35 +69,17 @@ static ggml_tensor * copy_cell(ggml_context * ctx, ggml_tensor * t, ggml_tensor 
     return ggml_cpy(ctx, cell_view(ctx, t, src, transposed), cell_view(ctx, t, dst, transposed));
 }
 
-// The device whose backend computes on t's buffer; plain host buffers name no device: the CPU's.
-static ggml_backend_dev_t device_of(const ggml_tensor * t) {
-    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
-    if (!dev && ggml_backend_buffer_is_host(t->buffer)) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    return dev;
-}
-
-bool mover::apply_graph(const std::vector<layer_moves> & layers, bool v_trans, std::string & err) {
+bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_trans, backends & devs,
+                        std::string & err) {
     // All cache tensors of one context live on one device in the configurations we accept (layers split
     // across devices get one graph per device).
     size_t n_ops = 0;
-    for (const auto & l : layers) n_ops += 2 * l.moves.size();
-    std::vector<const layer_moves *> pending;
-    for (const auto & l : layers) pending.push_back(&l);
+    for (const layer_moves * l : layers) n_ops += 2 * l->moves.size();
+    std::vector<const layer_moves *> pending = layers;
     while (!pending.empty()) {
         ggml_backend_dev_t dev = device_of(pending[0]->k);
-        if (!dev) {
-            err = "cache buffer has no device";
-            return false;
-        }
-        if (!backend_ || backend_dev_ != (void *) dev) {
-            if (backend_) ggml_backend_free(backend_);
-            backend_ = ggml_backend_dev_init(dev, nullptr);
-            backend_dev_ = (void *) dev;
-            if (!backend_) {
-                err = std::string("cannot start a backend for device ") + ggml_backend_dev_name(dev);
-                return false;
-            }
-        }
+        ggml_backend_t backend = devs.for_tensor(pending[0]->k, err);
+        if (!backend) return false;
         const size_t n_tensors = 8 * n_ops + 16;
         ggml_init_params ip = {ggml_tensor_overhead() * n_tensors + ggml_graph_overhead_custom(n_tensors, false),
                                nullptr, true};
@@ -137,15 +110,15 @@ bool mover::apply_graph(const std::vector<layer_moves> & layers, bool v_trans, s
         const char * unsupported = nullptr;
         for (int i = 0; ok && i < ggml_graph_n_nodes(gf); i++) {
             ggml_tensor * node = ggml_graph_node(gf, i);
-            if (!ggml_backend_supports_op(backend_, node)) {
+            if (!ggml_backend_supports_op(backend, node)) {
                 unsupported = ggml_type_name(node->src[0]->type);
                 ok = false;
             }
         }
-        if (ok) ok = ggml_backend_graph_compute(backend_, gf) == GGML_STATUS_SUCCESS;
+        if (ok) ok = ggml_backend_graph_compute(backend, gf) == GGML_STATUS_SUCCESS;
         ggml_free(ctx);
         if (unsupported) {
-            err = std::string("the cache's backend (") + ggml_backend_name(backend_) + ") cannot copy " + unsupported +
+            err = std::string("the cache's backend (") + ggml_backend_name(backend) + ") cannot copy " + unsupported +
                   " cells (ggml CPY)";
             return false;
         }

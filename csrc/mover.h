@@ -1,4 +1,6 @@
-// mover: copies one layer's K/V content from cell to cell, on whatever backend holds the cache.
+// mover: copies each layer's K/V content from cell to cell, on whatever backend holds the cache (memcpy on host
+// buffers, one ggml graph of byte-exact copies on a device). Call only after llama_synchronize: the mover's
+// backend has its own stream.
 #pragma once
 
 #include <cstdint>
@@ -10,6 +12,10 @@ struct ggml_tensor;
 struct ggml_backend;
 
 namespace tova {
+class backends;
+}
+
+namespace tova {
 
 struct layer_moves {
     ggml_tensor * k;                                 // cache_k_l<il>: [n_embd_k_gqa, kv_size]
@@ -19,15 +25,13 @@ struct layer_moves {
 
 class mover {
 public:
-    ~mover();
     // Applies every layer's moves; rows are raw bytes (quantized rows are never converted).
-    // Host buffers take memcpy unless force_graph; device buffers take one ggml graph of CPY ops.
-    bool apply(const std::vector<layer_moves> & layers, bool v_trans, bool force_graph, std::string & err);
+    // Host buffers take memcpy unless force_graph; device buffers take one ggml graph of CPY ops per device.
+    bool apply(const std::vector<layer_moves> & layers, bool v_trans, bool force_graph, backends & devs,
+               std::string & err);
 
 private:
-    bool apply_graph(const std::vector<layer_moves> & layers, bool v_trans, std::string & err);
-    ggml_backend * backend_ = nullptr;
-    void * backend_dev_ = nullptr;  // device the backend was made for
+    bool apply_graph(const std::vector<const layer_moves *> & layers, bool v_trans, backends & devs, std::string & err);
 };
 
 }  // namespace tova
