@@ -182,6 +182,14 @@ extern "C" void tova_engine_set_force_graph_mover(tova_engine * e, bool force) {
     if (e) e->force_graph = force;
 }
 
+extern "C" bool tova_engine_needs_callback(const tova_engine * e) {
+    if (!e) return false;
+    const int32_t protect = e->policy == TOVA_POLICY_SINK ? std::max(e->keep, e->n_sink) : e->keep;
+    const bool by_position = e->policy == TOVA_POLICY_FULL ||
+                             ((e->policy == TOVA_POLICY_WINDOW || e->policy == TOVA_POLICY_SINK) && protect == 0);
+    return !by_position || e->verify_cells;
+}
+
 extern "C" void tova_engine_reset(tova_engine * e) {
     if (!e) return;
     e->st.clear();
@@ -232,7 +240,7 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const int32_t
     a.n_tokens = 0;
     if (rc != 0) return fail(e, TOVA_ERR_BACKEND, "llama_decode failed with code " + std::to_string(rc));
     if (!a.error.empty()) return fail(e, TOVA_ERR_CAPTURE, a.error);
-    if (e->n_cache_found < 2 * e->n_layer)
+    if (e->n_cache_found < 2 * e->n_layer && tova_engine_needs_callback(e))
         return fail(e, TOVA_ERR_CAPTURE,
                     "the KV cache tensors (cache_k_l<il>, cache_v_l<il>) of every layer were not "
                     "seen during llama_decode");

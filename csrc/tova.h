@@ -66,6 +66,13 @@ void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
 // llama_context_params.cb_eval; user_data = the engine. Runs on the llama_decode thread; wants no node outside
 // tova_engine_decode.
 bool tova_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
+// Whether the context needs tova_eval_callback (ask after set_keep/set_n_sink, before creating the context):
+// false for full, and for window/sink with nothing protected, which never score and never move a row (every
+// layer evicts the cells llama.cpp frees), and whose cells the engine predicts. Without a callback llama.cpp
+// runs each graph as it would alone: with one, ggml checks every node of every decode (on CUDA: no graph id
+// for a callback's graph views, so each node's properties are compared) and syncs after each split.
+// True when TOVA_CHECK_CELLS is set.
+bool tova_engine_needs_callback(const tova_engine * e);
 
 // Called after each ubatch: n_done of n_total tokens are in the cache. Return false to stop.
 typedef bool (*tova_progress_fn)(int32_t n_done, int32_t n_total, void * user_data);

@@ -219,11 +219,13 @@ class Session:
                 msg = ffi.string(lib.tova_engine_last_error(engine)).decode()
                 self.close()
                 raise ValueError(msg)
-        self._callback = llama_cpp.ggml_backend_sched_eval_callback(
-            int(ffi.cast("uintptr_t", lib.tova_eval_callback))
-        )
-        cparams.cb_eval = self._callback
-        cparams.cb_eval_user_data = ctypes.c_void_p(int(ffi.cast("uintptr_t", engine)))
+        self._callback = None
+        if lib.tova_engine_needs_callback(engine):  # full, window: llama.cpp runs its graphs untouched
+            self._callback = llama_cpp.ggml_backend_sched_eval_callback(
+                int(ffi.cast("uintptr_t", lib.tova_eval_callback))
+            )
+            cparams.cb_eval = self._callback
+            cparams.cb_eval_user_data = ctypes.c_void_p(int(ffi.cast("uintptr_t", engine)))
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             self.close()
