@@ -206,3 +206,42 @@ def test_stale_engine_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(ffi_mod, "_header_path", lambda engine: other)
     with pytest.raises(ffi_mod.TovaVersionError, match="rebuild"):
         ffi_mod._load()
+
+
+def test_bench_speed_plain_row_and_gpu_flags(tiny_path, tmp_path, capsys):
+    """`tova bench speed --plain` adds llama-cpp-python's own Llama.eval; the flags reach every Session row."""
+    from tova_cpp.bench import main
+
+    argv = [
+        "speed",
+        "-m",
+        str(tiny_path),
+        "--plain",
+        "-d",
+        "32",
+        "--budgets",
+        "16",
+        "--policies",
+        "tova,full",
+    ]
+    argv += [
+        "-n",
+        "2",
+        "-r",
+        "1",
+        "--chunk",
+        "8",
+        "-t",
+        "1",
+        "-o",
+        str(tmp_path),
+        "--in-process",
+        "--no-plot",
+    ]
+    argv += ["-ngl", "0", "-fa", "1", "-ctk", "f32", "-ctv", "f32", "--evict-interval", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| backend | threads | policy | budget | test | t/s | ngl | fa | type_k | type_v | m |" in out
+    assert "| CPU | 1 | plain | all | tg2 @ d32 |" in out
+    assert "| CPU | 1 | tova | 16 | tg2 @ d32 |" in out and "| 0 | 1 | f32 | f32 | 2 |" in out
+    assert "full / plain tokens/s at d32" in out
