@@ -46,8 +46,14 @@ public:
     // llama_memory_seq_rm of the freed cells' positions: frees them in every layer and updates the slot
     // mirror as llama.cpp does (its search restarts at the lowest freed cell when that is below it).
     void remove(const std::vector<int32_t> & freed);
-    // The slot mirror cannot be trusted (e.g. after llama_state_set_data): the next decode reads the cells.
+    // The slot mirror cannot be trusted: the next decode reads the cells (needs the eval callback).
     void forget_head() { head_known_ = false; }
+    // llama.cpp's search head is known again: a whole-cache llama_state_set_data puts the saved cells in cells
+    // 0..n-1 (in their saved order) and sets it to 0 (llama_kv_cache::state_read_meta).
+    void set_head(uint32_t head) {
+        head_ = head;
+        head_known_ = true;
+    }
     bool head_known() const { return head_known_; }
 
     bool check(std::string & err) const;
