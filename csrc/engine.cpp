@@ -463,3 +463,102 @@ extern "C" const char * tova_libllama_path(void) {
     if (dladdr((void *) &llama_memory_seq_rm, &info) && info.dli_fname) return info.dli_fname;
     return "";
 }
+
+// ---- engine state export / import (save and resume; docs/STATE.md) ------------------------------------------
+// Layout, little-endian, all int32 unless noted: magic, version, policy, n_layer, budget, keep, n_sink,
+// evict_interval, n_occ; then per occupied cell in ascending cell order: cell index, metadata position; then
+// layer_pos [n_layer][n_occ]; then acc (double) [n_layer][n_occ]. Cells keep their indices: the caller restores
+// llama.cpp's rows into the same cells, so a resumed run computes over the very same layout.
+static const int32_t TOVA_STATE_MAGIC = 0x45564f54;  // "TOVE"
+static const int32_t TOVA_STATE_VERSION = 1;
+static const int32_t TOVA_STATE_N_HEADER = 9;
+
+static size_t state_bytes(int32_t n_layer, int32_t n_occ) {
+    return sizeof(int32_t) * (TOVA_STATE_N_HEADER + 2 * (size_t) n_occ + (size_t) n_layer * n_occ) +
+           sizeof(double) * (size_t) n_layer * n_occ;
+}
+
+extern "C" int32_t tova_engine_state_size(const tova_engine * e, size_t * out) {
+    if (!e || !out) return TOVA_ERR_ARG;
+    *out = state_bytes(e->n_layer, tova_engine_n_occupied(e));
+    return TOVA_OK;
+}
+
+extern "C" int32_t tova_engine_export_state(tova_engine * e, uint8_t * out, size_t n) {
+    if (!e || !out) return TOVA_ERR_ARG;
+    std::vector<int32_t> occ;
+    for (int32_t c = 0; c < e->n_cells; c++)
+        if (e->meta_pos[c] >= 0) occ.push_back(c);
+    const int32_t n_occ = (int32_t) occ.size();
+    if (n != state_bytes(e->n_layer, n_occ)) return fail(e, TOVA_ERR_ARG, "export buffer has the wrong size");
+    int32_t * w = (int32_t *) out;
+    const int32_t header[TOVA_STATE_N_HEADER] = {TOVA_STATE_MAGIC, TOVA_STATE_VERSION, e->policy,
+                                                 e->n_layer,       e->budget,          e->keep,
+                                                 e->n_sink,        e->evict_interval,  n_occ};
+    memcpy(w, header, sizeof(header));
+    w += TOVA_STATE_N_HEADER;
+    for (int32_t c : occ) {
+        *w++ = c;
+        *w++ = e->meta_pos[c];
+    }
+    for (int32_t l = 0; l < e->n_layer; l++)
+        for (int32_t c : occ) *w++ = e->layer_pos[(size_t) l * e->n_cells + c];
+    double * a = (double *) w;
+    for (int32_t l = 0; l < e->n_layer; l++)
+        for (int32_t c : occ) *a++ = e->acc[(size_t) l * e->n_cells + c];
+    return TOVA_OK;
+}
+
+// Checks everything before changing anything: on error the engine is as it was.
+extern "C" int32_t tova_engine_import_state(tova_engine * e, const uint8_t * data, size_t n) {
+    if (!e || !data) return TOVA_ERR_ARG;
+    if (n < sizeof(int32_t) * TOVA_STATE_N_HEADER) return fail(e, TOVA_ERR_ARG, "engine state is truncated");
+    int32_t h[TOVA_STATE_N_HEADER];
+    memcpy(h, data, sizeof(h));
+    if (h[0] != TOVA_STATE_MAGIC || h[1] != TOVA_STATE_VERSION)
+        return fail(e, TOVA_ERR_ARG, "not an engine state of version " + std::to_string(TOVA_STATE_VERSION));
+    const int32_t settings[] = {e->policy, e->n_layer, e->budget, e->keep, e->n_sink, e->evict_interval};
+    if (memcmp(&h[2], settings, sizeof(settings)) != 0)
+        return fail(e, TOVA_ERR_ARG, "engine state was saved with other settings (policy, layers, budget, keep, n_sink or evict_interval)");
+    const int32_t n_occ = h[8];
+    if (n_occ < 0 || n_occ > e->n_cells) return fail(e, TOVA_ERR_ARG, "engine state holds more cells than the context");
+    if (n != state_bytes(e->n_layer, n_occ)) return fail(e, TOVA_ERR_ARG, "engine state has the wrong size");
+    std::vector<int32_t> cells(n_occ), meta(n_occ), lpos((size_t) e->n_layer * n_occ);
+    std::vector<double> acc((size_t) e->n_layer * n_occ);
+    const int32_t * r = (const int32_t *) data + TOVA_STATE_N_HEADER;
+    for (int32_t i = 0; i < n_occ; i++) {
+        memcpy(&cells[i], r++, sizeof(int32_t));
+        memcpy(&meta[i], r++, sizeof(int32_t));
+    }
+    memcpy(lpos.data(), r, lpos.size() * sizeof(int32_t));
+    memcpy(acc.data(), r + lpos.size(), acc.size() * sizeof(double));
+    // invariants (docs/ARCHITECTURE.md, the cell trick): cells ascending and in range, metadata a contiguous
+    // window, each layer's positions unique and not newer than the window's end
+    int32_t p_min = INT32_MAX, p_max = -1;
+    for (int32_t i = 0; i < n_occ; i++) {
+        if (cells[i] < 0 || cells[i] >= e->n_cells || (i > 0 && cells[i] <= cells[i - 1]) || meta[i] < 0)
+            return fail(e, TOVA_ERR_ARG, "engine state has invalid cells");
+        p_min = std::min(p_min, meta[i]);
+        p_max = std::max(p_max, meta[i]);
+    }
+    std::vector<int32_t> sorted(meta);
+    std::sort(sorted.begin(), sorted.end());
+    for (int32_t i = 0; i < n_occ; i++)
+        if (sorted[i] != p_min + i) return fail(e, TOVA_ERR_ARG, "engine state's metadata is not a contiguous window");
+    for (int32_t l = 0; l < e->n_layer; l++) {
+        sorted.assign(lpos.begin() + (size_t) l * n_occ, lpos.begin() + (size_t) (l + 1) * n_occ);
+        std::sort(sorted.begin(), sorted.end());
+        for (int32_t i = 0; i < n_occ; i++)
+            if (sorted[i] < 0 || sorted[i] > p_max || (i > 0 && sorted[i] == sorted[i - 1]))
+                return fail(e, TOVA_ERR_ARG, "engine state's layer " + std::to_string(l) + " positions are invalid");
+    }
+    tova_engine_reset(e);
+    for (int32_t i = 0; i < n_occ; i++) {
+        e->meta_pos[cells[i]] = meta[i];
+        for (int32_t l = 0; l < e->n_layer; l++) {
+            e->layer_pos[(size_t) l * e->n_cells + cells[i]] = lpos[(size_t) l * n_occ + i];
+            e->acc[(size_t) l * e->n_cells + cells[i]] = acc[(size_t) l * n_occ + i];
+        }
+    }
+    return TOVA_OK;
+}

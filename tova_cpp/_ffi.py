@@ -39,6 +39,9 @@ int32_t tova_policy_evict(const float * score, const int32_t * pos, int32_t n, i
 int32_t tova_policy_choose(int32_t policy, const double * score, const int32_t * pos, int32_t n, int32_t k,
                            int32_t keep, int32_t n_sink, int32_t * out_evict);
 const char * tova_libllama_path(void);
+int32_t tova_engine_state_size(const tova_engine * e, size_t * out);
+int32_t tova_engine_export_state(tova_engine * e, uint8_t * out, size_t n);
+int32_t tova_engine_import_state(tova_engine * e, const uint8_t * data, size_t n);
 """
 
 

@@ -19,3 +19,8 @@ class UnsupportedModelError(TovaError, ValueError):
 
 class EngineError(TovaError, RuntimeError):
     """The native engine reported a failure; the state was cleared."""
+
+
+class StateError(TovaError, ValueError):
+    """A saved session state does not fit this session (another model, budget, policy or cache type) or
+    its file is truncated or corrupted; the session was left as it was."""

@@ -1,0 +1,239 @@
+"""Save and resume a bounded conversation: exact continuation after a load, typed refusals that change nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import tova_cpp
+from tova_cpp import Session, StateError
+from tova_cpp.state import parse_engine_state, read_file
+
+PROMPT = "The lighthouse keeper climbed the stairs every evening, counting the steps as he went. "
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    from tiny_gguf import write_tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_tiny_llama(path)
+    return path
+
+
+def greedy(s: Session, n: int) -> list[np.ndarray]:
+    """n greedy steps; the logits after each."""
+    out = []
+    for _ in range(n):
+        s.eval([int(np.argmax(s.logits()))])
+        out.append(s.logits())
+    return out
+
+
+def snapshot(s: Session):
+    st = s.save_state()
+    return st.n_tokens, st.llama_state, st.engine_state, s.logits().tobytes() if s.n_past else b""
+
+
+def tiny_kwargs(policy: str) -> dict:
+    return {"budget": 8, "chunk": 4, "policy": policy, "n_threads": 2}
+
+
+def tiny_prompt(policy: str) -> list[int]:
+    rng = np.random.default_rng(1)
+    return [int(t) for t in rng.integers(3, 60, 6 if policy == "full" else 14)]
+
+
+@pytest.mark.parametrize("policy", sorted(tova_cpp.POLICIES))
+@pytest.mark.parametrize("via_file", [False, True])
+def test_continuation_after_load_is_bit_identical(tiny_path, tmp_path, policy, via_file):
+    steps = 3 if policy == "full" else 6
+    with Session(tiny_path, **tiny_kwargs(policy)) as a:
+        a.eval(tiny_prompt(policy))
+        greedy(a, 2)  # a decode or two after the prompt's cuts
+        state = a.save_state()
+        if via_file:
+            a.save(tmp_path / "s.tova")
+        n_past, kept = a.n_past, a.kept_positions()
+        ref = greedy(a, steps)
+        ref_kept = a.kept_positions()
+    with Session(tiny_path, **tiny_kwargs(policy)) as b:
+        b.eval([5, 6, 7])  # a different conversation in the target: replaced by the load
+        if via_file:
+            b.load(tmp_path / "s.tova")
+        else:
+            b.load_state(state)
+        assert b.n_past == n_past
+        np.testing.assert_array_equal(b.kept_positions(), kept)
+        np.testing.assert_array_equal(b.logits(), state.scores[0])
+        got = greedy(b, steps)
+        for x, y in zip(ref, got, strict=True):
+            np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(b.kept_positions(), ref_kept)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"policy": "tova", "evict_interval": 3},
+        {"policy": "tova", "flash_attn": True},
+        {"policy": "h2o"},
+        {"policy": "sink", "keep": 2},
+        {"policy": "window", "type_k": "q8_0"},
+    ],
+)
+def test_smollm2_continuation_after_chunked_prompt_is_bit_identical(smollm2_path, kwargs):
+    kw = {"budget": 48, "chunk": 32, "n_threads": 2, **kwargs}
+    with Session(smollm2_path, **kw) as a:
+        a.eval(a.tokenize(PROMPT * 5))  # > budget + chunk: several chunk cuts
+        greedy(a, 3)
+        state = a.save_state()
+        cells = parse_engine_state(state.engine_state).cells
+        assert cells[-1] + 1 > cells.size  # the saved cells have gaps: the load must keep them in place
+        ref = greedy(a, 12)
+    with Session(smollm2_path, **kw) as b:
+        b.load_state(state)
+        for x, y in zip(ref, greedy(b, 12), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_continuation_in_a_new_process_is_bit_identical(smollm2_path, tmp_path):
+    child = textwrap.dedent(
+        f"""
+        import numpy as np
+        from tova_cpp import Session
+        with Session({str(smollm2_path)!r}, budget=40, chunk=16, policy="tova", n_threads=2) as s:
+            s.eval(s.tokenize({PROMPT * 3!r}))
+            for _ in range(4):
+                s.eval([int(np.argmax(s.logits()))])
+            s.save({str(tmp_path / "s.tova")!r})
+            ref = []
+            for _ in range(8):
+                s.eval([int(np.argmax(s.logits()))])
+                ref.append(s.logits())
+            np.save({str(tmp_path / "ref.npy")!r}, np.stack(ref))
+        """
+    )
+    subprocess.run([sys.executable, "-c", child], check=True)
+    with Session(smollm2_path, budget=40, chunk=16, policy="tova", n_threads=2) as s:
+        s.load(tmp_path / "s.tova")
+        np.testing.assert_array_equal(np.stack(greedy(s, 8)), np.load(tmp_path / "ref.npy"))
+
+
+def test_file_size_is_set_by_the_budget_not_the_length(smollm2_path, tmp_path):
+    sizes = []
+    with Session(smollm2_path, budget=32, chunk=16, policy="tova", n_threads=2) as s:
+        for n in (2, 4):
+            s.eval(s.tokenize(PROMPT * n))
+            sizes.append(s.save(tmp_path / f"{n}.tova"))
+        assert s.n_occupied == 32
+    assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize(
+    "other, match",
+    [
+        ({"budget": 9}, "budget=8 .this session: 9"),
+        ({"policy": "window"}, "policy='tova'"),
+        ({"type_k": "q8_0"}, "type_k"),
+        ({"chunk": 5}, "chunk"),
+        ({"evict_interval": 2}, "evict_interval"),
+        ({"keep": 1}, "keep"),
+    ],
+)
+def test_other_settings_are_refused_and_change_nothing(tiny_path, tmp_path, other, match):
+    with Session(tiny_path, **tiny_kwargs("tova")) as a:
+        a.eval(tiny_prompt("tova"))
+        a.save(tmp_path / "s.tova")
+    with Session(tiny_path, **{**tiny_kwargs("tova"), **other}) as b:
+        b.eval([3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+        before = snapshot(b)
+        with pytest.raises(StateError, match=match):
+            b.load(tmp_path / "s.tova")
+        assert snapshot(b) == before
+
+
+def test_another_model_is_refused(tiny_path, tmp_path):
+    from tiny_gguf import write_tiny_llama
+
+    other = tmp_path / "other.gguf"
+    write_tiny_llama(other, seed=1)  # same shape and metadata, other weights
+    with Session(tiny_path, **tiny_kwargs("tova")) as a:
+        a.eval(tiny_prompt("tova"))
+        a.save(tmp_path / "s.tova")
+    with Session(other, **tiny_kwargs("tova")) as b:
+        b.eval([3, 4, 5])
+        before = snapshot(b)
+        with pytest.raises(StateError, match="another model"):
+            b.load(tmp_path / "s.tova")
+        assert snapshot(b) == before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "magic", "garbage"])
+def test_damaged_files_are_refused_and_change_nothing(tiny_path, tmp_path, damage):
+    path = tmp_path / "s.tova"
+    with Session(tiny_path, **tiny_kwargs("h2o")) as a:
+        a.eval(tiny_prompt("h2o"))
+        a.save(path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    elif damage == "empty":
+        data = b""
+    elif damage == "magic":
+        data[:8] = b"GGUF\0\0\0\0"
+    else:
+        data = bytes(range(256)) * 4
+    path.write_bytes(bytes(data))
+    with Session(tiny_path, **tiny_kwargs("h2o")) as b:
+        b.eval(tiny_prompt("h2o")[:5])
+        before = snapshot(b)
+        with pytest.raises(StateError, match="truncated|corrupted|not a tova_cpp session"):
+            b.load(path)
+        assert snapshot(b) == before
+        greedy(b, 2)  # still usable
+
+
+def test_a_failing_llama_cpp_load_rolls_back(tiny_path, monkeypatch):
+    import llama_cpp
+
+    with Session(tiny_path, **tiny_kwargs("tova")) as a:
+        a.eval(tiny_prompt("tova"))
+        state = a.save_state()
+    with Session(tiny_path, **tiny_kwargs("tova")) as b:
+        b.eval([9, 8, 7, 6, 5, 4, 3, 9, 8, 7])
+        before = snapshot(b)
+        real = llama_cpp.llama_state_seq_set_data
+        calls = []
+
+        def fail_once(*args):
+            calls.append(1)
+            return 0 if len(calls) == 1 else real(*args)
+
+        monkeypatch.setattr(llama_cpp, "llama_state_seq_set_data", fail_once)
+        with pytest.raises(StateError, match="refused"):
+            b.load_state(state)
+        assert len(calls) == 2  # the rollback loaded the previous conversation back
+        assert snapshot(b) == before
+        ref = greedy(b, 3)
+    with Session(tiny_path, **tiny_kwargs("tova")) as c:
+        c.eval([9, 8, 7, 6, 5, 4, 3, 9, 8, 7])
+        for x, y in zip(ref, greedy(c, 3), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_empty_state_round_trips(tiny_path, tmp_path):
+    with Session(tiny_path, **tiny_kwargs("tova")) as a:
+        a.save(tmp_path / "s.tova")
+        assert read_file(tmp_path / "s.tova").n_tokens == 0
+        a.eval([3, 4, 5])
+        a.load(tmp_path / "s.tova")
+        assert (a.n_past, a.n_occupied, a.pos_window()) == (0, 0, (-1, -1))
+        a.eval([3, 4, 5])
+        assert a.n_past == 3
