@@ -235,3 +235,37 @@ def test_empty_state_round_trips(tiny_path, tmp_path):
         assert (a.n_past, a.n_occupied, a.pos_window()) == (0, 0, (-1, -1))
         a.eval([3, 4, 5])
         assert a.n_past == 3
+
+
+# -- Llama: a chat resumed from a file goes on as the uninterrupted one -------------------------------------
+@pytest.fixture(scope="module")
+def bytes_path(tmp_path_factory):
+    from tiny_gguf import write_tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-bytes.gguf"
+    write_tiny_llama(path, tokenizer="bytes", n_layer=2)
+    return path
+
+
+CHAT = [{"role": "user", "content": "Tell me about lighthouses."}]
+
+
+def test_llama_resumes_a_chat_from_a_file(bytes_path, tmp_path):
+    from tova_cpp import Llama
+
+    kw = {"model_path": bytes_path, "budget": 16, "chunk": 8, "n_threads": 2, "seed": 5}
+    with Llama(**kw) as a:
+        first = a.create_chat_completion(CHAT, max_tokens=12, temperature=0.0)
+        a.save(tmp_path / "chat.tova")
+        convo = CHAT + [first["choices"][0]["message"], {"role": "user", "content": "More?"}]
+        ref = a.create_chat_completion(convo, max_tokens=12, temperature=0.0, logprobs=True)
+    with Llama(**{**kw, "seed": 9}) as b:
+        b.load(tmp_path / "chat.tova")
+        assert b.seed == 5
+        got = b.create_chat_completion(convo, max_tokens=12, temperature=0.0, logprobs=True)
+        n_convo = len(b.tokenize(b.chat_prompt(convo)[0], special=True))
+    assert got["choices"][0]["message"] == ref["choices"][0]["message"]
+    assert got["choices"][0]["logprobs"] == ref["choices"][0]["logprobs"]
+    # only the new turn was evaluated, as in the uninterrupted run
+    assert got["usage"] == ref["usage"]
+    assert got["usage"]["prompt_tokens"] < n_convo // 2

@@ -189,6 +189,35 @@ class Llama:
         self.session.reset()
         self._state = b""
 
+    # -- save and resume (tova_cpp/state.py) -------------------------------------------------------
+    def save_state(self):
+        """llama_cpp.Llama.save_state over the bounded cache: a tova_cpp.state.TovaState holding the cache,
+        the engine's bookkeeping, the seed and the conversation text the cache holds."""
+        state = self.session.save_state()
+        state.seed, state.text = self.seed, self._state
+        return state
+
+    def load_state(self, state) -> None:
+        """Resume a conversation saved by save_state of a Llama of the same model and cache settings; the
+        next prompt that extends its text evaluates only the new tokens. StateError when it does not fit
+        (the conversation in memory is then kept)."""
+        self.session.load_state(state)
+        self._state = state.text
+        if state.seed is not None:
+            self.seed = state.seed
+
+    def save(self, path: str | os.PathLike) -> int:
+        """save_state() to a file (tova_cpp/state.py has the format); returns the bytes written."""
+        from .state import write_file
+
+        return write_file(path, self.save_state())
+
+    def load(self, path: str | os.PathLike) -> None:
+        """load_state() from a file written by save()."""
+        from .state import read_file
+
+        self.load_state(read_file(path))
+
     def close(self) -> None:
         self.session.close()
 
