@@ -269,3 +269,77 @@ def test_llama_resumes_a_chat_from_a_file(bytes_path, tmp_path):
     # only the new turn was evaluated, as in the uninterrupted run
     assert got["usage"] == ref["usage"]
     assert got["usage"]["prompt_tokens"] < n_convo // 2
+
+
+# -- the CLI's --session FILE -----------------------------------------------------------------------------
+def tova(*argv, cwd, stdin=None):
+    return subprocess.run(
+        [sys.executable, "-m", "tova_cpp", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        input=stdin,
+    )
+
+
+def prompt_tokens(stderr: str) -> int:
+    line = next(x for x in stderr.splitlines() if "prompt eval time" in x)
+    return int(line.split("/")[1].split("tokens")[0])
+
+
+CACHE_FLAGS = ("--budget", "16", "--chunk", "8", "--temp", "0", "-t", "2")
+
+
+def test_cli_chat_session_resumes_where_the_last_run_stopped(bytes_path, tmp_path):
+    flags = ("chat", "-m", bytes_path, "-n", "6", *CACHE_FLAGS)
+    whole = tova(*flags, cwd=tmp_path, stdin="hi\nmore?\n")
+    assert whole.returncode == 0, whole.stderr
+    first = tova(*flags, "--session", "s.tova", cwd=tmp_path, stdin="hi\n")
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "s.tova").is_file()
+    second = tova(*flags, "--session", "s.tova", cwd=tmp_path, stdin="more?\n")
+    assert second.returncode == 0, second.stderr
+    answers = [x for x in whole.stdout.split("> ") if x.strip()]
+    assert [x for x in first.stdout.split("> ") if x.strip()] == answers[:1]
+    assert [x for x in second.stdout.split("> ") if x.strip()] == answers[1:]
+    # the resumed run evaluated only its own turn, as the uninterrupted one did
+    assert prompt_tokens(second.stderr) == prompt_tokens(whole.stderr.split("tova: cells")[1])
+    assert prompt_tokens(second.stderr) < prompt_tokens(first.stderr) + 12
+
+
+def test_cli_generate_session_resumes_and_updates(bytes_path, tmp_path):
+    flags = ("generate", "-m", bytes_path, "-n", "6", *CACHE_FLAGS, "--session", "g.tova")
+    one = tova(*flags, "-p", "hi", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    kv = len(read_file(tmp_path / "g.tova").llama_state)
+    two = tova(*flags, "-p", "more?", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr
+    saved = read_file(tmp_path / "g.tova")
+    assert len(saved.llama_state) == kv  # the cache part is set by the budget; only the text grows
+    assert saved.extra["messages"][-2] == {"role": "user", "content": "more?"}
+    from tova_cpp import Llama
+
+    with Llama(model_path=bytes_path, budget=16, chunk=8, n_threads=2) as m:
+        convo = [{"role": "user", "content": "hi"}]
+        a = m.create_chat_completion(convo, max_tokens=6, temperature=0.0)
+        convo += [a["choices"][0]["message"], {"role": "user", "content": "more?"}]
+        b = m.create_chat_completion(convo, max_tokens=6, temperature=0.0)
+    assert two.stdout.strip() == b["choices"][0]["message"]["content"].strip()
+    assert prompt_tokens(two.stderr) == b["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("damage", ["budget", "corrupt"])
+def test_cli_mismatching_session_is_one_error_line(bytes_path, tmp_path, damage):
+    flags = ("generate", "-m", bytes_path, "-n", "4", "--temp", "0", "-t", "2", "--session", "g.tova")
+    assert tova(*flags, "--budget", "16", "-p", "hi", cwd=tmp_path).returncode == 0
+    if damage == "corrupt":
+        data = bytearray((tmp_path / "g.tova").read_bytes())
+        data[100] ^= 1
+        (tmp_path / "g.tova").write_bytes(bytes(data))
+    before = (tmp_path / "g.tova").read_bytes()
+    r = tova(*flags, "--budget", "8" if damage == "budget" else "16", "-p", "more", cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+    assert ("budget=16" if damage == "budget" else "corrupted") in r.stderr
+    assert (tmp_path / "g.tova").read_bytes() == before
