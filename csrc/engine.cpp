@@ -519,7 +519,9 @@ extern "C" int32_t tova_engine_import_state(tova_engine * e, const uint8_t * dat
         return fail(e, TOVA_ERR_ARG, "not an engine state of version " + std::to_string(TOVA_STATE_VERSION));
     const int32_t settings[] = {e->policy, e->n_layer, e->budget, e->keep, e->n_sink, e->evict_interval};
     if (memcmp(&h[2], settings, sizeof(settings)) != 0)
-        return fail(e, TOVA_ERR_ARG, "engine state was saved with other settings (policy, layers, budget, keep, n_sink or evict_interval)");
+        return fail(
+            e, TOVA_ERR_ARG,
+            "engine state was saved with other settings (policy, layers, budget, keep, n_sink or evict_interval)");
     const int32_t n_occ = h[8];
     if (n_occ < 0 || n_occ > e->n_cells) return fail(e, TOVA_ERR_ARG, "engine state holds more cells than the context");
     if (n != state_bytes(e->n_layer, n_occ)) return fail(e, TOVA_ERR_ARG, "engine state has the wrong size");
@@ -560,5 +562,69 @@ extern "C" int32_t tova_engine_import_state(tova_engine * e, const uint8_t * dat
             e->acc[(size_t) l * e->n_cells + cells[i]] = acc[(size_t) l * n_occ + i];
         }
     }
+    return TOVA_OK;
+}
+
+// Rewind to n_new tokens: positions >= n_new leave every layer and llama.cpp's metadata (seq 0). Metadata drops
+// the k = newest_pos + 1 - n_new cells holding those positions; a layer that already evicted r < k of those rows
+// drops k - r more rows so that every layer keeps the same count: for h2o its own choice (accumulated attention),
+// for the others the oldest unprotected rows (no attention row of the new newest token exists).
+extern "C" int32_t tova_engine_truncate(tova_engine * e, llama_context * ctx, int32_t n_new) {
+    if (!e || !ctx) return TOVA_ERR_ARG;
+    std::vector<int32_t> occupied, freed;
+    int32_t p_min = INT32_MAX, p_max = -1;
+    for (int32_t c = 0; c < e->n_cells; c++) {
+        if (e->meta_pos[c] < 0) continue;
+        occupied.push_back(c);
+        p_min = std::min(p_min, e->meta_pos[c]);
+        p_max = std::max(p_max, e->meta_pos[c]);
+        if (e->meta_pos[c] >= n_new) freed.push_back(c);
+    }
+    const int32_t k = (int32_t) freed.size();
+    if (k == 0) return TOVA_OK;
+    if (n_new <= p_min)
+        return fail(e, TOVA_ERR_ARG,
+                    "cannot rewind to " + std::to_string(n_new) + " tokens: the cache's oldest position is " +
+                        std::to_string(p_min) + " (everything it holds would go; reset instead)");
+    const int32_t extra_policy =
+        e->policy == TOVA_POLICY_H2O || e->policy == TOVA_POLICY_SINK ? e->policy : TOVA_POLICY_WINDOW;
+    const tova::policy_params params = {extra_policy, e->keep, e->n_sink};
+    std::vector<tova::layer_moves> plan(e->n_layer);
+    bool any_move = false;
+    for (int32_t l = 0; l < e->n_layer; l++) {
+        const size_t off = (size_t) l * e->n_cells;
+        std::vector<int32_t> drop, rest;
+        for (int32_t c : occupied) (e->layer_pos[off + c] >= n_new ? drop : rest).push_back(c);
+        const int32_t extra = k - (int32_t) drop.size();
+        if (extra > 0) {
+            std::vector<int32_t> more = tova::policy_choose(params, rest, &e->layer_pos[off], &e->acc[off], extra);
+            if ((int32_t) more.size() != extra)
+                return fail(e, TOVA_ERR_ARG,
+                            "the protected prefix leaves fewer than " + std::to_string(extra) +
+                                " evictable rows in layer " + std::to_string(l));
+            drop.insert(drop.end(), more.begin(), more.end());
+        }
+        plan[l] = {e->cache_k[l], e->cache_v[l], tova::policy_moves(drop, freed)};
+        if (!plan[l].moves.empty() && (!e->cache_k[l] || !e->cache_v[l]))
+            return fail(e, TOVA_ERR_STATE, "cache tensors not seen yet: decode a token before truncating");
+        any_move = any_move || !plan[l].moves.empty();
+    }
+    std::string err;
+    llama_synchronize(ctx);
+    if (any_move && !e->mover.apply(plan, e->v_trans, e->force_graph, err)) return fail(e, TOVA_ERR_BACKEND, err);
+    for (int32_t l = 0; l < e->n_layer; l++) {
+        const size_t off = (size_t) l * e->n_cells;
+        for (const auto & m : plan[l].moves) {
+            e->layer_pos[off + m.second] = e->layer_pos[off + m.first];
+            e->acc[off + m.second] = e->acc[off + m.first];
+        }
+        for (int32_t c : freed) {
+            e->layer_pos[off + c] = -1;
+            e->acc[off + c] = 0.0;
+        }
+    }
+    for (int32_t c : freed) e->meta_pos[c] = -1;
+    if (!llama_memory_seq_rm(llama_get_memory(ctx), 0, n_new, -1))
+        return fail(e, TOVA_ERR_STATE, "llama_memory_seq_rm refused the range");
     return TOVA_OK;
 }

@@ -343,3 +343,85 @@ def test_cli_mismatching_session_is_one_error_line(bytes_path, tmp_path, damage)
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
     assert ("budget=16" if damage == "budget" else "corrupted") in r.stderr
     assert (tmp_path / "g.tova").read_bytes() == before
+
+
+# -- truncate: a reply cut by a stop string, without re-reading the history --------------------------------
+def check_window(s: Session) -> None:
+    lo, hi = s.pos_window()
+    assert (lo, hi) == (s.n_past - s.n_occupied, s.n_past - 1)  # a batch must start at seq_pos_max + 1
+    for row in s.cell_positions():
+        row = row[row >= 0]
+        assert row.size == s.n_occupied  # every layer holds as many rows as llama.cpp has cells
+        assert np.unique(row).size == row.size and row.max() < s.n_past
+
+
+def count_decoded(monkeypatch) -> list[int]:
+    import llama_cpp
+
+    real, seen = llama_cpp.llama_decode, []
+
+    def counting(ctx, batch):
+        seen.append(batch.n_tokens)
+        return real(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", counting)
+    return seen
+
+
+@pytest.mark.parametrize("policy", sorted(tova_cpp.POLICIES))
+def test_truncate_removes_the_newest_tokens_from_every_layer(tiny_path, policy, monkeypatch):
+    with Session(tiny_path, **{**tiny_kwargs(policy), "keep": 1}) as s:
+        s.eval(tiny_prompt(policy))
+        greedy(s, 3 if policy != "full" else 1)
+        before = {tuple(sorted(r[r >= 0])) for r in s.cell_positions()}  # per layer, as sets
+        kept = [set(r[r >= 0].tolist()) for r in s.cell_positions()]
+        n_occ, n_past = s.n_occupied, s.n_past
+        s.truncate(n_past - 3)
+        assert (s.n_past, s.n_occupied) == (n_past - 3, n_occ - 3)
+        check_window(s)
+        removed = set(range(n_past - 3, n_past))
+        if policy == "tova":  # this prompt makes a layer evict one of them already: the extra-row path runs
+            assert min(len(k & removed) for k in kept) < 3
+        for layer, row in enumerate(s.cell_positions()):
+            now = set(row[row >= 0].tolist())
+            gone = kept[layer] - removed - now  # rows dropped to keep the layers' counts equal
+            assert now <= kept[layer] - removed
+            assert len(gone) == 3 - len(kept[layer] & removed)
+            if gone and policy in ("tova", "window", "full"):
+                # the oldest rows after the protected prefix (keep=1)
+                assert sorted(gone) == sorted(kept[layer] - removed - {0})[: len(gone)]
+        assert before  # the layers may differ (tova, h2o); each was handled on its own
+        with pytest.raises(RuntimeError, match="evaluate a token first"):
+            s.logits()  # the context's logits belong to a removed token
+        decoded = count_decoded(monkeypatch)
+        s.eval([7, 8])
+        assert sum(decoded) == 2  # the follow-up evaluates only its own tokens
+        assert s.n_past == n_past - 1
+        check_window(s)
+        assert np.isfinite(s.logits()).all()
+
+
+def test_truncate_without_evictions_equals_never_seeing_the_tokens(tiny_path):
+    prompt = tiny_prompt("tova")[:5]
+    with Session(tiny_path, **tiny_kwargs("tova")) as s:
+        s.eval(prompt + [9, 10])
+        s.truncate(5)
+        a = s.eval([11, 12], logits_all=True)
+    with Session(tiny_path, **tiny_kwargs("tova")) as fresh:
+        fresh.eval(prompt)
+        b = fresh.eval([11, 12], logits_all=True)
+    np.testing.assert_array_equal(a, b)  # same cells, same rows: exact
+
+
+def test_truncate_that_is_refused_changes_nothing(tiny_path):
+    with Session(tiny_path, **tiny_kwargs("tova")) as s:
+        s.eval(tiny_prompt("tova"))
+        before = snapshot(s)
+        lo, _ = s.pos_window()
+        with pytest.raises(ValueError, match="oldest position"):
+            s.truncate(lo)
+        with pytest.raises(ValueError, match="n_past"):
+            s.truncate(s.n_past + 1)
+        assert snapshot(s) == before
+        s.truncate(0)
+        assert (s.n_past, s.n_occupied) == (0, 0)

@@ -42,6 +42,7 @@ const char * tova_libllama_path(void);
 int32_t tova_engine_state_size(const tova_engine * e, size_t * out);
 int32_t tova_engine_export_state(tova_engine * e, uint8_t * out, size_t n);
 int32_t tova_engine_import_state(tova_engine * e, const uint8_t * data, size_t n);
+int32_t tova_engine_truncate(tova_engine * e, void * ctx, int32_t n_new);
 """
 
 

@@ -308,7 +308,9 @@ class Session:
         if self.n_past == 0:
             raise RuntimeError("no token has been evaluated yet")
         restored = getattr(self, "_restored_logits", None)
-        if restored is not None and restored[0] == self.n_past:  # loaded, not decoded since (load_state)
+        if restored is not None and restored[0] == self.n_past:  # loaded or truncated, not decoded since
+            if restored[1] is None:
+                raise RuntimeError("no logits after truncate(): evaluate a token first")
             return restored[1].copy()
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
@@ -551,6 +553,30 @@ class Session:
             raise StateError(ffi.string(lib.tova_engine_last_error(self._engine)).decode())
         self.n_past = state.n_tokens
         self._restored_logits = (self.n_past, np.array(state.scores[0], dtype=np.float32))
+
+    def truncate(self, n_past: int) -> None:
+        """Forget the newest tokens: keep positions < n_past (a reply cut by a stop string), without
+        re-evaluating anything. The next eval continues at position n_past.
+
+        Differs from a run that never saw those tokens (docs/STATE.md): the evictions they caused stay, h2o's
+        accumulators keep their attention, and a layer that had already evicted some of them evicts as many
+        other rows so every layer keeps the same count (h2o and sink by their own rule; tova, window and full
+        the oldest rows after the protected prefix, since no attention row of the new newest token exists).
+        n_past must be above the oldest position the cache holds (else ValueError; use reset)."""
+        self._require_open()
+        if isinstance(n_past, bool) or not isinstance(n_past, int) or not 0 <= n_past <= self.n_past:
+            raise ValueError(f"n_past must be an integer in [0, {self.n_past}], got {n_past!r}")
+        if n_past == self.n_past:
+            return
+        if n_past == 0:
+            self.reset()
+            return
+        rc = lib.tova_engine_truncate(self._engine, ffi.cast("void *", self._ctx), n_past)
+        if rc == -1:  # TOVA_ERR_ARG: refused before anything changed
+            raise ValueError(ffi.string(lib.tova_engine_last_error(self._engine)).decode())
+        self._check(rc)
+        self.n_past = n_past
+        self._restored_logits = (n_past, None)  # the context's logits are those of a removed token
 
     def save(self, path: str | os.PathLike) -> int:
         """Write the conversation to `path` (atomically; tova_cpp/state.py has the format). Returns bytes."""
