@@ -425,3 +425,29 @@ def test_truncate_that_is_refused_changes_nothing(tiny_path):
         assert snapshot(s) == before
         s.truncate(0)
         assert (s.n_past, s.n_occupied) == (0, 0)
+
+
+def test_llama_reply_cut_by_a_stop_string_continues_without_rereading(bytes_path, monkeypatch):
+    from tova_cpp import Llama
+
+    with Llama(model_path=bytes_path, budget=16, chunk=8, n_threads=2) as m:
+        full = m("hello", max_tokens=30, temperature=0.0)["choices"][0]["text"]
+        stop = full[12:15]
+        cut = full[: full.find(stop)]
+        out = m("hello", max_tokens=30, temperature=0.0, stop=stop)
+        assert out["choices"][0]["text"] == cut
+        # the cache holds the prompt and the reply up to the stop, nothing past it (the random model writes
+        # invalid UTF-8, shown as U+FFFD in the reply: the cut backs off to the last token whose text matches)
+        held = m._state.decode()
+        assert held.startswith("hello") and cut.startswith(held[len("hello") :])
+        assert m.session.n_past > len(m.tokenize("hello"))
+        check_window(m.session)
+        n_past = m.session.n_past
+        decoded = count_decoded(monkeypatch)
+        nxt = "hello" + cut + " and then"
+        follow = m(nxt, max_tokens=2, temperature=0.0)
+        rest = len(m.tokenize(nxt[len(held) :], add_bos=False))  # what the cache does not hold yet
+        assert follow["usage"]["prompt_tokens"] == rest
+        assert rest < len(m.tokenize(nxt)) - 5  # far less than re-reading the conversation
+        assert m.session.n_past == n_past + rest + 1
+        assert sum(decoded) == rest + 1  # the new text, then one generated token
