@@ -451,3 +451,19 @@ def test_llama_reply_cut_by_a_stop_string_continues_without_rereading(bytes_path
         assert rest < len(m.tokenize(nxt)) - 5  # far less than re-reading the conversation
         assert m.session.n_past == n_past + rest + 1
         assert sum(decoded) == rest + 1  # the new text, then one generated token
+
+
+def test_a_truncated_session_saves_and_resumes(tiny_path, tmp_path):
+    with Session(tiny_path, **tiny_kwargs("h2o")) as a:
+        a.eval(tiny_prompt("h2o"))
+        greedy(a, 3)
+        a.truncate(a.n_past - 2)
+        a.save(tmp_path / "t.tova")
+        ref = a.eval([4, 5, 6], logits_all=True)
+        ref_kept = a.kept_positions()
+    with Session(tiny_path, **tiny_kwargs("h2o")) as b:
+        b.load(tmp_path / "t.tova")
+        with pytest.raises(RuntimeError, match="evaluate a token first"):
+            b.logits()  # as in the truncated session: its last logits belonged to a removed token
+        np.testing.assert_array_equal(b.eval([4, 5, 6], logits_all=True), ref)
+        np.testing.assert_array_equal(b.kept_positions(), ref_kept)

@@ -481,7 +481,12 @@ class Session:
         # llama.cpp writes cells in ascending index order, as the engine does: the positions must agree
         if not np.array_equal(parse_seq_blob(blob).positions, parse_engine_state(engine).meta):
             raise EngineError("llama.cpp's cells disagree with the engine's bookkeeping; call reset()")
-        scores = self.logits()[None, :] if self.n_past else np.zeros((0, self.n_vocab), np.float32)
+        restored = getattr(self, "_restored_logits", None)
+        truncated = restored is not None and restored[0] == self.n_past and restored[1] is None
+        if self.n_past and not truncated:
+            scores = self.logits()[None, :]
+        else:  # nothing evaluated, or truncated since: no logits until the next eval, after a load too
+            scores = np.zeros((0, self.n_vocab), np.float32)
         return TovaState(
             n_tokens=self.n_past,
             scores=scores,
@@ -512,16 +517,20 @@ class Session:
         seq = parse_seq_blob(state.llama_state)
         cells = parse_engine_state(state.engine_state)
         n = cells.meta.size
-        if not np.array_equal(seq.positions, cells.meta) or (
-            n and (cells.meta.max() != state.n_tokens - 1 or cells.cells[-1] >= self.n_cells)
+        if (
+            not np.array_equal(seq.positions, cells.meta)
+            or (n == 0) != (state.n_tokens == 0)
+            or (n and (cells.meta.max() != state.n_tokens - 1 or cells.cells[-1] >= self.n_cells))
         ):
             raise StateError("the state's llama.cpp cells, engine bookkeeping and token count disagree")
-        if state.scores.shape != ((1, self.n_vocab) if state.n_tokens else (0, self.n_vocab)):
+        if state.scores.shape not in ((0, self.n_vocab), (1, self.n_vocab)) or (
+            state.n_tokens == 0 and state.scores.shape[0]
+        ):
             raise StateError(f"the state's scores have shape {state.scores.shape}")
         backup = self.save_state() if self.n_past else None
         try:
             self._restore(state, seq, cells.cells)
-        except StateError:
+        except Exception:
             if backup is None:
                 self.reset()
             else:
@@ -552,7 +561,8 @@ class Session:
         if lib.tova_engine_import_state(self._engine, data, len(state.engine_state)) != 0:
             raise StateError(ffi.string(lib.tova_engine_last_error(self._engine)).decode())
         self.n_past = state.n_tokens
-        self._restored_logits = (self.n_past, np.array(state.scores[0], dtype=np.float32))
+        last = np.array(state.scores[0], dtype=np.float32) if len(state.scores) else None
+        self._restored_logits = (self.n_past, last)
 
     def truncate(self, n_past: int) -> None:
         """Forget the newest tokens: keep positions < n_past (a reply cut by a stop string), without
