@@ -460,3 +460,148 @@ extern "C" const char * tova_libllama_path(void) {
     if (dladdr((void *) &llama_memory_seq_rm, &info) && info.dli_fname) return info.dli_fname;
     return "";
 }
+
+// ---- engine state export / import (save and resume; docs/STATE.md) ------------------------------------------
+// Layout, little-endian, all int32 unless noted: magic, version, policy, n_layer, budget, keep, n_sink,
+// evict_interval, n_occ; then per occupied cell in ascending cell order: cell index, metadata position; then
+// layer_pos [n_layer][n_occ]; then acc (double) [n_layer][n_occ]. Cells keep their indices: the caller restores
+// llama.cpp's rows into the same cells, so a resumed run computes over the very same layout.
+static const int32_t TOVA_STATE_MAGIC = 0x45564f54;  // "TOVE"
+static const int32_t TOVA_STATE_VERSION = 1;
+static const int32_t TOVA_STATE_N_HEADER = 9;
+
+static size_t state_bytes(int32_t n_layer, int32_t n_occ) {
+    return sizeof(int32_t) * (TOVA_STATE_N_HEADER + 2 * (size_t) n_occ + (size_t) n_layer * n_occ) +
+           sizeof(double) * (size_t) n_layer * n_occ;
+}
+
+extern "C" int32_t tova_engine_state_size(const tova_engine * e, size_t * out) {
+    if (!e || !out) return TOVA_ERR_ARG;
+    *out = state_bytes(e->n_layer, e->st.n_occupied());
+    return TOVA_OK;
+}
+
+extern "C" int32_t tova_engine_export_state(tova_engine * e, uint8_t * out, size_t n) {
+    if (!e || !out) return TOVA_ERR_ARG;
+    return guarded(e, [&]() -> int32_t {
+        tova::state & st = e->st;
+        const std::vector<int32_t> occ = st.occupied();
+        const int32_t n_occ = (int32_t) occ.size();
+        if (n != state_bytes(e->n_layer, n_occ)) return fail(e, TOVA_ERR_ARG, "export buffer has the wrong size");
+        const int32_t header[TOVA_STATE_N_HEADER] = {TOVA_STATE_MAGIC, TOVA_STATE_VERSION, e->policy,
+                                                     e->n_layer,       e->budget,          e->keep,
+                                                     e->n_sink,        e->evict_interval,  n_occ};
+        std::vector<int32_t> ints;
+        ints.reserve(TOVA_STATE_N_HEADER + 2 * (size_t) n_occ + (size_t) e->n_layer * n_occ);
+        ints.insert(ints.end(), header, header + TOVA_STATE_N_HEADER);
+        for (int32_t c : occ) {
+            ints.push_back(c);
+            ints.push_back(st.meta_pos(c));
+        }
+        for (int32_t l = 0; l < e->n_layer; l++)
+            for (int32_t c : occ) ints.push_back(st.layer_pos(l)[c]);
+        std::vector<double> acc;
+        acc.reserve((size_t) e->n_layer * n_occ);
+        for (int32_t l = 0; l < e->n_layer; l++)
+            for (int32_t c : occ) acc.push_back(st.acc(l)[c]);
+        memcpy(out, ints.data(), ints.size() * sizeof(int32_t));
+        memcpy(out + ints.size() * sizeof(int32_t), acc.data(), acc.size() * sizeof(double));
+        return TOVA_OK;
+    });
+}
+
+// Checks everything before changing anything: on error the engine is as it was.
+extern "C" int32_t tova_engine_import_state(tova_engine * e, const uint8_t * data, size_t n) {
+    if (!e || !data) return TOVA_ERR_ARG;
+    return guarded(e, [&]() -> int32_t {
+        if (n < sizeof(int32_t) * TOVA_STATE_N_HEADER) return fail(e, TOVA_ERR_ARG, "engine state is truncated");
+        int32_t h[TOVA_STATE_N_HEADER];
+        memcpy(h, data, sizeof(h));
+        if (h[0] != TOVA_STATE_MAGIC || h[1] != TOVA_STATE_VERSION)
+            return fail(e, TOVA_ERR_ARG, "not an engine state of version " + std::to_string(TOVA_STATE_VERSION));
+        const int32_t settings[] = {e->policy, e->n_layer, e->budget, e->keep, e->n_sink, e->evict_interval};
+        if (memcmp(&h[2], settings, sizeof(settings)) != 0)
+            return fail(
+                e, TOVA_ERR_ARG,
+                "engine state was saved with other settings (policy, layers, budget, keep, n_sink or evict_interval)");
+        const int32_t n_occ = h[8];
+        if (n_occ < 0 || n_occ > e->st.n_cells())
+            return fail(e, TOVA_ERR_ARG, "engine state holds more cells than the context");
+        if (n != state_bytes(e->n_layer, n_occ)) return fail(e, TOVA_ERR_ARG, "engine state has the wrong size");
+        std::vector<int32_t> cells(n_occ), meta(n_occ), lpos((size_t) e->n_layer * n_occ);
+        std::vector<double> acc((size_t) e->n_layer * n_occ);
+        const uint8_t * r = data + sizeof(int32_t) * TOVA_STATE_N_HEADER;
+        for (int32_t i = 0; i < n_occ; i++) {
+            memcpy(&cells[i], r, sizeof(int32_t));
+            memcpy(&meta[i], r + sizeof(int32_t), sizeof(int32_t));
+            r += 2 * sizeof(int32_t);
+        }
+        memcpy(lpos.data(), r, lpos.size() * sizeof(int32_t));
+        memcpy(acc.data(), r + lpos.size() * sizeof(int32_t), acc.size() * sizeof(double));
+        std::string err;
+        if (!e->st.restore(cells, meta, lpos, acc, err)) return fail(e, TOVA_ERR_ARG, "engine state: " + err);
+        e->armed = tova_armed();
+        e->error.clear();
+        return TOVA_OK;
+    });
+}
+
+// Rewind to n_new tokens: positions >= n_new leave every layer and llama.cpp's metadata (seq 0). Metadata drops
+// the k = newest_pos + 1 - n_new cells holding those positions; a layer that already evicted r < k of those rows
+// drops k - r more rows so that every layer keeps the same count: for h2o and sink their own choice, for the
+// others the oldest unprotected rows (no attention row of the new newest token exists).
+extern "C" int32_t tova_engine_truncate(tova_engine * e, llama_context * ctx, int32_t n_new) {
+    if (!e || !ctx) return TOVA_ERR_ARG;
+    return guarded(e, [&]() -> int32_t {
+        tova::state & st = e->st;
+        const std::vector<int32_t> occupied = st.occupied();
+        std::vector<int32_t> freed;
+        int32_t p_min = INT32_MAX;
+        for (int32_t c : occupied) {
+            p_min = std::min(p_min, st.meta_pos(c));
+            if (st.meta_pos(c) >= n_new) freed.push_back(c);
+        }
+        const int32_t k = (int32_t) freed.size();
+        if (k == 0) return TOVA_OK;
+        if (n_new <= p_min)
+            return fail(e, TOVA_ERR_ARG,
+                        "cannot rewind to " + std::to_string(n_new) + " tokens: the cache's oldest position is " +
+                            std::to_string(p_min) + " (everything it holds would go; reset instead)");
+        const int32_t extra_policy =
+            e->policy == TOVA_POLICY_H2O || e->policy == TOVA_POLICY_SINK ? e->policy : TOVA_POLICY_WINDOW;
+        const tova::policy_params params = {extra_policy, e->keep, e->n_sink};
+        std::vector<tova::layer_moves> plan(e->n_layer);
+        bool any_move = false;
+        for (int32_t l = 0; l < e->n_layer; l++) {
+            const int32_t * pos = st.layer_pos(l);
+            std::vector<int32_t> drop, rest;
+            for (int32_t c : occupied) (pos[c] >= n_new ? drop : rest).push_back(c);
+            const int32_t extra = k - (int32_t) drop.size();
+            if (extra > 0) {
+                std::vector<int32_t> more = tova::policy_choose(params, rest, pos, st.acc(l), extra);
+                if ((int32_t) more.size() != extra)
+                    return fail(e, TOVA_ERR_ARG,
+                                "the protected prefix leaves fewer than " + std::to_string(extra) +
+                                    " evictable rows in layer " + std::to_string(l));
+                drop.insert(drop.end(), more.begin(), more.end());
+            }
+            plan[l].k = e->cache_k[l];
+            plan[l].v = e->cache_v[l];
+            plan[l].moves = tova::policy_moves(drop, freed);
+            if (!plan[l].moves.empty() && (!e->cache_k[l] || !e->cache_v[l]))
+                return fail(e, TOVA_ERR_ARG, "cache tensors not seen yet: decode a token before truncating");
+            any_move = any_move || !plan[l].moves.empty();
+        }
+        if (any_move) {
+            llama_synchronize(ctx);
+            std::string err;
+            if (!e->mover.apply(plan, e->v_trans, e->force_graph, e->devs, err)) return fail(e, TOVA_ERR_BACKEND, err);
+            for (int32_t l = 0; l < e->n_layer; l++)
+                for (const auto & m : plan[l].moves) st.move(l, m.first, m.second);
+        }
+        st.remove(freed);
+        if (!llama_memory_seq_rm(llama_get_memory(ctx), 0, n_new, -1))
+            return fail(e, TOVA_ERR_STATE, "llama_memory_seq_rm refused the range");
+        return TOVA_OK;
+    });
+}

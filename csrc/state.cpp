@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <string>
 
 namespace tova {
 
@@ -110,6 +111,57 @@ void state::remove(const std::vector<int32_t> & freed) {
         lowest = std::min(lowest, (uint32_t) c);
     }
     if (lowest < head_) head_ = lowest;  // llama_kv_cache::seq_rm
+}
+
+bool state::restore(const std::vector<int32_t> & cells, const std::vector<int32_t> & meta,
+                    const std::vector<int32_t> & lpos, const std::vector<double> & acc, std::string & err) {
+    const int32_t n = (int32_t) cells.size();
+    if ((int32_t) meta.size() != n || lpos.size() != (size_t) n_layer_ * n || acc.size() != lpos.size()) {
+        err = "array sizes disagree";
+        return false;
+    }
+    // cells ascending and in range, metadata a contiguous window, each layer's positions unique and not newer
+    // than the window's end (docs/ARCHITECTURE.md, the cell trick)
+    int32_t p_min = INT32_MAX, p_max = -1;
+    for (int32_t i = 0; i < n; i++) {
+        if (cells[i] < 0 || cells[i] >= n_cells_ || (i > 0 && cells[i] <= cells[i - 1]) || meta[i] < 0) {
+            err = "invalid cells";
+            return false;
+        }
+        p_min = std::min(p_min, meta[i]);
+        p_max = std::max(p_max, meta[i]);
+    }
+    std::vector<int32_t> sorted(meta);
+    std::sort(sorted.begin(), sorted.end());
+    for (int32_t i = 0; i < n; i++)
+        if (sorted[i] != p_min + i) {
+            err = "the metadata positions are not a contiguous window";
+            return false;
+        }
+    for (int32_t l = 0; l < n_layer_; l++) {
+        sorted.assign(lpos.begin() + (size_t) l * n, lpos.begin() + (size_t) (l + 1) * n);
+        std::sort(sorted.begin(), sorted.end());
+        for (int32_t i = 0; i < n; i++)
+            if (sorted[i] < 0 || sorted[i] > p_max || (i > 0 && sorted[i] == sorted[i - 1])) {
+                err = "layer " + std::to_string(l) + " positions are invalid";
+                return false;
+            }
+    }
+    clear();
+    for (int32_t i = 0; i < n; i++) {
+        const int32_t c = cells[i];
+        meta_pos_[c] = meta[i];
+        for (int32_t l = 0; l < n_layer_; l++) {
+            layer_pos_[(size_t) l * n_cells_ + c] = lpos[(size_t) l * n + i];
+            acc_[(size_t) l * n_cells_ + c] = acc[(size_t) l * n + i];
+        }
+    }
+    n_occupied_ = n;
+    head_ = 0;
+    while (head_ < (uint32_t) n_cells_ && meta_pos_[head_] >= 0) head_++;
+    if (head_ == (uint32_t) n_cells_) head_ = 0;
+    head_known_ = true;
+    return true;
 }
 
 bool state::check(std::string & err) const {

@@ -48,12 +48,14 @@ public:
     void remove(const std::vector<int32_t> & freed);
     // The slot mirror cannot be trusted: the next decode reads the cells (needs the eval callback).
     void forget_head() { head_known_ = false; }
-    // llama.cpp's search head is known again: a whole-cache llama_state_set_data puts the saved cells in cells
-    // 0..n-1 (in their saved order) and sets it to 0 (llama_kv_cache::state_read_meta).
-    void set_head(uint32_t head) {
-        head_ = head;
-        head_known_ = true;
-    }
+    // Replaces everything with a saved layout (Session.load_state): n = cells.size() occupied cells, ascending,
+    // with metadata positions meta[i] and per-layer positions lpos[l * n + i], accumulators acc[l * n + i].
+    // Checks the invariants first (on error nothing changed). Call only after llama.cpp's rows were restored into
+    // exactly these cells by llama_state_seq_set_data into an empty cache and its filler cells were removed: its
+    // search head then sits at the lowest free cell (apply_ubatch leaves it after the last cell, seq_rm of the
+    // fillers moves it down to the lowest of them), and so does the mirror's.
+    bool restore(const std::vector<int32_t> & cells, const std::vector<int32_t> & meta,
+                 const std::vector<int32_t> & lpos, const std::vector<double> & acc, std::string & err);
     bool head_known() const { return head_known_; }
 
     bool check(std::string & err) const;

@@ -128,6 +128,21 @@ int32_t tova_policy_choose(int32_t policy, const double * score, const int32_t *
 // The file libllama was loaded from, as seen by this library (to check that one copy is in the process).
 const char * tova_libllama_path(void);
 
+// ---- save and resume (docs/STATE.md) ----
+// Bytes tova_engine_export_state writes for the cells occupied now.
+int32_t tova_engine_state_size(const tova_engine * e, size_t * out);
+// The engine's bookkeeping of every occupied cell (cell index, metadata position, per-layer original position,
+// h2o accumulator) and its settings; n must equal tova_engine_state_size.
+int32_t tova_engine_export_state(tova_engine * e, uint8_t * out, size_t n);
+// Replaces the bookkeeping with an exported one of the same settings. Call only after llama.cpp's rows were
+// restored into the very cells the export names. Checks everything first: on error nothing changed.
+int32_t tova_engine_import_state(tova_engine * e, const uint8_t * data, size_t n);
+// Forget positions >= n_new in every layer and in llama.cpp's metadata (seq 0), e.g. the tokens of a reply past a
+// stop string. Needs n_new > the oldest metadata position. A layer that evicted some of those rows already drops
+// as many others (h2o and sink: by their own rule; tova, window, full: the oldest unprotected) so every layer
+// keeps the same count. Errors leave everything unchanged except TOVA_ERR_BACKEND.
+int32_t tova_engine_truncate(tova_engine * e, struct llama_context * ctx, int32_t n_new);
+
 #ifdef __cplusplus
 }
 #endif

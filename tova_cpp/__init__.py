@@ -3,7 +3,14 @@
 Each layer keeps the `budget` tokens with the highest attention from the newest query (averaged over heads).
 The paper's baselines `window`, `sink` and `h2o` and a protected prefix (`keep`) run on the same engine."""
 
-from .errors import EngineError, ModelLoadError, TovaError, TovaVersionError, UnsupportedModelError
+from .errors import (
+    EngineError,
+    ModelLoadError,
+    StateError,
+    TovaError,
+    TovaVersionError,
+    UnsupportedModelError,
+)
 from .llama import GenerationResponse, Llama
 from .models import default_model_path
 from .session import POLICIES, Session
@@ -15,6 +22,7 @@ __all__ = [
     "Llama",
     "ModelLoadError",
     "Session",
+    "StateError",
     "TovaError",
     "TovaVersionError",
     "UnsupportedModelError",

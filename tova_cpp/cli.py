@@ -90,6 +90,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-ctv", "--cache-type-v", choices=sorted(CACHE_TYPES), default="f16")
     g.add_argument("--chat-format", default=None, help="llama-cpp-python chat format (default: the GGUF's)")
     g.add_argument("--verbose", action="store_true", help="llama.cpp logs and Python tracebacks")
+    g.add_argument(
+        "--session",
+        metavar="FILE",
+        default=None,
+        help="resume the conversation saved in FILE and save it back after each answer (a missing FILE "
+        "starts a new one; it must come from the same model and cache flags)",
+    )
 
 
 def _sampling_args(p: argparse.ArgumentParser, temp: float) -> None:
@@ -242,26 +249,55 @@ def _ctrl_c_flag():
         signal.signal(signal.SIGINT, old)
 
 
+def _resume(llm, args) -> dict:
+    """--session: load FILE into llm if it exists; returns what the CLI saved beside the cache."""
+    import os
+
+    from .state import read_file
+
+    if not args.session or not os.path.exists(args.session):
+        return {}
+    state = read_file(args.session)
+    llm.load_state(state)
+    return state.extra
+
+
+def _park(llm, args, **extra) -> None:
+    """--session: write the conversation (the cache, its text and the CLI's messages) to FILE."""
+    from .state import write_file
+
+    if args.session:
+        state = llm.save_state()
+        state.extra = extra
+        write_file(args.session, state)
+
+
 def cmd_generate(args) -> int:
     text = _read_prompt(args)
     with open_llama(args) as llm:
+        saved = _resume(llm, args)
         if args.raw:
-            prompt = text
+            prompt = saved.get("text", "") + text
             sys.stdout.write(text)
         else:
             messages = [{"role": "system", "content": args.system}] if args.system else []
-            prompt, _ = llm.chat_prompt(messages + [{"role": "user", "content": text}])
-        n = 0
+            messages = saved.get("messages", messages) + [{"role": "user", "content": text}]
+            prompt, _ = llm.chat_prompt(messages)
+        n, answer = 0, ""
         with _ctrl_c_flag() as stop:
             for r in llm.stream_generate(
                 prompt, seed=args.seed, ignore_eos=args.ignore_eos, **_sampling(args)
             ):
                 sys.stdout.write(r.text)
                 sys.stdout.flush()
-                n = r.generation_tokens
+                n, answer = r.generation_tokens, answer + r.text
                 if stop["set"]:
                     break
         print()
+        if args.raw:
+            _park(llm, args, text=prompt + answer)
+        else:
+            _park(llm, args, messages=messages + [{"role": "assistant", "content": answer}])
         t = llm.last_timings
         print_timings(llm, t["prompt_tokens"], t["prompt_s"], n, t["eval_s"])
     return 0
@@ -270,7 +306,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     with open_llama(args) as llm:
         system = [{"role": "system", "content": args.system}] if args.system else []
-        messages = list(system)
+        messages = _resume(llm, args).get("messages", list(system))
         print("tova chat: /reset starts over, Ctrl-C stops an answer, Ctrl-D exits", file=sys.stderr)
         while True:
             try:
@@ -284,6 +320,7 @@ def cmd_chat(args) -> int:
             if line.strip() == "/reset":
                 messages = list(system)
                 llm.reset()
+                _park(llm, args, messages=messages)
                 print("(conversation reset)", file=sys.stderr)
                 continue
             if not line.strip():
@@ -304,6 +341,7 @@ def cmd_chat(args) -> int:
                         break
             print()
             messages.append({"role": "assistant", "content": answer})
+            _park(llm, args, messages=messages)
             t = llm.last_timings
             if t:
                 print_timings(

@@ -23,3 +23,8 @@ class EngineError(TovaError, RuntimeError):
 
 class Cancelled(TovaError):
     """A progress callback stopped `Session.eval`; the tokens evaluated before it stay in the cache."""
+
+
+class StateError(TovaError, ValueError):
+    """A saved session state does not fit this session (another model, budget, policy or cache type) or
+    its file is truncated or corrupted; the session was left as it was."""

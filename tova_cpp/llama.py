@@ -189,6 +189,52 @@ class Llama:
         self.session.reset()
         self._state = b""
 
+    def _cut_at_stop(self, fed: list[int], reply: str) -> list[int]:
+        """A stop string ended the reply at `reply`: remove from the cache the fed tokens whose text reaches
+        past it (Session.truncate, no re-evaluation), so a next prompt carrying the reply as returned extends
+        what the cache holds. Returns the fed tokens kept; on a refused cut the session starts over."""
+        # the longest fed prefix whose text (decoded as the cache's text is, in one piece) starts the reply;
+        # the tokens to drop are the few past the stop, so search from the end
+        j = len(fed)
+        while j > 0 and not reply.startswith(self.detokenize(fed[:j]).decode(errors="replace")):
+            j -= 1
+        if j < len(fed):
+            try:
+                self.session.truncate(self.session.n_past - (len(fed) - j))
+            except ValueError:  # the cut reaches past the oldest cached position: the next call starts over
+                self.session.reset()
+                return []
+        return fed[:j]
+
+    # -- save and resume (tova_cpp/state.py) -------------------------------------------------------
+    def save_state(self):
+        """llama_cpp.Llama.save_state over the bounded cache: a tova_cpp.state.TovaState holding the cache,
+        the engine's bookkeeping, the seed and the conversation text the cache holds."""
+        state = self.session.save_state()
+        state.seed, state.text = self.seed, self._state
+        return state
+
+    def load_state(self, state) -> None:
+        """Resume a conversation saved by save_state of a Llama of the same model and cache settings; the
+        next prompt that extends its text evaluates only the new tokens. StateError when it does not fit
+        (the conversation in memory is then kept)."""
+        self.session.load_state(state)
+        self._state = state.text
+        if state.seed is not None:
+            self.seed = state.seed
+
+    def save(self, path: str | os.PathLike) -> int:
+        """save_state() to a file (tova_cpp/state.py has the format); returns the bytes written."""
+        from .state import write_file
+
+        return write_file(path, self.save_state())
+
+    def load(self, path: str | os.PathLike) -> None:
+        """load_state() from a file written by save()."""
+        from .state import read_file
+
+        self.load_state(read_file(path))
+
     def close(self) -> None:
         self.session.close()
 
@@ -320,6 +366,7 @@ class Llama:
                 pending = pending[cut:]
                 hit = min((i for i in (text_out.find(x) for x in stops) if i >= 0), default=-1)
                 if hit >= 0:
+                    fed = self._cut_at_stop(fed, text_out[:hit])  # before the yield: a closed stream cuts too
                     yield self._response(
                         text_out[emitted:hit], tok, logprob, n_prompt, prompt_tps, n_gen, t1, "stop", top
                     )

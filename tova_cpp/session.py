@@ -52,7 +52,7 @@ import llama_cpp._logger
 import numpy as np
 
 from ._ffi import ffi, lib
-from .errors import Cancelled, EngineError, ModelLoadError, UnsupportedModelError
+from .errors import Cancelled, EngineError, ModelLoadError, StateError, UnsupportedModelError
 
 POLICIES = {"full": 0, "tova": 1, "window": 2, "sink": 3, "h2o": 4}
 DEFAULT_N_SINK = 4
@@ -170,6 +170,7 @@ class Session:
             raise ValueError(f"a quantized V cache ({type_v}) needs flash attention in llama.cpp")
         path = Path(model_path)
         _check_gguf_file(path)
+        self.model_path = str(path)
 
         llama_cpp._logger.set_verbose(verbose)
         _ensure_backend()
@@ -315,6 +316,11 @@ class Session:
         self._require_open()
         if self.n_past == 0:
             raise RuntimeError("no token has been evaluated yet")
+        restored = getattr(self, "_restored_logits", None)
+        if restored is not None and restored[0] == self.n_past:  # loaded or truncated, not decoded since
+            if restored[1] is None:
+                raise RuntimeError("no logits after truncate(): evaluate a token first")
+            return restored[1].copy()
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
@@ -383,6 +389,7 @@ class Session:
         if self._engine:
             lib.tova_engine_reset(self._engine)
         self.n_past = 0
+        self._restored_logits = None
 
     @property
     def cache_buffer(self) -> str:
@@ -443,6 +450,165 @@ class Session:
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, int(token)))
+
+    # -- save and resume (tova_cpp/state.py, docs/STATE.md) -------------------------------------------
+    def state_settings(self) -> dict:
+        """What a saved state must agree on to continue exactly: the engine's settings, the cache layout and
+        the micro-batch size (it splits prompts, hence the numerics)."""
+        keys = ("policy", "budget", "keep", "n_sink", "chunk", "evict_interval", "n_ubatch", "flash_attn")
+        out = {k: getattr(self, k) for k in keys}
+        out.update(type_k=self.type_k, type_v=self.type_v, n_layer=self.n_layer, n_vocab=self.n_vocab)
+        out["n_cells"] = self.n_cells
+        return out
+
+    def model_identity(self) -> str:
+        """The model file's identity as a saved state records it (tova_cpp.state.model_identity)."""
+        if getattr(self, "_model_id", None) is None:
+            from .state import model_identity
+
+            self._model_id = model_identity(self.model_path)
+        return self._model_id
+
+    def save_state(self):
+        """The whole bounded conversation as a tova_cpp.state.TovaState (llama_cpp.Llama.save_state's name):
+        llama.cpp's state of sequence 0, the engine's per-layer bookkeeping, the last logits. Changes nothing."""
+        from .state import TovaState, parse_engine_state, parse_seq_blob
+
+        self._require_open()
+        n = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
+        buf = (ctypes.c_uint8 * n)()
+        if llama_cpp.llama_state_seq_get_data(self._ctx, buf, n, 0) != n:
+            raise EngineError("llama_state_seq_get_data did not write the sequence state")
+        blob = bytes(buf)
+        size = ffi.new("size_t *")
+        if lib.tova_engine_state_size(self._engine, size) != 0:
+            raise EngineError("tova_engine_state_size failed")
+        engine = ffi.new("uint8_t[]", size[0])
+        if lib.tova_engine_export_state(self._engine, engine, size[0]) != 0:
+            raise EngineError(ffi.string(lib.tova_engine_last_error(self._engine)).decode())
+        engine = bytes(ffi.buffer(engine, size[0]))
+        # llama.cpp writes cells in ascending index order, as the engine does: the positions must agree
+        if not np.array_equal(parse_seq_blob(blob).positions, parse_engine_state(engine).meta):
+            raise EngineError("llama.cpp's cells disagree with the engine's bookkeeping; call reset()")
+        restored = getattr(self, "_restored_logits", None)
+        truncated = restored is not None and restored[0] == self.n_past and restored[1] is None
+        if self.n_past and not truncated:
+            scores = self.logits()[None, :]
+        else:  # nothing evaluated, or truncated since: no logits until the next eval, after a load too
+            scores = np.zeros((0, self.n_vocab), np.float32)
+        return TovaState(
+            n_tokens=self.n_past,
+            scores=scores,
+            llama_state=blob,
+            engine_state=engine,
+            model_id=self.model_identity(),
+            settings=self.state_settings(),
+        )
+
+    def load_state(self, state) -> None:
+        """Continue from `state` (from save_state of a session of the same model and settings), exactly as
+        the saved session would have. StateError when it does not fit; the session is then as it was."""
+        from .state import TovaState, parse_engine_state, parse_seq_blob
+
+        self._require_open()
+        if not isinstance(state, TovaState):
+            raise TypeError(f"load_state takes a TovaState, got {type(state).__name__}")
+        if state.model_id != self.model_identity():
+            raise StateError(
+                f"the state was saved with another model ({state.model_id[:19]}...), this session runs "
+                f"{self.model_path} ({self.model_identity()[:19]}...)"
+            )
+        mine = self.state_settings()
+        diff = {k: (state.settings.get(k), v) for k, v in mine.items() if state.settings.get(k) != v}
+        if diff:
+            said = ", ".join(f"{k}={a!r} (this session: {b!r})" for k, (a, b) in sorted(diff.items()))
+            raise StateError(f"the state was saved with other settings: {said}")
+        seq = parse_seq_blob(state.llama_state)
+        cells = parse_engine_state(state.engine_state)
+        n = cells.meta.size
+        if (
+            not np.array_equal(seq.positions, cells.meta)
+            or (n == 0) != (state.n_tokens == 0)
+            or (n and (cells.meta.max() != state.n_tokens - 1 or cells.cells[-1] >= self.n_cells))
+        ):
+            raise StateError("the state's llama.cpp cells, engine bookkeeping and token count disagree")
+        if state.scores.shape not in ((0, self.n_vocab), (1, self.n_vocab)) or (
+            state.n_tokens == 0 and state.scores.shape[0]
+        ):
+            raise StateError(f"the state's scores have shape {state.scores.shape}")
+        backup = self.save_state() if self.n_past else None
+        try:
+            self._restore(state, seq, cells.cells)
+        except Exception:
+            if backup is None:
+                self.reset()
+            else:
+                self._restore(
+                    backup, parse_seq_blob(backup.llama_state), parse_engine_state(backup.engine_state).cells
+                )
+            raise
+
+    def _restore(self, state, seq, cells: np.ndarray) -> None:
+        from .state import place_cells
+
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        self.reset()  # an empty cache with its search head at cell 0: the rows land where place_cells says
+        if state.n_tokens == 0:
+            return
+        blob, filler = place_cells(state.llama_state, seq, cells)
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(blob), 0) != len(blob):
+            raise StateError("llama.cpp refused the sequence state")
+        if filler >= 0 and not llama_cpp.llama_memory_seq_rm(mem, 0, filler, -1):
+            raise StateError("llama.cpp refused to free the filler cells")
+        window = (state.n_tokens - len(cells), state.n_tokens - 1)
+        if self.pos_window() != window:
+            raise StateError(
+                f"llama.cpp holds positions {self.pos_window()} after the load, expected {window}"
+            )
+        data = ffi.from_buffer(state.engine_state)
+        if lib.tova_engine_import_state(self._engine, data, len(state.engine_state)) != 0:
+            raise StateError(ffi.string(lib.tova_engine_last_error(self._engine)).decode())
+        self.n_past = state.n_tokens
+        last = np.array(state.scores[0], dtype=np.float32) if len(state.scores) else None
+        self._restored_logits = (self.n_past, last)
+
+    def truncate(self, n_past: int) -> None:
+        """Forget the newest tokens: keep positions < n_past (a reply cut by a stop string), without
+        re-evaluating anything. The next eval continues at position n_past.
+
+        Differs from a run that never saw those tokens (docs/STATE.md): the evictions they caused stay, h2o's
+        accumulators keep their attention, and a layer that had already evicted some of them evicts as many
+        other rows so every layer keeps the same count (h2o and sink by their own rule; tova, window and full
+        the oldest rows after the protected prefix, since no attention row of the new newest token exists).
+        n_past must be above the oldest position the cache holds (else ValueError; use reset)."""
+        self._require_open()
+        if isinstance(n_past, bool) or not isinstance(n_past, int) or not 0 <= n_past <= self.n_past:
+            raise ValueError(f"n_past must be an integer in [0, {self.n_past}], got {n_past!r}")
+        if n_past == self.n_past:
+            return
+        if n_past == 0:
+            self.reset()
+            return
+        rc = lib.tova_engine_truncate(self._engine, ffi.cast("void *", self._ctx), n_past)
+        if rc == -1:  # TOVA_ERR_ARG: refused before anything changed
+            raise ValueError(ffi.string(lib.tova_engine_last_error(self._engine)).decode())
+        self._check(rc)
+        self.n_past = n_past
+        self._restored_logits = (n_past, None)  # the context's logits are those of a removed token
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write the conversation to `path` (atomically; tova_cpp/state.py has the format). Returns bytes."""
+        from .state import write_file
+
+        return write_file(path, self.save_state())
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Continue the conversation saved in `path`. StateError when the file is truncated, corrupted or
+        saved with another model or settings; the session is then as it was."""
+        from .state import read_file
+
+        self.load_state(read_file(path))
 
     def _require_open(self) -> None:
         if not self._ctx:
