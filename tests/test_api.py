@@ -126,7 +126,9 @@ def test_follow_up_turn_decodes_only_the_new_tokens(llm):
     reply = first["choices"][0]["message"]["content"]
     u1 = first["usage"]
     rendered1, _ = llm.chat_prompt(CHAT)
-    assert u1["prompt_tokens"] == len(llm.tokenize(rendered1, special=True))
+    # llama-cpp-python's chat handler tokenizes the rendered template without adding a BOS
+    assert u1["prompt_tokens"] == u1["prompt_tokens_evaluated"]
+    assert u1["prompt_tokens"] == len(llm.tokenize(rendered1, add_bos=False, special=True))
     past_after_1 = s.n_past
     # generation stopped on max_tokens: the last sampled token was not fed
     assert past_after_1 == u1["prompt_tokens"] + u1["completion_tokens"] - 1
@@ -136,11 +138,13 @@ def test_follow_up_turn_decodes_only_the_new_tokens(llm):
     assert rendered2.encode().startswith(state)
     new_tokens = llm.tokenize(rendered2.encode()[len(state) :].decode(), add_bos=False, special=True)
     second = llm.create_chat_completion(convo, max_tokens=8, temperature=0.0)
-    n2 = second["usage"]["prompt_tokens"]
+    n2 = second["usage"]["prompt_tokens_evaluated"]
+    # usage counts the whole prompt, as OpenAI does
+    assert second["usage"]["prompt_tokens"] == len(llm.tokenize(rendered2, add_bos=False, special=True))
     # the new turn's tokens, plus the reply's last sampled token, which was never fed (one token; its text
     # is one to four byte tokens in the tiny fixture's byte vocabulary)
     assert len(new_tokens) + 1 <= n2 <= len(new_tokens) + 4
-    assert n2 < len(llm.tokenize(rendered2, special=True)) - u1["prompt_tokens"]
+    assert n2 < second["usage"]["prompt_tokens"] - u1["prompt_tokens"]
     # the cache went on from where it was: nothing re-evaluated
     assert s.n_past == past_after_1 + n2 + second["usage"]["completion_tokens"] - 1
 
@@ -150,7 +154,8 @@ def test_a_new_conversation_resets(llm):
     other = [{"role": "user", "content": "What is 2+2?"}]
     out = llm.create_chat_completion(other, max_tokens=4, temperature=0.0)
     rendered, _ = llm.chat_prompt(other)
-    assert out["usage"]["prompt_tokens"] == len(llm.tokenize(rendered, special=True))
+    assert out["usage"]["prompt_tokens"] == len(llm.tokenize(rendered, add_bos=False, special=True))
+    assert out["usage"]["prompt_tokens_evaluated"] == out["usage"]["prompt_tokens"]
     assert llm.session.n_past == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"] - 1
     # and the answer is the one a fresh model gives
     with Llama(model_path=llm.model_path, budget=32, chunk=16, n_threads=2) as fresh:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -161,7 +162,7 @@ def open_llama(args):
         type_v=args.cache_type_v,
         chat_format=args.chat_format,
         verbose=args.verbose,
-        seed=args.seed if args.seed is not None else 0xFFFFFFFF,
+        seed=args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little"),
     )
 
 

@@ -19,3 +19,11 @@ class UnsupportedModelError(TovaError, ValueError):
 
 class EngineError(TovaError, RuntimeError):
     """The native engine reported a failure; the state was cleared."""
+
+
+class Cancelled(TovaError):
+    """A progress callback asked `Session.eval` to stop; the tokens evaluated so far stay in the cache."""
+
+
+class NumericalError(TovaError, RuntimeError):
+    """The model produced NaN or infinite logits (corrupt weights or input); nothing was sampled."""

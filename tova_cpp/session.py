@@ -52,7 +52,7 @@ import llama_cpp._logger
 import numpy as np
 
 from ._ffi import ffi, lib
-from .errors import EngineError, ModelLoadError, UnsupportedModelError
+from .errors import Cancelled, EngineError, ModelLoadError, UnsupportedModelError
 
 POLICIES = {"full": 0, "tova": 1, "window": 2, "sink": 3, "h2o": 4}
 DEFAULT_N_SINK = 4
@@ -268,11 +268,13 @@ class Session:
         return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy()
 
     # -- public -------------------------------------------------------------------------------------------
-    def eval(self, tokens, *, logits_all: bool = False) -> np.ndarray | None:
+    def eval(self, tokens, *, logits_all: bool = False, progress=None) -> np.ndarray | None:
         """Feed tokens (a prompt, or one decoded/teacher-forced token) into the bounded cache.
 
         Returns float32 logits [len(tokens), n_vocab] when logits_all, each computed from the cache as it was
         when that token was processed; else None (see `logits()`).
+        progress: None or a callable (done, total) -> bool | None, called after each ubatch; returning False
+        raises tova_cpp.errors.Cancelled, with the tokens evaluated so far kept (n_past counts them).
         """
         self._require_open()
         toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -297,7 +299,11 @@ class Session:
                 lg = self._decode(sub, capture=last and cuts, logits_all=logits_all)
                 if lg is not None:
                     out.append(lg)
-            self._check(lib.tova_engine_cut(self._engine, ffi.cast("void *", self._ctx)))
+                if last:
+                    self._check(lib.tova_engine_cut(self._engine, ffi.cast("void *", self._ctx)))
+                # a cancel lands between ubatches; no scores are pending then (only a piece's last captures)
+                if progress is not None and progress(i + s + sub.size, toks.size) is False:
+                    raise Cancelled(f"evaluation cancelled after {i + s + sub.size} of {toks.size} tokens")
             i += piece.size
         return np.concatenate(out) if logits_all else None
 
