@@ -479,18 +479,25 @@ def _history_file() -> Path:
 
 @contextlib.contextmanager
 def _readline_history():
-    """Line editing and a history kept across sessions, when the platform has readline; else nothing."""
+    """Line editing and a history kept across sessions (on a terminal, where the platform has readline)."""
     try:
+        if not sys.stdin.isatty():
+            raise ImportError
         import readline
     except ImportError:
-        yield
+        yield lambda line: None
         return
     path = _history_file()
     with contextlib.suppress(OSError):
         readline.read_history_file(path)
     readline.set_history_length(1000)
+
+    def remember(line: str) -> None:  # input() adds lines itself only when stdout is a terminal too
+        if line.strip() and readline.get_history_item(readline.get_current_history_length()) != line:
+            readline.add_history(line)
+
     try:
-        yield
+        yield remember
     finally:
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -498,7 +505,7 @@ def _readline_history():
 
 
 def cmd_chat(args) -> int:
-    with open_llama(args) as llm, _readline_history():
+    with open_llama(args) as llm, _readline_history() as remember:
         system = [{"role": "system", "content": args.system}] if args.system else []
         messages = list(system)
         print("tova chat: /reset starts over, Ctrl-C stops an answer, Ctrl-D exits", file=sys.stderr)
@@ -511,6 +518,7 @@ def cmd_chat(args) -> int:
             except KeyboardInterrupt:
                 print(file=sys.stderr)
                 continue
+            remember(line)
             if line.strip() == "/reset":
                 messages = list(system)
                 llm.reset()
