@@ -93,6 +93,11 @@ def script(Llama, path) -> dict:
         repeat_penalty=1.3,
     )
     out["penalties"] = c["choices"][0]["text"]
+    # sampling with a seed: the same sampler chain and seed draw the same tokens
+    c = call("Once upon a time", max_tokens=24, temperature=0.9, top_k=50, top_p=0.9, seed=7)
+    out["sampled"] = c["choices"][0]["text"]
+    c = call("Once upon a time", max_tokens=24, temperature=0.9, mirostat_mode=2, mirostat_tau=4.0, seed=7)
+    out["mirostat"] = c["choices"][0]["text"]
     llm.close()
     return out
 
@@ -124,6 +129,8 @@ def both(smollm2_path):
         "grammar",
         "logit_bias",
         "penalties",
+        "sampled",
+        "mirostat",
     ],
 )
 def test_same_results_as_llama_cpp_python(both, key):

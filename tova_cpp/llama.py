@@ -153,11 +153,14 @@ class Llama:
         unknown = sorted(k for k in kwargs if k not in _LLAMA_CPP_PARAMS)
         if unknown:
             raise TypeError(f"tova_cpp.Llama got an unexpected keyword argument {unknown[0]!r}")
-        if kwargs.get("n_threads_batch") not in (None, n_threads):
-            raise ValueError("tova_cpp uses one thread count: give n_threads (n_threads_batch must equal it)")
         ignored = sorted(
             k for k, v in kwargs.items() if k not in _IMPLEMENTED and not _same(v, _LLAMA_CPP_PARAMS[k])
         )
+        n_threads_batch = kwargs.get("n_threads_batch")
+        if n_threads is None:
+            n_threads = n_threads_batch
+        elif n_threads_batch not in (None, n_threads):  # one thread count here, for prompts and decoding
+            ignored = sorted([*ignored, "n_threads_batch"])
         if ignored:
             warnings.warn(
                 f"tova_cpp.Llama ignores these llama_cpp.Llama options (no effect here): {', '.join(ignored)}",
@@ -311,7 +314,7 @@ class Llama:
 
     def close(self) -> None:
         """Free the model and the cache. Open streams end first; any later call raises RuntimeError."""
-        if self.session is None:
+        if getattr(self, "session", None) is None:  # __init__ failed before the session existed
             return
         if not self._closed:
             with contextlib.suppress(Exception):
