@@ -412,6 +412,7 @@ class Llama:
         supersedes an open stream (it then raises RuntimeError)."""
         max_tokens = check_max_tokens(max_tokens)
         with self._use():
+            self.last_timings = {}
             self._settle()
             self._gen_id += 1
             tokens = self._prompt_tokens(prompt, add_bos)
