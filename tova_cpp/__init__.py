@@ -4,28 +4,35 @@ Each layer keeps the `budget` tokens with the highest attention from the newest 
 The paper's baselines `window`, `sink` and `h2o` and a protected prefix (`keep`) run on the same engine."""
 
 from .errors import (
+    Cancelled,
     EngineError,
     ModelLoadError,
+    NumericalError,
     StateError,
     TovaError,
     TovaVersionError,
     UnsupportedModelError,
 )
-from .llama import GenerationResponse, Llama
+from .generate import GenerationResponse, generate, stream_generate
+from .llama import Llama
 from .models import default_model_path
 from .session import POLICIES, Session
 
 __all__ = [
     "POLICIES",
+    "Cancelled",
     "EngineError",
     "GenerationResponse",
     "Llama",
     "ModelLoadError",
+    "NumericalError",
     "Session",
     "StateError",
     "TovaError",
     "TovaVersionError",
     "UnsupportedModelError",
     "default_model_path",
+    "generate",
+    "stream_generate",
 ]
 __version__ = "0.1.0"

