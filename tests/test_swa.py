@@ -13,6 +13,8 @@ import pytest
 from reference import Reference
 from tiny_gguf import write_tiny_gemma
 
+from tova_cpp import Session
+
 # the oracle's GELU emulates ggml's f16 table; an f32 input that rounds to the neighbouring f16 moves one
 # activation by an f16 step: logits agree to ~3e-4 of their largest magnitude
 GEMMA_RTOL = 1e-3
@@ -96,3 +98,178 @@ def test_oracle_without_a_feature_fails(gemmas, arch, change):
     tokens = np.random.default_rng(0).integers(0, model.n_vocab, size=60).tolist()
     wrong = dataclasses.replace(model, **change)
     assert oracle_error(wrong, tokens, llama_cpp_logits(path, tokens)) > 10 * GEMMA_RTOL
+
+
+# -- the engine on tiny iSWA models against the oracle ------------------------------------------------------
+
+BUDGET, CHUNK, STEPS = 16, 8, 40
+
+
+def compare(s: Session, ref: Reference, prompt, stream, rtol=GEMMA_RTOL, max_ties=0) -> str | None:
+    """Runs both; None if logits and every managed layer's kept positions agree at every step, else a
+    message. max_ties > 0 (flash attention): that many layer-cuts may keep another set that is the policy's up
+    to a 5% near tie by the oracle's scores (the oracle then follows)."""
+    ties = 0
+    for step, tokens in enumerate([prompt] + [[t] for t in stream]):
+        s.eval(tokens)
+        ref.eval(tokens)
+        kept, want = s.kept_positions(), ref.kept_positions()
+        if kept.shape != want.shape or not np.array_equal(kept, want):
+            if max_ties == 0 or ref.before_cut is None:
+                return f"step {step}: kept positions differ\nengine {kept}\nreference {want}"
+            try:
+                ties += ref.follow(kept, rtol=5e-2)
+            except AssertionError as e:
+                return f"step {step}: kept positions differ ({e})"
+            if ties > max_ties:
+                return f"step {step}: kept positions differ in more than {max_ties} near-tie cuts"
+        err = np.abs(s.logits() - ref.last_logits).max() / np.abs(ref.last_logits).max()
+        if err > rtol:
+            return f"step {step}: logits differ by {err:.3g} of their scale"
+        assert s.n_occupied <= s.budget + s.evict_interval - 1 or s.policy == "full"
+        assert s.pos_window()[1] == s.n_past - 1
+    return None
+
+
+def tiny_session(path, budget=BUDGET, **kw) -> Session:
+    return Session(path, budget=budget, chunk=CHUNK, type_k="f32", type_v="f32", n_threads=2, **kw)
+
+
+# (policy, keyword args, flash attention): one line per case
+SWA_CASES = [
+    ("tova", {}, False),
+    ("tova", {}, True),
+    ("window", {}, False),
+    ("sink", {}, False),
+    ("h2o", {}, False),
+    ("tova", {"keep": 3}, False),
+    ("tova", {"evict_interval": 4}, False),
+]
+
+
+@pytest.mark.parametrize(
+    "case", SWA_CASES, ids=lambda c: "-".join([c[0], *map(str, c[1].values()), f"fa{int(c[2])}"])
+)
+@pytest.mark.parametrize("prompt_len", [10, 50], ids=["prompt<budget", "chunked"])
+@pytest.mark.parametrize("arch", list(GEMMA_CASES))
+def test_engine_matches_oracle_on_iswa(gemmas, arch, case, prompt_len):
+    """The policy on the full-attention layers, llama.cpp's window on the others: logits and kept positions of
+    every full-attention layer equal the oracle's at every step (gemma2: softcapped scores)."""
+    policy, kw, flash_attn = case
+    path, model = gemmas[arch]
+    tokens = np.random.default_rng(prompt_len).integers(0, model.n_vocab, size=prompt_len + STEPS).tolist()
+    with tiny_session(path, policy=policy, flash_attn=flash_attn, **kw) as s:
+        assert s.managed_layers == model.full_layers == [1, 3]
+        ref = Reference(model, BUDGET, CHUNK, policy, **kw)
+        msg = compare(s, ref, tokens[:prompt_len], tokens[prompt_len:], max_ties=3 * flash_attn)
+    assert msg is None
+
+
+def test_budget_at_the_window_rule(gemmas):
+    """budget = n_swa - 1, the smallest the rule allows, still gives the oracle's logits with the ideal window."""
+    path, model = gemmas["gemma3"]
+    tokens = np.random.default_rng(1).integers(0, model.n_vocab, size=60).tolist()
+    budget = model.n_swa - 1
+    with Session(path, budget=budget, chunk=4, type_k="f32", type_v="f32", n_threads=2) as s:
+        assert compare(s, Reference(model, budget, 4), tokens[:5], tokens[5:]) is None
+
+
+def test_budget_below_the_window_is_refused(gemmas):
+    path, model = gemmas["gemma3"]
+    with pytest.raises(ValueError, match=f"budget must be at least {model.n_swa - 1}"):
+        Session(path, budget=model.n_swa - 2)
+    with Session(path, budget=model.n_swa - 2, policy="full", chunk=64) as s:  # no cut: no rule
+        s.eval(list(range(20)))
+
+
+def test_budget_below_the_window_breaks_the_sliding_layers(gemmas, monkeypatch):
+    """The rule is tight: with the check lifted, budget = n_swa - 2 frees a position a sliding-window layer still
+    attends to and the logits leave the oracle's."""
+    import tova_cpp.session
+
+    monkeypatch.setattr(tova_cpp.session, "swa_min_budget", lambda n_swa: 0)
+    path, model = gemmas["gemma3"]
+    tokens = np.random.default_rng(1).integers(0, model.n_vocab, size=60).tolist()
+    budget = model.n_swa - 2
+    with Session(path, budget=budget, chunk=4, type_k="f32", type_v="f32", n_threads=2) as s:
+        msg = compare(s, Reference(model, budget, 4), tokens[:5], tokens[5:])
+    assert msg is not None and "logits differ" in msg
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"arch": "gemma3", "swa_pattern": 0}, "every layer"),  # pattern 0: every layer slides
+        ({"arch": "gemma3", "pattern_array": True}, "pattern array"),
+        ({"arch": "gemma2", "attn_softcap": 5.0}, r"manages the full-attention layers of \['gemma3'\]"),
+    ],
+    ids=["all-sliding", "pattern-array", "unknown-architecture"],
+)
+def test_unmanageable_swa_models_are_refused(tmp_path, monkeypatch, kw, match):
+    import tova_cpp.session
+    from tova_cpp import UnsupportedModelError
+
+    # an architecture whose default pattern tova_cpp does not know: gemma2 with its entry removed
+    monkeypatch.delitem(tova_cpp.session.SWA_PATTERNS, "gemma2")
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gemma(path, write_pattern=kw["arch"] == "gemma3", **kw)
+    with pytest.raises(UnsupportedModelError, match=match):
+        Session(path, budget=16)
+
+
+# -- the real gemma3-270m ------------------------------------------------------------------------------------
+
+TEXT = (
+    "The sliding-window layers of Gemma keep only the last few hundred tokens; its full-attention layers keep "
+    "everything, and that is where the memory of a long conversation goes. "
+)
+
+
+def test_gemma3_budget_above_the_text_is_plain_llama_cpp(gemma3_path):
+    """No cut happens: every logit equals plain llama-cpp-python's, bit for bit (same n_ctx, n_batch,
+    threads, f16 cache, flash attention off)."""
+    with Session(gemma3_path, budget=600, chunk=32, n_threads=2) as s:
+        assert s.managed_layers == [5, 11, 17] and s.n_swa == 512
+        prompt = s.tokenize(TEXT * 3)
+        llm = llama_cpp.Llama(
+            str(gemma3_path),
+            n_ctx=s.n_cells,
+            n_batch=32,
+            n_ubatch=32,
+            n_threads=2,
+            flash_attn=False,
+            logits_all=False,
+            verbose=False,
+        )
+        try:
+            s.eval(prompt)
+            llm.eval(prompt)
+            tok = int(np.argmax(s.logits()))
+            for _ in range(24):
+                assert np.array_equal(s.logits(), np.array(llm.scores[llm.n_tokens - 1]))
+                s.eval([tok])
+                llm.eval([tok])
+                tok = int(np.argmax(s.logits()))
+        finally:
+            llm.close()
+
+
+@pytest.mark.parametrize("policy", ["tova", "window"])
+def test_gemma3_full_attention_layers_stay_bounded(gemma3_path, policy):
+    """Over a generation three times the budget the full-attention layers never hold more than the budget,
+    each keeps unique positions at most the newest, and the text stays what the model writes (no error)."""
+    budget, chunk = 512, 32
+    with Session(gemma3_path, budget=budget, chunk=chunk, policy=policy, n_threads=2) as s:
+        s.eval(s.tokenize(TEXT * 8)[: budget + 100])
+        tok = int(np.argmax(s.logits()))
+        for _ in range(2 * budget):
+            s.eval([tok])
+            assert s.n_occupied <= budget
+            kept = s.kept_positions()
+            assert kept.shape == (3, budget)
+            assert all(np.unique(row).size == budget for row in kept)
+            assert kept.max() <= s.n_past - 1
+            if policy == "window":
+                assert (kept == np.arange(s.n_past - budget, s.n_past)).all()
+            tok = int(np.argmax(s.logits()))
+        assert s.n_past > 3 * budget

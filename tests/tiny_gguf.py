@@ -135,17 +135,21 @@ class TinyGemma:
     weights: dict[str, np.ndarray] = field(default_factory=dict)
 
     def is_swa(self, il: int) -> bool:
-        return il % self.swa_pattern < self.swa_pattern - 1
+        p = self.swa_pattern
+        return p == 0 or il % p < p - 1
 
     @property
     def full_layers(self) -> list[int]:
         return [il for il in range(self.n_layer) if not self.is_swa(il)]
 
 
-def write_tiny_gemma(path: Path, *, seed: int = 0, write_pattern: bool = True, **shape) -> TinyGemma:
+def write_tiny_gemma(
+    path: Path, *, seed: int = 0, write_pattern: bool = True, pattern_array: bool = False, **shape
+) -> TinyGemma:
     """Writes a gemma2/gemma3 GGUF with F32 weights (numpy (n_out, n_in), y = W @ x), token ids only; the
     output matrix is tied to the embeddings, as in Gemma. write_pattern: store
-    {arch}.attention.sliding_window_pattern (llama.cpp's default for the architecture otherwise)."""
+    {arch}.attention.sliding_window_pattern (llama.cpp's default for the architecture otherwise); pattern_array:
+    store it as one bool per layer (true: sliding) instead of the integer."""
     import gguf
 
     m = TinyGemma(**shape)
@@ -194,7 +198,8 @@ def write_tiny_gemma(path: Path, *, seed: int = 0, write_pattern: bool = True, *
     writer.add_rope_freq_base(m.rope_base)
     writer.add_sliding_window(m.n_swa)
     if write_pattern:
-        writer.add_sliding_window_pattern(m.swa_pattern)
+        pattern = [m.is_swa(il) for il in range(m.n_layer)] if pattern_array else m.swa_pattern
+        writer.add_sliding_window_pattern(pattern)
     if m.attn_softcap:
         writer.add_attn_logit_softcapping(m.attn_softcap)
     if m.final_softcap:

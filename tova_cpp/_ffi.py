@@ -21,6 +21,7 @@ void tova_engine_free(tova_engine * e);
 int32_t tova_engine_set_cells(tova_engine * e, int32_t n_cells);
 int32_t tova_engine_set_keep(tova_engine * e, int32_t keep);
 int32_t tova_engine_set_n_sink(tova_engine * e, int32_t n_sink);
+int32_t tova_engine_set_layers(tova_engine * e, const uint8_t * managed, int32_t n_layer);
 bool tova_eval_callback(void * t, bool ask, void * user_data);
 int32_t tova_engine_begin(tova_engine * e, int32_t n_tokens, int32_t pos0, bool capture_scores);
 int32_t tova_engine_end(tova_engine * e);

@@ -87,16 +87,60 @@ def _meta(model, key: str) -> str | None:
     return buf.value.decode(errors="replace") if n >= 0 else None
 
 
+# iSWA architectures: layer il is a sliding-window layer unless il % p == p - 1 (llama.cpp's default pattern p
+# for the architecture, used when the GGUF has no {arch}.attention.sliding_window_pattern). docs/SWA.md
+SWA_PATTERNS = {"gemma2": 2, "gemma3": 6}
+
+
+def swa_min_budget(n_swa: int) -> int:
+    """The smallest budget an evicting policy may use on a model with a window of n_swa (docs/SWA.md): the cell
+    trick frees the smallest metadata position in every layer, the sliding-window layers' too, and after a cut
+    at newest position P the next query (P + 1) must still find positions P + 2 - n_swa .. P."""
+    return n_swa - 1
+
+
+def _meta_keys(model) -> set[str]:
+    buf = ctypes.create_string_buffer(256)
+    keys = set()
+    for i in range(llama_cpp.llama_model_meta_count(model)):
+        if llama_cpp.llama_model_meta_key_by_index(model, i, buf, len(buf)) >= 0:
+            keys.add(buf.value.decode(errors="replace"))
+    return keys
+
+
+def swa_layers(model) -> list[bool] | str:
+    """Per layer: True where llama.cpp runs a sliding window (its iSWA cache keeps those layers bounded), or
+    why the pattern cannot be known. All False for a model without sliding-window attention."""
+    n_layer = llama_cpp.llama_model_n_layer(model)
+    if llama_cpp.llama_model_n_swa(model) <= 0:
+        return [False] * n_layer
+    arch = _meta(model, "general.architecture") or "unknown"
+    key = f"{arch}.attention.sliding_window_pattern"
+    if arch not in SWA_PATTERNS:
+        return (
+            f"model uses sliding-window attention ({arch}); tova_cpp manages the full-attention layers of "
+            f"{sorted(SWA_PATTERNS)} only, whose layer pattern it knows"
+        )
+    pattern = _meta(model, key)
+    if pattern is None and key in _meta_keys(model):
+        return f"model uses sliding-window attention ({arch}) with a per-layer pattern array ({key}): not supported"
+    p = int(pattern) if pattern is not None else SWA_PATTERNS[arch]
+    return [p == 0 or il % p < p - 1 for il in range(n_layer)]
+
+
 def _refusal(model) -> str | None:
     """Why this model's cache cannot be managed per layer, or None."""
     arch = _meta(model, "general.architecture") or "unknown"
-    if llama_cpp.llama_model_n_swa(model) > 0:
-        return (
-            f"model uses sliding-window attention ({arch}); tova_cpp manages only models whose every layer "
-            "attends over the full cache, and window layers are not supported yet"
-        )
     if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
         return f"model has a recurrent or hybrid memory ({arch}); TOVA applies to attention KV caches only"
+    swa = swa_layers(model)
+    if isinstance(swa, str):
+        return swa
+    if all(swa):
+        return (
+            f"every layer of this model uses sliding-window attention ({arch}): llama.cpp already bounds its "
+            "cache, there is no full-attention layer for tova_cpp to manage"
+        )
     alibi = _meta(model, f"{arch}.attention.max_alibi_bias")
     if arch in ALIBI_ARCHS or (alibi is not None and float(alibi) > 0):
         return f"model uses ALiBi ({arch}): its bias comes from cache positions, which eviction would change"
@@ -184,6 +228,18 @@ class Session:
             self.close()
             raise UnsupportedModelError(why)
 
+        # iSWA: the policy runs on the full-attention layers; llama.cpp keeps the sliding-window layers' window
+        swa = swa_layers(model)
+        self.managed_layers = [il for il, slides in enumerate(swa) if not slides]
+        self.n_swa = llama_cpp.llama_model_n_swa(model) if any(swa) else 0
+        if self.n_swa and policy != "full" and budget < swa_min_budget(self.n_swa):
+            arch = _meta(model, "general.architecture")
+            self.close()
+            raise ValueError(
+                f"model uses sliding-window attention ({arch}, window {self.n_swa}): budget must be at least "
+                f"{swa_min_budget(self.n_swa)}, got {budget}; a smaller budget would evict tokens its "
+                "sliding-window layers still attend to (docs/SWA.md)"
+            )
         self.policy, self.budget, self.chunk, self.keep, self.n_sink = policy, budget, chunk, keep, n_sink
         self.evict_interval, self.flash_attn = evict_interval, flash_attn
         self.type_k, self.type_v = type_k, type_v
@@ -214,7 +270,12 @@ class Session:
             self.close()
             raise ValueError(ffi.string(err).decode())
         self._engine = engine
-        for rc in (lib.tova_engine_set_keep(engine, keep), lib.tova_engine_set_n_sink(engine, n_sink)):
+        managed = ffi.new("uint8_t[]", [int(il in self.managed_layers) for il in range(self.n_layer)])
+        for rc in (
+            lib.tova_engine_set_keep(engine, keep),
+            lib.tova_engine_set_n_sink(engine, n_sink),
+            lib.tova_engine_set_layers(engine, managed, self.n_layer),
+        ):
             if rc != 0:
                 msg = ffi.string(lib.tova_engine_last_error(engine)).decode()
                 self.close()
@@ -310,19 +371,21 @@ class Session:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def cell_positions(self) -> np.ndarray:
-        """int32 [n_layer, n_cells]: original position each layer holds in each cell, -1 where empty."""
+        """int32 [len(managed_layers), n_cells]: original position each managed layer holds in each cell, -1
+        where empty. Managed: every layer, or the full-attention layers of a sliding-window model."""
         self._require_open()
         out = np.empty((self.n_layer, self.n_cells), dtype=np.int32)
         self._check(
             lib.tova_engine_cell_positions(self._engine, ffi.cast("int32_t *", out.ctypes.data), out.size)
         )
-        return out
+        return out[self.managed_layers]
 
     def kept_positions(self) -> np.ndarray:
-        """int [n_layer, budget]: the original positions each layer keeps, ascending, -1 where empty."""
+        """int [len(managed_layers), budget]: the original positions each managed layer keeps, ascending, -1
+        where empty."""
         cells = self.cell_positions()
         width = max(self.budget, int((cells >= 0).sum(axis=1).max()))
-        out = np.full((self.n_layer, width), -1, dtype=np.int64)
+        out = np.full((len(cells), width), -1, dtype=np.int64)
         for layer, row in enumerate(cells):
             kept = np.sort(row[row >= 0])
             out[layer, : kept.size] = kept
@@ -358,12 +421,13 @@ class Session:
 
     @property
     def n_occupied(self) -> int:
-        """Cells that hold a token (the same count in every layer)."""
+        """Cells that hold a token (the same count in every managed layer)."""
         self._require_open()
         return int(lib.tova_engine_n_occupied(self._engine))
 
     def pos_window(self) -> tuple[int, int]:
-        """(min, max) position llama.cpp's metadata holds for the sequence; (-1, -1) when empty."""
+        """(min, max) position llama.cpp's metadata holds for the sequence; (-1, -1) when empty. With
+        sliding-window layers llama.cpp reports its window cache's minimum, which may exceed the managed one."""
         mem = llama_cpp.llama_get_memory(self._ctx)
         return (llama_cpp.llama_memory_seq_pos_min(mem, 0), llama_cpp.llama_memory_seq_pos_max(mem, 0))
 
