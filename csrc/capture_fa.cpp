@@ -150,12 +150,16 @@ bool fa_scorer::ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t 
 bool fa_scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scores, int32_t n_cells, uint8_t * scored,
                         std::string & err) {
     const int32_t n_layer = (int32_t) layers_.size();
-    if (n_kv_ == 0 || n_kv_ > n_cells || !cache_k[0]) {
+    // the first captured layer's cache names the device (an iSWA model's layer 0 may be a window layer)
+    ggml_tensor * cache_k0 = nullptr;
+    for (int32_t l = 0; l < n_layer && !cache_k0; l++)
+        if (layers_[l].seen) cache_k0 = cache_k[l];
+    if (n_kv_ == 0 || n_kv_ > n_cells || !cache_k0) {
         err = "no FLASH_ATTN_EXT node was captured (or n_kv exceeds the context)";
         return false;
     }
     const int64_t q_len = head_dim_ * n_head_;
-    if (!ensure_buffers(cache_k[0], n_layer, q_len, n_cells, err)) return false;
+    if (!ensure_buffers(cache_k0, n_layer, q_len, n_cells, err)) return false;
     ggml_backend_tensor_set(q_, q_host_.data(), 0, q_host_.size() * sizeof(float));
     ggml_backend_tensor_set(mask_, mask_host_.data(), 0, n_kv_ * sizeof(uint16_t));
 

@@ -35,6 +35,9 @@ struct tova_engine {
     std::vector<double> acc;         // [n_layer * n_cells] h2o: head-averaged attention summed over every query
                                      // since the token entered; travels with its row, 0 in free cells
     std::vector<uint8_t> scored;     // [n_layer] layer captured in the last scored decode
+    // [n_layer] 1: the policy runs on this layer; 0: a sliding-window layer left to llama.cpp (docs/SWA.md)
+    std::vector<uint8_t> managed;
+    bool layers_checked = false;  // managed and sliding layers seen in separate cache buffers (first decode)
     std::vector<ggml_tensor *> cache_k, cache_v;  // [n_layer], live as long as the context
 
     // armed by tova_engine_begin for one llama_decode
@@ -93,6 +96,7 @@ extern "C" tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int
     e->cache_k.assign(n_layer, nullptr);
     e->cache_v.assign(n_layer, nullptr);
     e->scored.assign(n_layer, 0);
+    e->managed.assign(n_layer, 1);
     tova_engine_reset(e);
     return e;
 }
@@ -124,6 +128,21 @@ extern "C" int32_t tova_engine_set_n_sink(tova_engine * e, int32_t n_sink) {
     e->n_sink = n_sink;
     return TOVA_OK;
 }
+
+extern "C" int32_t tova_engine_set_layers(tova_engine * e, const uint8_t * managed, int32_t n_layer) {
+    if (!e) return TOVA_ERR_ARG;
+    if (!managed || n_layer != e->n_layer)
+        return fail(e, TOVA_ERR_ARG, "need one flag per layer (n_layer=" + std::to_string(e->n_layer) + ")");
+    if (std::none_of(managed, managed + n_layer, [](uint8_t m) { return m != 0; }))
+        return fail(e, TOVA_ERR_ARG, "at least one layer must be managed");
+    if (tova_engine_n_occupied(e) != 0)
+        return fail(e, TOVA_ERR_STATE, "set the managed layers before the first decode or after reset");
+    for (int32_t l = 0; l < n_layer; l++) e->managed[l] = managed[l] != 0;
+    e->layers_checked = false;
+    return TOVA_OK;
+}
+
+static bool is_managed(const tova_engine * e, int il) { return il >= 0 && il < e->n_layer && e->managed[il]; }
 
 extern "C" int32_t tova_engine_set_cells(tova_engine * e, int32_t n_cells) {
     if (n_cells < e->budget) return fail(e, TOVA_ERR_ARG, "n_cells must be >= budget");
@@ -222,8 +241,10 @@ extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) 
     if (t->op == GGML_OP_SET_ROWS) {
         // cpy_k/cpy_v: the node is a view of cache_{k,v}_l<il>; src[1] holds the destination cells
         note_cache_tensor(e, t);
-        // on a GPU the scheduler copies the input and names the copy "CUDA0#attn_inp_k_idxs#0"
-        const bool k_idxs = t->src[1] && strstr(t->src[1]->name, "attn_inp_k_idxs") != nullptr;
+        // on a GPU the scheduler copies the input and names the copy "CUDA0#attn_inp_k_idxs#0"; an iSWA model's
+        // two caches both name theirs attn_inp_k_idxs: take the cells from a managed layer's K write
+        const bool k_idxs = t->src[1] && strstr(t->src[1]->name, "attn_inp_k_idxs") != nullptr &&
+                            is_managed(e, layer_of(root_of(t)->name, "cache_k_l"));
         // inputs are set before the graph runs: on a host buffer read the cells now and skip a sync
         const bool early = ask && k_idxs && !e->idxs_seen && ggml_backend_buffer_is_host(t->src[1]->buffer);
         if (ask && !early) return k_idxs && !e->idxs_seen;
@@ -252,7 +273,7 @@ extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) 
                           "'): the cache's device has no flash-attention kernel "
                           "for this head size or cache type; use flash_attn=False";
         }
-        if (il >= 0 && il < e->n_layer && e->cb_error.empty()) {
+        if (is_managed(e, il) && e->cb_error.empty()) {
             const double t0 = now_s();
             std::string err;
             if (!e->fa.capture(t, il, root_of(k), e->n_tokens, err)) e->cb_error = err;
@@ -262,8 +283,8 @@ extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) 
     }
     if (t->op == GGML_OP_SOFT_MAX && e->capture_scores) {
         const int il = layer_of(t->name, "kq_soft_max-");
-        if (ask) return il >= 0 && il < e->n_layer;
-        if (il >= 0 && il < e->n_layer) {
+        if (ask) return is_managed(e, il);
+        if (is_managed(e, il)) {
             const double t0 = now_s();
             capture_scores(e, t, il);
             e->stats[TOVA_STAT_CAPTURE_S] += now_s() - t0;
@@ -303,7 +324,8 @@ extern "C" int32_t tova_engine_end(tova_engine * e) {
                 e, TOVA_ERR_STATE,
                 "llama.cpp placed a token in cell " + std::to_string(c) + " which the engine holds as occupied");
         e->meta_pos[c] = e->pos0 + i;
-        for (int32_t l = 0; l < e->n_layer; l++) e->layer_pos[(size_t) l * e->n_cells + c] = e->pos0 + i;
+        for (int32_t l = 0; l < e->n_layer; l++)
+            if (e->managed[l]) e->layer_pos[(size_t) l * e->n_cells + c] = e->pos0 + i;
     }
     if (e->capture_scores && !e->v_trans) {
         std::string err;
@@ -313,7 +335,20 @@ extern "C" int32_t tova_engine_end(tova_engine * e) {
         e->stats[TOVA_STAT_SCORE_S] += now_s() - t0;
     }
     if (e->capture_scores) e->stats[TOVA_STAT_SCORED_DECODES] += 1;
+    if (!e->layers_checked) {
+        // llama.cpp's iSWA memory keeps full-attention and sliding-window layers in two caches with separate
+        // buffers: a managed layer sharing a buffer with an unmanaged one means a wrong layer pattern
+        for (int32_t a = 0; a < e->n_layer; a++)
+            for (int32_t b = 0; b < e->n_layer; b++)
+                if (e->managed[a] && !e->managed[b] && e->cache_k[a] && e->cache_k[b] &&
+                    e->cache_k[a]->buffer == e->cache_k[b]->buffer)
+                    return fail(e, TOVA_ERR_STATE,
+                                "layers " + std::to_string(a) + " (managed) and " + std::to_string(b) +
+                                    " (sliding window) share one KV cache: the sliding-window layer pattern is wrong");
+        e->layers_checked = true;
+    }
     for (int32_t l = 0; l < e->n_layer; l++) {
+        if (!e->managed[l]) continue;
         if (!e->cache_k[l] || !e->cache_v[l])
             return fail(e, TOVA_ERR_CAPTURE, "cache tensors of layer " + std::to_string(l) + " not found");
         if (e->capture_scores && !e->scored[l])
@@ -332,7 +367,8 @@ extern "C" int32_t tova_engine_cut(tova_engine * e, llama_context * ctx) {
     if (e->policy == TOVA_POLICY_FULL || k <= 0 || k < e->evict_interval) return TOVA_OK;
     if (uses_scores(e->policy))
         for (int32_t l = 0; l < e->n_layer; l++)
-            if (!e->scored[l]) return fail(e, TOVA_ERR_STATE, "cut without scores from the last decode");
+            if (e->managed[l] && !e->scored[l])
+                return fail(e, TOVA_ERR_STATE, "cut without scores from the last decode");
 
     // F: the k cells with the smallest metadata positions; llama.cpp frees exactly these
     std::vector<double> meta_as_score(e->meta_pos.begin(), e->meta_pos.end());
@@ -348,6 +384,7 @@ extern "C" int32_t tova_engine_cut(tova_engine * e, llama_context * ctx) {
     std::vector<tova::layer_moves> plan(e->n_layer);
     std::vector<double> score(e->n_cells);
     for (int32_t l = 0; l < e->n_layer; l++) {
+        if (!e->managed[l]) continue;  // llama.cpp's window: seq_rm below frees only positions it no longer sees
         const size_t off = (size_t) l * e->n_cells;
         const double * s = nullptr;
         if (e->policy == TOVA_POLICY_TOVA) {
@@ -370,6 +407,7 @@ extern "C" int32_t tova_engine_cut(tova_engine * e, llama_context * ctx) {
     llama_synchronize(ctx);
     if (!e->mover.apply(plan, e->v_trans, e->force_graph, err)) return fail(e, TOVA_ERR_BACKEND, err);
     for (int32_t l = 0; l < e->n_layer; l++) {
+        if (!e->managed[l]) continue;
         const size_t off = (size_t) l * e->n_cells;
         int32_t * pos = &e->layer_pos[off];
         double * acc = &e->acc[off];
@@ -427,7 +465,10 @@ extern "C" int32_t tova_engine_stats(tova_engine * e, double * out, size_t n, bo
 }
 
 extern "C" const char * tova_engine_cache_buffer(const tova_engine * e) {
-    return e->cache_k[0] && e->cache_k[0]->buffer ? ggml_backend_buffer_name(e->cache_k[0]->buffer) : "";
+    for (int32_t l = 0; l < e->n_layer; l++)
+        if (e->managed[l])
+            return e->cache_k[l] && e->cache_k[l]->buffer ? ggml_backend_buffer_name(e->cache_k[l]->buffer) : "";
+    return "";
 }
 
 extern "C" const char * tova_engine_last_error(const tova_engine * e) { return e->error.c_str(); }

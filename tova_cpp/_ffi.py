@@ -39,6 +39,7 @@ int32_t tova_engine_stats(tova_engine * e, double * out, size_t n, bool reset);
 int32_t tova_policy_evict(const float * score, const int32_t * pos, int32_t n, int32_t k, int32_t * out_evict);
 int32_t tova_policy_choose(int32_t policy, const double * score, const int32_t * pos, int32_t n, int32_t k,
                            int32_t keep, int32_t n_sink, int32_t * out_evict);
+int32_t tova_gguf_bool_array(const char * path, const char * key, uint8_t * out, int32_t n_max);
 const char * tova_libllama_path(void);
 """
 

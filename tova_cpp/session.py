@@ -99,41 +99,36 @@ def swa_min_budget(n_swa: int) -> int:
     return n_swa - 1
 
 
-def _meta_keys(model) -> set[str]:
-    buf = ctypes.create_string_buffer(256)
-    keys = set()
-    for i in range(llama_cpp.llama_model_meta_count(model)):
-        if llama_cpp.llama_model_meta_key_by_index(model, i, buf, len(buf)) >= 0:
-            keys.add(buf.value.decode(errors="replace"))
-    return keys
-
-
-def swa_layers(model) -> list[bool] | str:
+def swa_layers(model, path: Path) -> list[bool] | str:
     """Per layer: True where llama.cpp runs a sliding window (its iSWA cache keeps those layers bounded), or
     why the pattern cannot be known. All False for a model without sliding-window attention."""
     n_layer = llama_cpp.llama_model_n_layer(model)
     if llama_cpp.llama_model_n_swa(model) <= 0:
         return [False] * n_layer
     arch = _meta(model, "general.architecture") or "unknown"
-    key = f"{arch}.attention.sliding_window_pattern"
     if arch not in SWA_PATTERNS:
         return (
             f"model uses sliding-window attention ({arch}); tova_cpp manages the full-attention layers of "
             f"{sorted(SWA_PATTERNS)} only, whose layer pattern it knows"
         )
+    key = f"{arch}.attention.sliding_window_pattern"
+    flags = ffi.new("uint8_t[]", n_layer + 1)
+    n = lib.tova_gguf_bool_array(str(path).encode(), key.encode(), flags, n_layer + 1)
+    if n == n_layer:  # llama.cpp reads an array as one flag per layer, true = sliding
+        return [bool(f) for f in flags[0:n_layer]]
+    if n != 0:
+        return f"{key} holds {n} flags for {n_layer} layers (or the file cannot be read)"
     pattern = _meta(model, key)
-    if pattern is None and key in _meta_keys(model):
-        return f"model uses sliding-window attention ({arch}) with a per-layer pattern array ({key}): not supported"
     p = int(pattern) if pattern is not None else SWA_PATTERNS[arch]
     return [p == 0 or il % p < p - 1 for il in range(n_layer)]
 
 
-def _refusal(model) -> str | None:
+def _refusal(model, path: Path) -> str | None:
     """Why this model's cache cannot be managed per layer, or None."""
     arch = _meta(model, "general.architecture") or "unknown"
     if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
         return f"model has a recurrent or hybrid memory ({arch}); TOVA applies to attention KV caches only"
-    swa = swa_layers(model)
+    swa = swa_layers(model, path)
     if isinstance(swa, str):
         return swa
     if all(swa):
@@ -223,13 +218,13 @@ class Session:
         if not model:
             raise ModelLoadError(f"llama.cpp could not load {path} (truncated or unsupported GGUF?)")
         self._model = model
-        why = _refusal(model)
+        why = _refusal(model, path)
         if why:
             self.close()
             raise UnsupportedModelError(why)
 
         # iSWA: the policy runs on the full-attention layers; llama.cpp keeps the sliding-window layers' window
-        swa = swa_layers(model)
+        swa = swa_layers(model, path)
         self.managed_layers = [il for il, slides in enumerate(swa) if not slides]
         self.n_swa = llama_cpp.llama_model_n_swa(model) if any(swa) else 0
         if self.n_swa and policy != "full" and budget < swa_min_budget(self.n_swa):
