@@ -261,9 +261,10 @@ extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) 
         return !early;
     }
     if (t->op == GGML_OP_FLASH_ATTN_EXT && e->capture_scores) {
-        if (ask) return true;
         ggml_tensor * k = t->src[1] && t->src[1]->op == GGML_OP_CPY ? t->src[1]->src[0] : t->src[1];
         const int il = k ? layer_of(root_of(k)->name, "cache_k_l") : -1;
+        // a sliding-window layer's node is not read (no sync); an unknown one is, to report it below
+        if (ask) return il < 0 || is_managed(e, il);
         if (il < 0 && k && e->cb_error.empty()) {
             // the scheduler handed the node copies of its inputs: it runs on another backend than the cache
             e->cb_error = std::string(

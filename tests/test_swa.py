@@ -14,6 +14,7 @@ from reference import Reference
 from tiny_gguf import write_tiny_gemma
 
 from tova_cpp import Session
+from tova_cpp._ffi import lib
 
 # the oracle's GELU emulates ggml's f16 table; an f32 input that rounds to the neighbouring f16 moves one
 # activation by an f16 step: logits agree to ~3e-4 of their largest magnitude
@@ -308,3 +309,14 @@ def test_gemma3_full_attention_layers_stay_bounded(gemma3_path, policy, flash_at
                 assert (kept == np.arange(s.n_past - budget, s.n_past)).all()
             tok = int(np.argmax(s.logits()))
         assert s.n_past > 2 * budget
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_only_full_attention_layers_are_read(gemmas, flash_attn):
+    """tova reads one node per managed layer in a scored decode (each costs a sync), none of the sliding ones."""
+    path, model = gemmas["gemma3"]
+    with tiny_session(path, policy="tova", flash_attn=flash_attn) as s:
+        s.eval(list(range(BUDGET)))
+        s.eval([1])  # the decode that fills budget + 1 cells: scored, then cut
+        assert s.n_occupied == BUDGET
+        assert lib.tova_engine_n_observed(s._engine) == len(model.full_layers)
