@@ -34,8 +34,9 @@ bool fa_scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int
     float params[3];
     memcpy(params, fa->op_params, sizeof(params));  // scale, max_bias, logit_softcap
     if (il < 0 || il >= (int32_t) layers_.size()) return true;
-    if (fa->src[4] != nullptr) {
-        err = "the model uses attention sinks; TOVA scores with sinks are not implemented";
+    ggml_tensor * sinks = fa->src[4];  // F32 [n_head]: gpt-oss's learned logit in each head's softmax denominator
+    if (sinks && (sinks->type != GGML_TYPE_F32 || sinks->ne[0] != q->ne[2])) {
+        err = "unexpected attention sinks in layer " + std::to_string(il) + " (F32, one per query head expected)";
         return false;
     }
     if (params[1] != 0.0f) {
@@ -85,6 +86,7 @@ bool fa_scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int
     lv.offs = k->view_offs;
     lv.scale = params[0];
     lv.softcap = params[2];
+    lv.sinks = sinks;
     lv.seen = true;
     return true;
 }
@@ -160,6 +162,14 @@ bool fa_scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scor
     }
     const int64_t q_len = head_dim_ * n_head_;
     if (!ensure_buffers(cache_k0, n_layer, q_len, n_cells, err)) return false;
+    for (int32_t l = 0; l < n_layer; l++) {
+        // the sinks are model weights: the scoring graph reads them where they are
+        const ggml_tensor * sinks = layers_[l].seen ? layers_[l].sinks : nullptr;
+        if (sinks && device_of(sinks) != (ggml_backend_dev_t) backend_dev_) {
+            err = "attention sinks of layer " + std::to_string(l) + " live on another device than the KV cache";
+            return false;
+        }
+    }
     ggml_backend_tensor_set(q_, q_host_.data(), 0, q_host_.size() * sizeof(float));
     ggml_backend_tensor_set(mask_, mask_host_.data(), 0, n_kv_ * sizeof(uint16_t));
 
@@ -188,6 +198,7 @@ bool fa_scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scor
             sm_scale = lv.softcap;
         }
         ggml_tensor * p = ggml_soft_max_ext(ctx, kq, mask, sm_scale, 0.0f);
+        if (lv.sinks) ggml_soft_max_add_sinks(p, lv.sinks);  // as llama.cpp's softmax with sinks
         ggml_tensor * dst = ggml_view_2d(ctx, probs_, n_kv_, n_head_, probs_->nb[1], l * probs_->nb[2]);
         ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, p, n_kv_, n_head_), dst));
     }

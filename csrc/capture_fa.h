@@ -38,6 +38,7 @@ private:
         size_t nb[4];
         size_t offs;  // byte offset into cache_k_l<il>
         float scale, softcap;
+        ggml_tensor * sinks = nullptr;  // F32 [n_head] model weight, or null
     };
     bool ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t q_len, int64_t n_kv_max, std::string & err);
 

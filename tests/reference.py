@@ -6,7 +6,7 @@ C++ code."""
 from __future__ import annotations
 
 import numpy as np
-from tiny_gguf import TinyGemma, TinyLlama
+from tiny_gguf import TinyGemma, TinyGptOss, TinyLlama
 
 
 def rms_norm(x, w, eps):
@@ -43,6 +43,25 @@ def gelu(x):
     return np.where(x <= -10, 0.0, np.where(x >= 10, x, table))
 
 
+def moe(h, w, p, n_used, alpha=1.702, limit=7.0):
+    """gpt-oss's experts: the n_used largest router logits (biased) per token, weights softmax over those,
+    each expert a SwiGLU with gpt-oss's clamps (ggml_swiglu_oai) and biases."""
+    logits = h @ w[p + "ffn_gate_inp.weight"].T + w[p + "ffn_gate_inp.bias"]
+    out = np.zeros_like(h)
+    for t in range(len(h)):
+        top = np.argsort(-logits[t])[:n_used]
+        gate = np.exp(logits[t, top] - logits[t, top].max())
+        gate /= gate.sum()
+        for e, g_e in zip(top, gate, strict=True):
+            g = w[p + "ffn_gate_exps.weight"][e] @ h[t] + w[p + "ffn_gate_exps.bias"][e]
+            u = w[p + "ffn_up_exps.weight"][e] @ h[t] + w[p + "ffn_up_exps.bias"][e]
+            g = np.minimum(g, limit)
+            u = np.clip(u, -limit, limit)
+            a = g / (1 + np.exp(-alpha * g)) * (u + 1)
+            out[t] += g_e * (w[p + "ffn_down_exps.weight"][e] @ a + w[p + "ffn_down_exps.bias"][e])
+    return out
+
+
 def _blocks(x):
     return x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
 
@@ -71,8 +90,9 @@ def quantize_roundtrip(x, type_name: str):
 
 POLICIES = ("tova", "window", "sink", "h2o")
 # wrong policies the comparison must reject: one eviction set for all layers (the cheaper policy, not TOVA);
-# the newest token never evicted; h2o accumulating only the last query row of a prompt piece
-WRONG_VARIANTS = ("shared", "protect_newest", "h2o_last_row")
+# the newest token never evicted; h2o accumulating only the last query row of a prompt piece; tova scores of a
+# model with attention sinks computed without the sink in the denominator
+WRONG_VARIANTS = ("shared", "protect_newest", "h2o_last_row", "no_sink_scores")
 
 
 class Reference:
@@ -113,13 +133,14 @@ class Reference:
         self.last_logits = None
         # the layers the policy manages: all of a llama, the full-attention layers of an iSWA model (its
         # sliding-window layers keep llama.cpp's window)
-        self.managed = m.full_layers if isinstance(m, TinyGemma) else list(range(m.n_layer))
+        self.managed = m.full_layers if isinstance(m, (TinyGemma, TinyGptOss)) else list(range(m.n_layer))
 
     def _piece(self, tokens):
         m, w = self.m, self.w
         T = len(tokens)
         pos = np.arange(self.n_past, self.n_past + T)
         gemma = isinstance(m, TinyGemma)
+        oss = isinstance(m, TinyGptOss)
         x = w["token_embd.weight"][tokens]
         if gemma:
             x = x * np.sqrt(m.n_embd)
@@ -128,12 +149,17 @@ class Reference:
         r = m.n_head // m.n_head_kv
         for il in range(m.n_layer):
             p = f"blk.{il}."
-            swa = gemma and m.is_swa(il)
+            swa = (gemma or oss) and m.is_swa(il)
             h = rms_norm(x, w[p + "attn_norm.weight"], m.eps)
-            q = (h @ w[p + "attn_q.weight"].T).reshape(T, m.n_head, m.head_dim)
-            k = (h @ w[p + "attn_k.weight"].T).reshape(T, m.n_head_kv, m.head_dim)
-            v = (h @ w[p + "attn_v.weight"].T).reshape(T, m.n_head_kv, m.head_dim)
-            if gemma:
+            q, k, v = (h @ w[p + f"attn_{n}.weight"].T for n in "qkv")
+            if oss:
+                q, k, v = (t + w[p + f"attn_{n}.bias"] for t, n in zip((q, k, v), "qkv", strict=True))
+            q = q.reshape(T, m.n_head, m.head_dim)
+            k = k.reshape(T, m.n_head_kv, m.head_dim)
+            v = v.reshape(T, m.n_head_kv, m.head_dim)
+            if oss:
+                q, k = rope_neox(q, pos, m.rope_base), rope_neox(k, pos, m.rope_base)
+            elif gemma:
                 if m.arch == "gemma3":
                     q = rms_norm(q, w[p + "attn_q_norm.weight"], m.eps)
                     k = rms_norm(k, w[p + "attn_k_norm.weight"], m.eps)
@@ -161,15 +187,25 @@ class Reference:
                 if softcap:
                     s = softcap * np.tanh(s / softcap)
                 s = s + mask
-                s = np.exp(s - s.max(-1, keepdims=True))
-                s /= s.sum(-1, keepdims=True)
+                top = s.max(-1, keepdims=True)
+                if oss:  # the head's sink logit joins the softmax denominator (and its max)
+                    top = np.maximum(top, w[p + "attn_sinks.weight"][hq])
+                s = np.exp(s - top)
+                denom = s.sum(-1, keepdims=True)
+                if oss:
+                    denom = denom + np.exp(w[p + "attn_sinks.weight"][hq] - top)
+                s /= denom
                 out[:, hq] = s @ V[:, hq // r]
-                probs_last += s[-1]
+                # the wrong variant scores as if the sink were not in the denominator
+                probs_last += s[-1] / s[-1].sum() if self.policy == "no_sink_scores" else s[-1]
                 probs_all += s.sum(0)
             rows.append(probs_last / m.n_head)
             sums.append(probs_all / m.n_head)
             attn = out.reshape(T, -1) @ w[p + "attn_output.weight"].T
-            if gemma:
+            if oss:
+                x = x + attn + w[p + "attn_output.bias"]
+                x = x + moe(rms_norm(x, w[p + "post_attention_norm.weight"], m.eps), w, p, m.n_expert_used)
+            elif gemma:
                 x = x + rms_norm(attn, w[p + "post_attention_norm.weight"], m.eps)
                 h = rms_norm(x, w[p + "ffn_norm.weight"], m.eps)
                 ffn = (gelu(h @ w[p + "ffn_gate.weight"].T) * (h @ w[p + "ffn_up.weight"].T)) @ w[

@@ -11,7 +11,7 @@ import llama_cpp
 import numpy as np
 import pytest
 from reference import Reference
-from tiny_gguf import write_tiny_gemma
+from tiny_gguf import write_tiny_gemma, write_tiny_gpt_oss
 
 from tova_cpp import Session
 from tova_cpp._ffi import lib
@@ -23,15 +23,19 @@ GEMMA_CASES = {
     "gemma3": {"arch": "gemma3"},
     "gemma2": {"arch": "gemma2", "attn_softcap": 5.0, "final_softcap": 3.0},
 }
+ARCHS = [*GEMMA_CASES, "gpt-oss"]
 
 
 @pytest.fixture(scope="module")
 def gemmas(tmp_path_factory):
-    """arch -> (path, TinyGemma): 4 layers, sliding-window pattern 2 (layers 1 and 3 full), window 8."""
+    """arch -> (path, model): 4 layers, sliding-window pattern 2 (layers 1 and 3 full), window 8; gemma3,
+    gemma2 (softcaps) and gpt-oss (attention sinks, mixture of experts)."""
     out = {}
     for arch, kw in GEMMA_CASES.items():
         path = tmp_path_factory.mktemp("tiny-gemma") / f"tiny-{arch}-f32.gguf"
         out[arch] = (path, write_tiny_gemma(path, **kw))
+    path = tmp_path_factory.mktemp("tiny-gpt-oss") / "tiny-gpt-oss-f32.gguf"
+    out["gpt-oss"] = (path, write_tiny_gpt_oss(path))
     return out
 
 
@@ -65,10 +69,10 @@ def oracle_error(model, tokens, logits) -> float:
     return worst
 
 
-@pytest.mark.parametrize("arch", list(GEMMA_CASES))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_oracle_matches_llama_cpp(gemmas, arch):
-    """The oracle's Gemma (window masks, NEOX RoPE, per-layer RoPE base, q/k norms, GELU, softcaps) is
-    llama.cpp's: 60 tokens, 7.5 windows of 8."""
+    """The oracle's Gemma (window masks, NEOX RoPE, per-layer RoPE base, q/k norms, GELU, softcaps) and
+    gpt-oss (sinks, biases, experts) are llama.cpp's: 60 tokens, 7.5 windows of 8."""
     path, model = gemmas[arch]
     tokens = np.random.default_rng(0).integers(0, model.n_vocab, size=60).tolist()
     assert oracle_error(model, tokens, llama_cpp_logits(path, tokens)) < GEMMA_RTOL
@@ -83,6 +87,8 @@ def test_oracle_matches_llama_cpp(gemmas, arch):
         ("gemma2", {"n_swa": 10**6}),
         ("gemma2", {"attn_softcap": 0.0}),
         ("gemma2", {"final_softcap": 0.0}),
+        ("gpt-oss", {"n_swa": 10**6}),
+        ("gpt-oss", "no-sinks"),
     ],
     ids=[
         "no-window",
@@ -91,13 +97,19 @@ def test_oracle_matches_llama_cpp(gemmas, arch):
         "gemma2-no-window",
         "no-attn-softcap",
         "no-final-softcap",
+        "gpt-oss-no-window",
+        "no-sinks",
     ],
 )
 def test_oracle_without_a_feature_fails(gemmas, arch, change):
     """Each feature the oracle models is visible in the comparison above: dropping it fails it."""
     path, model = gemmas[arch]
     tokens = np.random.default_rng(0).integers(0, model.n_vocab, size=60).tolist()
-    wrong = dataclasses.replace(model, **change)
+    if change == "no-sinks":  # a sink logit of -1e30 adds nothing to the denominator
+        weights = {k: np.full_like(v, -1e30) if "sinks" in k else v for k, v in model.weights.items()}
+        wrong = dataclasses.replace(model, weights=weights)
+    else:
+        wrong = dataclasses.replace(model, **change)
     assert oracle_error(wrong, tokens, llama_cpp_logits(path, tokens)) > 10 * GEMMA_RTOL
 
 
@@ -152,7 +164,7 @@ SWA_CASES = [
     "case", SWA_CASES, ids=lambda c: "-".join([c[0], *map(str, c[1].values()), f"fa{int(c[2])}"])
 )
 @pytest.mark.parametrize("prompt_len", [10, 50], ids=["prompt<budget", "chunked"])
-@pytest.mark.parametrize("arch", list(GEMMA_CASES))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_engine_matches_oracle_on_iswa(gemmas, arch, case, prompt_len):
     """The policy on the full-attention layers, llama.cpp's window on the others: logits and kept positions of
     every full-attention layer equal the oracle's at every step (gemma2: softcapped scores)."""
@@ -203,7 +215,10 @@ def test_budget_below_the_window_breaks_the_sliding_layers(gemmas, monkeypatch):
     "kw, match",
     [
         ({"arch": "gemma3", "swa_pattern": 0}, "every layer"),  # pattern 0: every layer slides
-        ({"arch": "gemma2", "attn_softcap": 5.0}, r"manages the full-attention layers of \['gemma3'\]"),
+        (
+            {"arch": "gemma2", "attn_softcap": 5.0},
+            r"manages the full-attention layers of \['gemma3', 'gpt-oss'\]",
+        ),
     ],
     ids=["all-sliding", "unknown-architecture"],
 )
@@ -320,3 +335,16 @@ def test_only_full_attention_layers_are_read(gemmas, flash_attn):
         s.eval([1])  # the decode that fills budget + 1 cells: scored, then cut
         assert s.n_occupied == BUDGET
         assert lib.tova_engine_n_observed(s._engine) == len(model.full_layers)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_scores_without_the_sink_fail_the_comparison(gemmas, flash_attn):
+    """The sinks change tova's choices on the tiny gpt-oss: an oracle that leaves them out of the scores'
+    denominator disagrees with the engine, with flash attention off (llama.cpp's own softmax) and on (the
+    scoring graph adds them)."""
+    path, model = gemmas["gpt-oss"]
+    tokens = np.random.default_rng(50).integers(0, model.n_vocab, size=50 + STEPS).tolist()
+    with tiny_session(path, policy="tova", flash_attn=flash_attn) as s:
+        ref = Reference(model, BUDGET, CHUNK, "no_sink_scores")
+        msg = compare(s, ref, tokens[:50], tokens[50:], rtol=2e-2, max_ties=3 * flash_attn)
+    assert msg is not None and "kept positions differ" in msg

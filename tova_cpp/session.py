@@ -89,7 +89,7 @@ def _meta(model, key: str) -> str | None:
 
 # iSWA architectures: layer il is a sliding-window layer unless il % p == p - 1 (llama.cpp's default pattern p
 # for the architecture, used when the GGUF has no {arch}.attention.sliding_window_pattern). docs/SWA.md
-SWA_PATTERNS = {"gemma2": 2, "gemma3": 6}
+SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "gpt-oss": 2}
 
 
 def swa_min_budget(n_swa: int) -> int:
