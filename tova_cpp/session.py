@@ -39,6 +39,11 @@ forms the probabilities, so for tova the engine keeps each layer's newest query 
 softmax(K q * scale + mask) per head on the cache's own device (csrc/capture_fa.cpp); the
 scores use the cache's own K rows (an F32 cache is cast to F16 only inside flash attention).
 Quantized caches (q8_0, q4_0) are moved as raw bytes; a quantized V cache needs flash_attn=True (llama.cpp).
+
+Sliding-window models (gemma2, gemma3, gpt-oss; docs/SWA.md): the policy runs on the full-attention layers
+(`managed_layers`) and llama.cpp keeps its window of `n_swa` tokens on the others. An evicting policy needs
+budget >= n_swa - 1, so that no cut frees a position a sliding-window layer still sees. With attention sinks
+(gpt-oss) tova's scores are the model's own probabilities, the sink in each head's denominator.
 """
 
 from __future__ import annotations
