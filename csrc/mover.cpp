@@ -1,7 +1,9 @@
 #include "mover.h"
 
 #include <cstring>
+#include <initializer_list>
 
+#include "backend.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -9,7 +11,7 @@
 namespace tova {
 
 mover::~mover() {
-    if (backend_) ggml_backend_free(backend_);
+    if (scratch_) ggml_backend_buffer_free(scratch_);
 }
 
 // element (cell c, dim j) of a transposed V cache lies at (j*kv_size + c)*elsize
@@ -27,12 +29,13 @@ static void copy_host(ggml_tensor * t, int32_t src, int32_t dst, bool transposed
     }
 }
 
-bool mover::apply(const std::vector<layer_moves> & layers, bool v_trans, bool force_graph, std::string & err) {
-    bool any_device = false;
+bool mover::apply(const std::vector<layer_moves> & layers, bool v_trans, bool force_graph, backends & devs,
+                  std::string & err) {
+    std::vector<const layer_moves *> device;
     for (const auto & l : layers) {
         if (l.moves.empty()) continue;
         if (force_graph || !ggml_backend_buffer_is_host(l.k->buffer) || !ggml_backend_buffer_is_host(l.v->buffer)) {
-            any_device = true;
+            device.push_back(&l);
             continue;
         }
         for (const auto & m : l.moves) {
@@ -40,14 +43,7 @@ bool mover::apply(const std::vector<layer_moves> & layers, bool v_trans, bool fo
             copy_host(l.v, m.first, m.second, v_trans);
         }
     }
-    if (!any_device) return true;
-    std::vector<layer_moves> device;
-    for (const auto & l : layers) {
-        if (l.moves.empty()) continue;
-        if (force_graph || !ggml_backend_buffer_is_host(l.k->buffer) || !ggml_backend_buffer_is_host(l.v->buffer))
-            device.push_back(l);
-    }
-    return apply_graph(device, v_trans, err);
+    return device.empty() || apply_graph(device, v_trans, devs, err);
 }
 
 // View of one cell's content, in the cache's own type: a contiguous row, or a strided column when transposed.
@@ -67,6 +63,14 @@ static ggml_tensor * i32_alias(ggml_context * ctx, ggml_tensor * t) {
     return a;
 }
 
+// Same as i32_alias, typed F32: ggml_set_rows writes F32 rows, which on every backend is a plain copy of the words.
+static ggml_tensor * f32_alias(ggml_context * ctx, ggml_tensor * t) {
+    if (t->nb[1] % 4 != 0 || t->nb[1] != ggml_row_size(t->type, t->ne[0]) || !ggml_is_contiguous(t)) return nullptr;
+    ggml_tensor * a = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, t->nb[1] / 4, ggml_nrows(t));
+    if (ggml_backend_tensor_alloc(t->buffer, a, t->data) != GGML_STATUS_SUCCESS) return nullptr;
+    return a;
+}
+
 // Copies cell src to cell dst of t: whole rows through the I32 alias when there is one, else in t's own type
 // (a transposed V column: F16/F32/BF16, which every backend copies).
 static ggml_tensor * copy_cell(ggml_context * ctx, ggml_tensor * t, ggml_tensor * alias, int32_t src, int32_t dst,
@@ -78,35 +82,72 @@ static ggml_tensor * copy_cell(ggml_context * ctx, ggml_tensor * t, ggml_tensor 
     return ggml_cpy(ctx, cell_view(ctx, t, src, transposed), cell_view(ctx, t, dst, transposed));
 }
 
-// The device whose backend computes on t's buffer; plain host buffers name no device: the CPU's.
-static ggml_backend_dev_t device_of(const ggml_tensor * t) {
-    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
-    if (!dev && ggml_backend_buffer_is_host(t->buffer)) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    return dev;
+// Layers with several moves: per tensor, rows gathered (get_rows on the I32 alias) into a scratch buffer, then
+// scattered (set_rows of the same words read as F32) into their destinations: two kernels whatever the count.
+// The indices of all layers travel in one upload. Sources and destinations are disjoint; the scatter runs after
+// the gather (graph order, one stream).
+bool mover::add_batched(ggml_context * ctx, ggml_cgraph * gf, ggml_backend * backend,
+                        const std::vector<const layer_moves *> & layers, std::string & err) {
+    size_t n_idx = 0, tmp_bytes = 0;
+    const size_t align = 256;
+    for (const layer_moves * l : layers) {
+        n_idx += 2 * l->moves.size();
+        for (ggml_tensor * t : {l->k, l->v}) tmp_bytes += GGML_PAD(t->nb[1] * l->moves.size(), align);
+    }
+    const size_t need = GGML_PAD(n_idx * sizeof(int32_t), align) + tmp_bytes + align;
+    if (!scratch_ || scratch_backend_ != backend || ggml_backend_buffer_get_size(scratch_) < need) {
+        if (scratch_) ggml_backend_buffer_free(scratch_);
+        scratch_ = ggml_backend_alloc_buffer(backend, need * 2);
+        scratch_backend_ = backend;
+        if (!scratch_) {
+            err = "cannot allocate the mover's scratch buffer on the cache's device";
+            return false;
+        }
+    }
+    char * base = (char *) ggml_backend_buffer_get_base(scratch_);
+    base = (char *) GGML_PAD((uintptr_t) base, align);
+    ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) n_idx);
+    if (ggml_backend_tensor_alloc(scratch_, idx, base) != GGML_STATUS_SUCCESS) {
+        err = "mover: index tensor";
+        return false;
+    }
+    char * tmp = base + GGML_PAD(n_idx * sizeof(int32_t), align);
+    idx_host_.clear();
+    for (const layer_moves * l : layers) {
+        const size_t n = l->moves.size();
+        const size_t off = idx_host_.size() * sizeof(int32_t);
+        for (const auto & m : l->moves) idx_host_.push_back(m.first);
+        for (const auto & m : l->moves) idx_host_.push_back(m.second);
+        ggml_tensor * src = ggml_view_1d(ctx, idx, (int64_t) n, off);
+        ggml_tensor * dst = ggml_view_1d(ctx, idx, (int64_t) n, off + n * sizeof(int32_t));
+        for (ggml_tensor * t : {l->k, l->v}) {
+            ggml_tensor * rows = ggml_get_rows(ctx, i32_alias(ctx, t), src);  // I32 [words, n]
+            ggml_tensor * as_f32 = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, rows->ne[0], rows->ne[1]);
+            if (ggml_backend_tensor_alloc(scratch_, rows, tmp) != GGML_STATUS_SUCCESS ||
+                ggml_backend_tensor_alloc(scratch_, as_f32, tmp) != GGML_STATUS_SUCCESS) {
+                err = "mover: scratch rows";
+                return false;
+            }
+            tmp += GGML_PAD(t->nb[1] * n, align);
+            ggml_build_forward_expand(gf, rows);
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, f32_alias(ctx, t), as_f32, dst));
+        }
+    }
+    pending_idx_ = idx;
+    return true;
 }
 
-bool mover::apply_graph(const std::vector<layer_moves> & layers, bool v_trans, std::string & err) {
+bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_trans, backends & devs,
+                        std::string & err) {
     // All cache tensors of one context live on one device in the configurations we accept (layers split
     // across devices get one graph per device).
     size_t n_ops = 0;
-    for (const auto & l : layers) n_ops += 2 * l.moves.size();
-    std::vector<const layer_moves *> pending;
-    for (const auto & l : layers) pending.push_back(&l);
+    for (const layer_moves * l : layers) n_ops += 2 * l->moves.size() + 8;
+    std::vector<const layer_moves *> pending = layers;
     while (!pending.empty()) {
         ggml_backend_dev_t dev = device_of(pending[0]->k);
-        if (!dev) {
-            err = "cache buffer has no device";
-            return false;
-        }
-        if (!backend_ || backend_dev_ != (void *) dev) {
-            if (backend_) ggml_backend_free(backend_);
-            backend_ = ggml_backend_dev_init(dev, nullptr);
-            backend_dev_ = (void *) dev;
-            if (!backend_) {
-                err = std::string("cannot start a backend for device ") + ggml_backend_dev_name(dev);
-                return false;
-            }
-        }
+        ggml_backend_t backend = devs.for_tensor(pending[0]->k, err);
+        if (!backend) return false;
         const size_t n_tensors = 8 * n_ops + 16;
         ggml_init_params ip = {ggml_tensor_overhead() * n_tensors + ggml_graph_overhead_custom(n_tensors, false),
                                nullptr, true};
@@ -116,7 +157,7 @@ bool mover::apply_graph(const std::vector<layer_moves> & layers, bool v_trans, s
             return false;
         }
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
-        std::vector<const layer_moves *> later;
+        std::vector<const layer_moves *> later, batched;
         for (const layer_moves * l : pending) {
             if (device_of(l->k) != dev) {
                 later.push_back(l);
@@ -124,28 +165,39 @@ bool mover::apply_graph(const std::vector<layer_moves> & layers, bool v_trans, s
             }
             ggml_tensor * ak = i32_alias(ctx, l->k);
             ggml_tensor * av = v_trans ? nullptr : i32_alias(ctx, l->v);
+            if (ak && av && l->moves.size() >= 2 && f32_alias(ctx, l->k) && f32_alias(ctx, l->v)) {
+                batched.push_back(l);  // many rows: one gather and one scatter per tensor (below)
+                continue;
+            }
             // sources are read before any destination is written: src and dst sets are disjoint
             for (const auto & m : l->moves) {
                 ggml_build_forward_expand(gf, copy_cell(ctx, l->k, ak, m.first, m.second, false));
                 ggml_build_forward_expand(gf, copy_cell(ctx, l->v, av, m.first, m.second, v_trans));
             }
         }
-        bool ok = true;
+        bool ok = batched.empty() || add_batched(ctx, gf, backend, batched, err);
+        if (!ok) {
+            ggml_free(ctx);
+            return false;
+        }
         for (ggml_tensor * t = ggml_get_first_tensor(ctx); t && ok; t = ggml_get_next_tensor(ctx, t)) {
             if (t->buffer == nullptr && t->view_src != nullptr) ok = ggml_backend_view_init(t) == GGML_STATUS_SUCCESS;
         }
         const char * unsupported = nullptr;
         for (int i = 0; ok && i < ggml_graph_n_nodes(gf); i++) {
             ggml_tensor * node = ggml_graph_node(gf, i);
-            if (!ggml_backend_supports_op(backend_, node)) {
+            if (!ggml_backend_supports_op(backend, node)) {
                 unsupported = ggml_type_name(node->src[0]->type);
                 ok = false;
             }
         }
-        if (ok) ok = ggml_backend_graph_compute(backend_, gf) == GGML_STATUS_SUCCESS;
+        if (ok && pending_idx_)
+            ggml_backend_tensor_set(pending_idx_, idx_host_.data(), 0, idx_host_.size() * sizeof(int32_t));
+        pending_idx_ = nullptr;
+        if (ok) ok = ggml_backend_graph_compute(backend, gf) == GGML_STATUS_SUCCESS;
         ggml_free(ctx);
         if (unsupported) {
-            err = std::string("the cache's backend (") + ggml_backend_name(backend_) + ") cannot copy " + unsupported +
+            err = std::string("the cache's backend (") + ggml_backend_name(backend) + ") cannot copy " + unsupported +
                   " cells (ggml CPY)";
             return false;
         }

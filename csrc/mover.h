@@ -1,4 +1,6 @@
-// mover: copies one layer's K/V content from cell to cell, on whatever backend holds the cache.
+// mover: copies each layer's K/V content from cell to cell, on whatever backend holds the cache (memcpy on host
+// buffers, one ggml graph of byte-exact copies on a device). Call only after llama_synchronize: the mover's
+// backend has its own stream.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +10,13 @@
 
 struct ggml_tensor;
 struct ggml_backend;
+struct ggml_backend_buffer;
+struct ggml_context;
+struct ggml_cgraph;
+
+namespace tova {
+class backends;
+}
 
 namespace tova {
 
@@ -19,15 +28,24 @@ struct layer_moves {
 
 class mover {
 public:
+    mover() = default;
+    mover(const mover &) = delete;
+    mover & operator=(const mover &) = delete;
     ~mover();
     // Applies every layer's moves; rows are raw bytes (quantized rows are never converted).
-    // Host buffers take memcpy unless force_graph; device buffers take one ggml graph of CPY ops.
-    bool apply(const std::vector<layer_moves> & layers, bool v_trans, bool force_graph, std::string & err);
+    // Host buffers take memcpy unless force_graph; device buffers take one ggml graph of CPY ops per device.
+    bool apply(const std::vector<layer_moves> & layers, bool v_trans, bool force_graph, backends & devs,
+               std::string & err);
 
 private:
-    bool apply_graph(const std::vector<layer_moves> & layers, bool v_trans, std::string & err);
-    ggml_backend * backend_ = nullptr;
-    void * backend_dev_ = nullptr;  // device the backend was made for
+    bool apply_graph(const std::vector<const layer_moves *> & layers, bool v_trans, backends & devs, std::string & err);
+    bool add_batched(ggml_context * ctx, ggml_cgraph * gf, ggml_backend * backend,
+                     const std::vector<const layer_moves *> & layers, std::string & err);
+
+    ggml_backend_buffer * scratch_ = nullptr;  // gathered rows and indices, on the cache's device
+    ggml_backend * scratch_backend_ = nullptr;
+    std::vector<int32_t> idx_host_;
+    ggml_tensor * pending_idx_ = nullptr;  // uploaded once the graph's views are set up
 };
 
 }  // namespace tova

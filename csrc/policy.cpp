@@ -74,3 +74,40 @@ std::vector<std::pair<int32_t, int32_t>> policy_moves(const std::vector<int32_t>
 }
 
 }  // namespace tova
+
+// -- C API: the policy alone, on synthetic arrays (tests) -------------------------------------------------
+
+static std::vector<int32_t> occupied_of(const int32_t * pos, int32_t n) {
+    std::vector<int32_t> occupied;
+    for (int32_t i = 0; i < n; i++)
+        if (pos[i] >= 0) occupied.push_back(i);
+    return occupied;
+}
+
+extern "C" int32_t tova_policy_evict(const float * score, const int32_t * pos, int32_t n, int32_t k,
+                                     int32_t * out_evict) {
+    if (!score || !pos || n < 0 || k < 0 || (k > 0 && !out_evict)) return TOVA_ERR_ARG;
+    try {
+        std::vector<double> s(score, score + n);
+        std::vector<int32_t> evict = tova::policy_lowest(occupied_of(pos, n), s.data(), pos, k);
+        std::copy(evict.begin(), evict.end(), out_evict);
+        return (int32_t) evict.size();
+    } catch (...) {
+        return TOVA_ERR_MEMORY;
+    }
+}
+
+extern "C" int32_t tova_policy_choose(int32_t policy, const double * score, const int32_t * pos, int32_t n, int32_t k,
+                                      int32_t keep, int32_t n_sink, int32_t * out_evict) {
+    if (policy < TOVA_POLICY_FULL || policy > TOVA_POLICY_H2O || !pos || n < 0 || k < 0 || keep < 0 || n_sink < 0 ||
+        (k > 0 && !out_evict))
+        return TOVA_ERR_ARG;
+    if ((policy == TOVA_POLICY_TOVA || policy == TOVA_POLICY_H2O) && !score) return TOVA_ERR_ARG;
+    try {
+        std::vector<int32_t> evict = tova::policy_choose({policy, keep, n_sink}, occupied_of(pos, n), pos, score, k);
+        std::copy(evict.begin(), evict.end(), out_evict);
+        return (int32_t) evict.size();
+    } catch (...) {
+        return TOVA_ERR_MEMORY;
+    }
+}

@@ -1,4 +1,5 @@
 // policy: per-layer scores + budget (+ protected prefix) -> which cells each layer evicts. Pure: no ggml, no llama.
+// Its C API (tova_policy_evict, tova_policy_choose in tova.h) is defined in policy.cpp.
 #pragma once
 
 #include <cstdint>

@@ -1,6 +1,9 @@
 // tova_cpp engine: per-layer bounded KV cache (TOVA, Oren et al. 2024) inside a llama.cpp context.
-// C API, extern "C"; every function that can fail returns a negative TOVA_ERR_* code and writes a message
-// that tova_engine_last_error() returns. No function aborts on bad input.
+// C API, extern "C". Every function that can fail returns a negative TOVA_ERR_* code and writes a message that
+// tova_engine_last_error() returns; every entry point checks its arguments (NULL handles, sizes) and catches
+// C++ exceptions (std::bad_alloc included). No function aborts on bad input.
+// tova_cpp/_ffi.py builds its cffi declarations from this file (preprocessor lines dropped) and compares
+// tova_abi_hash() with the header's own hash: a stale engine fails at import with a clear message.
 #pragma once
 
 #include <stdbool.h>
@@ -24,16 +27,24 @@ enum tova_policy {
 };
 
 enum tova_status {
+    TOVA_CANCELLED = 1,  // tova_engine_decode: the progress callback asked to stop; the session is consistent
     TOVA_OK = 0,
-    TOVA_ERR_ARG = -1,      // invalid argument
+    TOVA_ERR_ARG = -1,      // invalid argument; nothing was changed
     TOVA_ERR_CAPTURE = -2,  // the expected graph nodes were not seen during llama_decode
-    TOVA_ERR_STATE = -3,    // engine bookkeeping disagrees with llama.cpp (call reset)
-    TOVA_ERR_BACKEND = -4,  // a backend operation failed
+    TOVA_ERR_STATE = -3,    // engine bookkeeping disagrees with llama.cpp
+    TOVA_ERR_BACKEND = -4,  // llama_decode or a backend operation failed
+    TOVA_ERR_MEMORY = -5,   // an allocation failed
 };
 
-// n_layer: the model's layers; n_cells: the context's KV size (llama_n_ctx); v_trans: V cache stored
-// transposed (flash attention off). Returns NULL and fills err on bad arguments.
-tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int32_t budget, int32_t n_cells, bool v_trans,
+// SHA-256 (hex) of the tova.h the engine was built from.
+const char * tova_abi_hash(void);
+
+// n_layer: the model's layers; memory: the most cells the engine ever fills (budget + max(chunk,
+// evict_interval)), also the engine's first cell count (tova_engine_set_cells gives llama.cpp's real one);
+// v_trans: V cache stored transposed (flash attention off). Returns NULL and fills err on bad arguments.
+// Environment, read here once: TOVA_MOVER=graph forces the ggml-graph mover; TOVA_CHECK_CELLS=1 reads the
+// cells llama.cpp chose on every decode (a sync on a GPU) and checks the engine's invariants after every cut.
+tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int32_t budget, int32_t memory, bool v_trans,
                                  char * err, size_t err_len);
 void tova_engine_free(tova_engine * e);
 // Protected prefix (like llama.cpp's --keep): original positions < keep are never evicted by any policy.
@@ -45,46 +56,60 @@ int32_t tova_engine_set_n_sink(tova_engine * e, int32_t n_sink);
 // Which layers the policy manages: managed[l] != 0 (default: all). A sliding-window model's window layers are
 // left to llama.cpp (docs/SWA.md); at least one layer must be managed. Only while the engine holds no token.
 int32_t tova_engine_set_layers(tova_engine * e, const uint8_t * managed, int32_t n_layer);
-// Resize to the context's real cell count (llama_n_ctx, padded by llama.cpp); clears the state.
+// Resize to the context's real cell count (llama_n_ctx, padded by llama.cpp, >= memory); clears the state.
 int32_t tova_engine_set_cells(tova_engine * e, int32_t n_cells);
+// Cut only once budget + m cells are occupied (evicting m or more at once, by the newest query's scores);
+// m = 1 is the paper's per-token TOVA. Needs budget + m <= memory.
+int32_t tova_engine_set_evict_interval(tova_engine * e, int32_t m);
+// CPU threads for the flash-attention scoring graph when the cache is in host memory.
+void tova_engine_set_threads(tova_engine * e, int32_t n_threads);
+// Force the ggml-graph mover even for host buffers (tests).
+void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
 
-// llama_context_params.cb_eval; user_data = the engine. Runs on the llama_decode thread.
+// llama_context_params.cb_eval; user_data = the engine. Runs on the llama_decode thread; wants no node outside
+// tova_engine_decode.
 bool tova_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
+// Whether the context needs tova_eval_callback (ask after set_keep/set_n_sink, before creating the context):
+// false for full, and for window/sink with nothing protected, which never score and never move a row (every
+// layer evicts the cells llama.cpp frees), and whose cells the engine predicts. Without a callback llama.cpp
+// runs each graph as it would alone: with one, ggml checks every node of every decode (on CUDA: no graph id
+// for a callback's graph views, so each node's properties are compared) and syncs after each split.
+// True when TOVA_CHECK_CELLS is set.
+bool tova_engine_needs_callback(const tova_engine * e);
 
-// Before llama_decode of n_tokens tokens at positions pos0..pos0+n_tokens-1. capture_scores: TOVA records the
-// attention row of the batch's last token (needed only for the decode that ends a piece). H2O captures on every
-// decode whatever the flag (its accumulator must see every query); window, sink and full never capture.
-int32_t tova_engine_begin(tova_engine * e, int32_t n_tokens, int32_t pos0, bool capture_scores);
-// After a successful llama_decode: records which cells now hold the new tokens.
-int32_t tova_engine_end(tova_engine * e);
-// Evict down to `budget` occupied cells, each layer by its policy (tova_policy_choose); removes the evicted
-// metadata positions from llama.cpp (seq 0). No-op while occupied < budget + evict_interval or for
-// TOVA_POLICY_FULL. With flash attention on (v_trans false) tova's scores come from capture_fa.
-int32_t tova_engine_cut(tova_engine * e, struct llama_context * ctx);
+// Called after each ubatch: n_done of n_total tokens are in the cache. Return false to stop.
+typedef bool (*tova_progress_fn)(int32_t n_done, int32_t n_total, void * user_data);
+
+// One step: evaluates tokens[0..n) of sequence 0 at positions pos0.. into the bounded cache. The engine splits
+// them into pieces that fit in `memory` cells and each piece into ubatches of llama_n_ubatch(ctx) tokens
+// (begin -> llama_decode -> end), captures scores only on the decodes a cut follows, and after each piece cuts
+// every layer to `budget` by its policy (once budget + evict_interval cells are occupied).
+// logits: NULL (only each ubatch's last token computes logits; read them with llama_get_logits_ith(ctx, -1)) or
+// room for n * n_vocab floats: every token's logits, each from the cache as it was when it was processed.
+// progress: NULL or called after each ubatch (and its cut); false after the last ubatch stops nothing.
+// Returns TOVA_OK; TOVA_CANCELLED when progress returned false (*n_done tokens stay in the cache, consistent:
+// llama.cpp's positions are pos0..pos0+*n_done-1); TOVA_ERR_ARG before any decode, nothing changed; any other
+// error clears the whole cache (llama_memory_clear and the engine), *n_done = 0.
+// Multi-sequence: a later version takes a seq id per token and a budget per sequence; this one is seq 0.
+int32_t tova_engine_decode(tova_engine * e, struct llama_context * ctx, const int32_t * tokens, int32_t n, int32_t pos0,
+                           float * logits, tova_progress_fn progress, void * user_data, int32_t * n_done);
 // Forget everything (after llama_memory_clear).
 void tova_engine_reset(tova_engine * e);
 
 int32_t tova_engine_n_occupied(const tova_engine * e);
-// out: [n_layer * n_cells] original position held by each layer's cell, -1 where empty (and in unmanaged layers).
+// out: [n_layer * n_cells] original position held by each layer's cell, -1 where empty.
 int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * out, size_t n);
 // Graph nodes the eval callback read during the last llama_decode; each one costs a backend sync
-// (tova and h2o: one per layer; window, sink and full: none on host buffers).
+// (tova and h2o: one per layer on a scored decode; window, sink and full: none).
 int32_t tova_engine_n_observed(const tova_engine * e);
-// Force the ggml-graph mover even for host buffers (tests). env: TOVA_MOVER=graph does the same.
-void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
 const char * tova_engine_last_error(const tova_engine * e);
-// Cut only once budget + m cells are occupied (evicting m or more at once, by the newest query's scores);
-// m = 1 is the paper's per-token TOVA. Needs budget + m <= n_cells.
-int32_t tova_engine_set_evict_interval(tova_engine * e, int32_t m);
-// CPU threads for the flash-attention scoring graph when the cache is in host memory.
-void tova_engine_set_threads(tova_engine * e, int32_t n_threads);
 // Cumulative costs since creation (or the last reset), for profiling: out[TOVA_STAT_COUNT].
 enum tova_stat {
     TOVA_STAT_SCORED_DECODES = 0,  // decodes that captured scores
     TOVA_STAT_CAPTURE_S = 1,       // seconds in the eval callback's data phase (reading scores / the query)
-    TOVA_STAT_SCORE_S = 2,         // seconds in the flash-attention scoring graph (upload, compute, read-back)
+    TOVA_STAT_SCORE_S = 2,         // seconds in the flash-attention scoring graph (compute, read-back)
     TOVA_STAT_CUTS = 3,            // cuts that evicted
-    TOVA_STAT_CUT_S = 4,           // seconds moving rows and removing metadata (mover + llama_memory_seq_rm)
+    TOVA_STAT_CUT_S = 4,           // seconds choosing, moving rows and removing metadata (mover + seq_rm)
     TOVA_STAT_COUNT = 5,
 };
 int32_t tova_engine_stats(tova_engine * e, double * out, size_t n, bool reset);
@@ -93,7 +118,7 @@ const char * tova_engine_cache_buffer(const tova_engine * e);
 
 // The policy alone, for tests on synthetic arrays: of the n cells with score[i] and original position pos[i]
 // (pos < 0: empty, never chosen), writes to out_evict the k cells to evict, lowest score first (ties: older
-// position first). Returns the number written.
+// position first). Returns the number written or TOVA_ERR_ARG.
 int32_t tova_policy_evict(const float * score, const int32_t * pos, int32_t n, int32_t k, int32_t * out_evict);
 
 // Any policy alone, for tests on synthetic arrays: which k of the n cells (original position pos[i], < 0: empty,

@@ -21,82 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPES = {
-    # Llama-3.2-1B and Llama-3-8B shapes
-    "1b": dict(n_embd=2048, n_layer=16, n_head=32, n_head_kv=8, n_ff=8192, n_vocab=128256, wtype="f16"),
-    "8b": dict(n_embd=4096, n_layer=32, n_head=32, n_head_kv=8, n_ff=14336, n_vocab=128256, wtype="q4_0"),
-    # smoke tests of this script on a CPU
-    "tiny": dict(n_embd=256, n_layer=2, n_head=4, n_head_kv=2, n_ff=512, n_vocab=1000, wtype="q4_0"),
-    "tiny16": dict(n_embd=256, n_layer=2, n_head=4, n_head_kv=2, n_ff=512, n_vocab=1000, wtype="f16"),
-}
-
-
-def _random_f16(rng, shape, std):
-    # tile a 4M-element random block: independence does not matter for speed, writing 2 GB of fresh noise does
-    n = int(np.prod(shape))
-    base = (rng.standard_normal(min(n, 1 << 22)) * std).astype(np.float16)
-    return np.resize(base, n).reshape(shape)
-
-
-def _random_q4_0(rng, shape, std):
-    """Q4_0 bytes [rows, cols/32*18]: per block an f16 scale then 16 bytes of nibbles (values (q-8)*d)."""
-    rows, cols = shape
-    nb = cols // 32
-    base = rng.integers(0, 256, size=(min(rows, 256), nb, 18), dtype=np.uint8)
-    d = np.float16(std / 4.6)  # uniform nibbles: std of (q-8) is ~4.6
-    base[:, :, 0:2] = np.frombuffer(np.array([d], dtype=np.float16).tobytes(), dtype=np.uint8)
-    blocks = np.resize(base, (rows, nb, 18))
-    return blocks.reshape(rows, nb * 18)
-
-
-def write_model(path: Path, name: str) -> dict:
-    import gguf
-
-    sh = SHAPES[name]
-    d, L, nh, nkv, ff, V = (sh[k] for k in ("n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "n_vocab"))
-    hd = d // nh
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(131072)
-    w.add_embedding_length(d)
-    w.add_block_count(L)
-    w.add_feed_forward_length(ff)
-    w.add_head_count(nh)
-    w.add_head_count_kv(nkv)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(500000.0)
-    w.add_vocab_size(V)
-    w.add_tokenizer_model("none")
-    w.add_file_type(1 if sh["wtype"] == "f16" else 2)
-
-    def lin(tname, n_out, n_in):
-        std = 1.0 / np.sqrt(n_in)
-        if sh["wtype"] == "f16":
-            w.add_tensor(tname, _random_f16(rng, (n_out, n_in), std))
-        else:
-            w.add_tensor(
-                tname, _random_q4_0(rng, (n_out, n_in), std), raw_dtype=gguf.GGMLQuantizationType.Q4_0
-            )
-
-    lin("token_embd.weight", V, d)
-    for il in range(L):
-        p = f"blk.{il}."
-        w.add_tensor(p + "attn_norm.weight", np.ones(d, dtype=np.float32))
-        w.add_tensor(p + "ffn_norm.weight", np.ones(d, dtype=np.float32))
-        lin(p + "attn_q.weight", d, d)
-        lin(p + "attn_k.weight", nkv * hd, d)
-        lin(p + "attn_v.weight", nkv * hd, d)
-        lin(p + "attn_output.weight", d, d)
-        lin(p + "ffn_gate.weight", ff, d)
-        lin(p + "ffn_up.weight", ff, d)
-        lin(p + "ffn_down.weight", d, ff)
-    w.add_tensor("output_norm.weight", np.ones(d, dtype=np.float32))
-    lin("output.weight", V, d)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return sh
+from tova_cpp.bench.synthetic import SHAPES, write_model
 
 
 def decode_tps(s, rng, n_gen: int) -> float:
@@ -167,6 +92,103 @@ def run_model(path: Path, label: str, size_gib: float, params_b: float, args, ro
                     )
 
 
+def step_suite(path: Path, label: str, args, rows: list) -> None:
+    """Issue 10's rows, one process, one run: plain llama-cpp-python `Llama.eval` (no tova) at the cells of the
+    `full` session, Session full, window@B, tova@B m=1 and m=8, each after a prompt of `depth` random tokens;
+    tokens/s over n_gen single-token evals after 8 warm-up tokens, logits read every token. Prints ratios."""
+    import llama_cpp
+
+    from tova_cpp import Session
+
+    rng = np.random.default_rng(1)
+    warm = 8
+    fa = args.fa == 1
+    common = dict(n_gpu_layers=args.ngl, flash_attn=fa, chunk=args.chunk, n_threads=4)
+
+    def timed(step) -> float:
+        toks = rng.integers(10, 1000, size=args.n_gen + warm).tolist()
+        for t in toks[:warm]:
+            step(t)
+        t0 = time.perf_counter()
+        for t in toks[warm:]:
+            step(t)
+        return args.n_gen / (time.perf_counter() - t0)
+
+    def emit(test, tps, backend, extra=None):
+        row = dict(model=label, backend=backend, test=test, tps=tps, ms=1e3 / tps, **(extra or {}))
+        rows.append(row)
+        print(
+            f"| {label} | {backend} | {test} | {tps:.2f} | {1e3 / tps:.3f} |"
+            + (f" {json.dumps(extra)}" if extra else ""),
+            flush=True,
+        )
+
+    def session(policy, budget, depth, m=1):
+        with Session(path, policy=policy, budget=budget, evict_interval=m, **common) as s:
+            fill(s, rng, depth)
+            s.engine_stats(reset=True)
+
+            def step(t):
+                s.eval([t])
+                s.logits()
+
+            tps = timed(step)
+            st = s.engine_stats()
+            per = {k: round(v / (args.n_gen + warm) * 1e6, 1) for k, v in st.items() if k.endswith("_s")}
+            return (
+                tps,
+                s.cache_buffer or device,
+                s.n_cells,
+                {"us_per_token": per, "cuts": st["cuts"], "cells": s.n_cells},
+            )
+
+    # the device that holds the cache, as the engine sees it (full/window sessions run without the eval
+    # callback, so they do not see the cache tensors): a small tova session of the same build and flags
+    with Session(path, policy="tova", budget=64, **common) as probe:
+        probe.eval([1, 2, 3])
+        device = probe.cache_buffer
+
+    for depth, budget in (
+        (args.depth, args.budget),
+        *(((args.deep, args.deep_budget),) if args.deep else ()),
+    ):
+        full_budget = depth + args.n_gen + warm + 8
+        tps_full, buf, n_cells, _ = session("full", full_budget, depth)
+        llm = llama_cpp.Llama(
+            str(path),
+            n_gpu_layers=args.ngl,
+            flash_attn=fa,
+            n_ctx=n_cells,
+            n_batch=args.chunk,
+            n_ubatch=args.chunk,
+            n_threads=4,
+            verbose=False,
+        )
+        fill_plain = rng.integers(10, 1000, size=depth).tolist()
+        llm.eval(fill_plain)
+
+        tps_plain = timed(lambda t, llm=llm: llm.eval([t]))
+        llm.close()
+        emit(f"plain tg{args.n_gen} @ d{depth} ({n_cells} cells)", tps_plain, buf)
+        emit(
+            f"full tg{args.n_gen} @ d{depth} ({n_cells} cells)",
+            tps_full,
+            buf,
+            {"vs_plain": round(tps_full / tps_plain, 3)},
+        )
+        tw, bw, _, xw = session("window", budget, depth)
+        emit(
+            f"window{budget} tg{args.n_gen} @ d{depth}",
+            tw,
+            bw,
+            {**xw, "vs_plain_full": round(tw / tps_plain, 3)},
+        )
+        for m in (1, 8):
+            tt, bt, _, xt = session("tova", budget, depth, m)
+            xt.update(time_vs_window=round(tw / tt, 3), vs_full=round(tt / tps_full, 3))
+            emit(f"tova{budget} m{m} tg{args.n_gen} @ d{depth}", tt, bt, xt)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for the models and results.json")
@@ -177,6 +199,13 @@ def main(argv=None) -> int:
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--chunk", type=int, default=256, help="prompt chunk (= n_ubatch) for every session")
     ap.add_argument("--backend", default="CUDA", help="label for the backend column")
+    ap.add_argument("--step", action="store_true", help="issue 10's suite (plain/full/window/tova) instead")
+    ap.add_argument("--depth", type=int, default=512, help="--step: depth of the equal-budget rows")
+    ap.add_argument("--budget", type=int, default=512, help="--step: budget of the equal-budget rows")
+    ap.add_argument("--deep", type=int, default=0, help="--step: also rows at this depth (e.g. 32768)")
+    ap.add_argument("--deep-budget", type=int, default=2048)
+    ap.add_argument("--ngl", type=int, default=-1)
+    ap.add_argument("--fa", type=int, default=1)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list = []
@@ -194,7 +223,11 @@ def main(argv=None) -> int:
         kv = sh["n_head_kv"] * d // sh["n_head"]
         params = (2 * V * d + L * (2 * d * d + 2 * kv * d + 3 * d * ff)) / 1e9
         print(f"# wrote {path.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        run_model(path, f"llama {name} {sh['wtype'].upper()} (random)", size, params, args, rows)
+        label = f"llama {name} {sh['wtype'].upper()} (random)"
+        if args.step:
+            step_suite(path, label, args, rows)
+        else:
+            run_model(path, label, size, params, args, rows)
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     return 0
 

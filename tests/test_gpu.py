@@ -42,7 +42,13 @@ def gpu_session(path, **kw):
 @pytest.mark.parametrize("prompt_len", [10, 50], ids=["prompt<budget", "chunked"])
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
 @pytest.mark.parametrize("evict_interval", [1, 5], ids=["m=1", "m=5"])
-def test_offloaded_engine_matches_reference(tiny, prompt_len, flash_attn, evict_interval):
+@pytest.mark.parametrize("check_cells", ["0", "1"], ids=["predicted-cells", "read-cells"])
+def test_offloaded_engine_matches_reference(
+    tiny, prompt_len, flash_attn, evict_interval, check_cells, monkeypatch
+):
+    """predicted-cells: the engine places tokens by its mirror of llama.cpp's slot search, reading nothing;
+    read-cells (TOVA_CHECK_CELLS=1): it also reads attn_inp_k_idxs every decode and fails on a disagreement."""
+    monkeypatch.setenv("TOVA_CHECK_CELLS", check_cells)
     path, model = tiny
     rng = np.random.default_rng(prompt_len)
     tokens = rng.integers(0, model.n_vocab, size=prompt_len + STEPS).tolist()
@@ -113,3 +119,34 @@ def test_offloaded_rotated_quantized_cache_stays_bounded(tiny, cache):
             for row in s.kept_positions():
                 assert np.unique(row).size == BUDGET and row.min() >= 0 and row.max() < s.n_past
         assert len({tuple(r) for r in s.kept_positions()}) > 1
+
+
+@pytest.mark.parametrize("policy, m", [("full", 1), ("window", 1), ("sink", 1), ("tova", 8)])
+def test_offloaded_unscored_decodes_read_no_node(tiny, policy, m):
+    """A decode with no cut after it asks llama.cpp for no graph node (no split, no sync): the cells come from
+    the engine's slot mirror. Only the first decode reads attn_inp_k_idxs once (to learn it lives on the GPU)."""
+    from tova_cpp._ffi import lib
+
+    path, model = tiny
+    tokens = np.random.default_rng(5).integers(0, model.n_vocab, size=40).tolist()
+    budget = 30 if policy == "full" else BUDGET
+    with Session(
+        path,
+        budget=budget,
+        chunk=CHUNK,
+        policy=policy,
+        evict_interval=m,
+        n_gpu_layers=-1,
+        flash_attn=True,
+        n_threads=2,
+    ) as s:
+        s.eval(tokens[:5])
+        observed = []
+        for t in tokens[5:25]:
+            s.eval([t])
+            observed.append(lib.tova_engine_n_observed(s._engine))
+            assert s.pos_window() == (s.n_past - s.n_occupied, s.n_past - 1)
+        if policy == "tova":  # a scored decode every m-th token: one node per layer; the others none
+            assert observed.count(0) >= len(observed) - len(observed) // m - 1
+        else:
+            assert observed == [0] * len(observed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import sys
@@ -13,35 +14,21 @@ from .errors import TovaVersionError
 
 REQUIRED_LLAMA_CPP_PYTHON = "0.3.36"
 
-CDEF = """
-typedef struct tova_engine tova_engine;
-tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int32_t budget, int32_t n_cells, bool v_trans,
-                                 char * err, size_t err_len);
-void tova_engine_free(tova_engine * e);
-int32_t tova_engine_set_cells(tova_engine * e, int32_t n_cells);
-int32_t tova_engine_set_keep(tova_engine * e, int32_t keep);
-int32_t tova_engine_set_n_sink(tova_engine * e, int32_t n_sink);
-int32_t tova_engine_set_layers(tova_engine * e, const uint8_t * managed, int32_t n_layer);
-bool tova_eval_callback(void * t, bool ask, void * user_data);
-int32_t tova_engine_begin(tova_engine * e, int32_t n_tokens, int32_t pos0, bool capture_scores);
-int32_t tova_engine_end(tova_engine * e);
-int32_t tova_engine_cut(tova_engine * e, void * ctx);
-void tova_engine_reset(tova_engine * e);
-int32_t tova_engine_n_occupied(const tova_engine * e);
-int32_t tova_engine_n_observed(const tova_engine * e);
-int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * out, size_t n);
-void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
-const char * tova_engine_last_error(const tova_engine * e);
-int32_t tova_engine_set_evict_interval(tova_engine * e, int32_t m);
-void tova_engine_set_threads(tova_engine * e, int32_t n_threads);
-const char * tova_engine_cache_buffer(const tova_engine * e);
-int32_t tova_engine_stats(tova_engine * e, double * out, size_t n, bool reset);
-int32_t tova_policy_evict(const float * score, const int32_t * pos, int32_t n, int32_t k, int32_t * out_evict);
-int32_t tova_policy_choose(int32_t policy, const double * score, const int32_t * pos, int32_t n, int32_t k,
-                           int32_t keep, int32_t n_sink, int32_t * out_evict);
-int32_t tova_gguf_bool_array(const char * path, const char * key, uint8_t * out, int32_t n_max);
-const char * tova_libllama_path(void);
-"""
+HEADER = "tova.h"
+
+
+def cdef_from_header(text: str) -> str:
+    """The C API as cffi reads it: tova.h without preprocessor lines and the C++-only `extern "C"` block."""
+    out, cplusplus = [], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#ifdef __cplusplus"):
+            cplusplus = True
+        if not stripped.startswith("#") and not cplusplus:
+            out.append(line)
+        if cplusplus and stripped.startswith("#endif"):
+            cplusplus = False
+    return "\n".join(out)
 
 
 ENGINE = "libtova_engine.so"
@@ -68,6 +55,13 @@ def _engine_path() -> Path:
     )
 
 
+def _header_path(engine: Path) -> Path:
+    """The tova.h to declare: the source tree's (an editable install or a checkout) when there is one, so an
+    engine not rebuilt after a header change is caught; else the copy installed beside the engine."""
+    source = Path(__file__).resolve().parent.parent / "csrc" / HEADER
+    return source if source.is_file() else engine.parent / HEADER
+
+
 def _load():
     import llama_cpp  # must come first: the engine binds to the libllama it has loaded
 
@@ -77,9 +71,23 @@ def _load():
             f"tova_cpp needs llama-cpp-python=={REQUIRED_LLAMA_CPP_PYTHON} (found {version}): the engine relies "
             f"on its graph tensor names; run: pip install llama-cpp-python=={REQUIRED_LLAMA_CPP_PYTHON}"
         )
+    engine = _engine_path()
+    header = _header_path(engine)
+    if not header.is_file():
+        raise ImportError(f"tova_cpp's C header ({header}) is missing: reinstall tova_cpp")
+    text = header.read_bytes()
     ffi = cffi.FFI()
-    ffi.cdef(CDEF)
-    lib = ffi.dlopen(str(_engine_path()))
+    ffi.cdef(cdef_from_header(text.decode()))
+    lib = ffi.dlopen(str(engine))
+    try:
+        built_from = ffi.string(lib.tova_abi_hash()).decode()
+    except AttributeError:  # an engine from before the ABI check
+        built_from = "none"
+    if built_from != hashlib.sha256(text).hexdigest():
+        raise TovaVersionError(
+            f"the tova_cpp engine ({engine}) was built from another {HEADER} than {header}: rebuild it "
+            "(bash scripts/setup.sh, or pip install --no-deps --no-build-isolation -e .)"
+        )
     ours = os.path.realpath(ffi.string(lib.tova_libllama_path()).decode())
     theirs = os.path.realpath(Path(llama_cpp.__file__).parent / "lib" / "libllama.so")
     if os.path.dirname(ours) != os.path.dirname(theirs):

@@ -19,3 +19,7 @@ class UnsupportedModelError(TovaError, ValueError):
 
 class EngineError(TovaError, RuntimeError):
     """The native engine reported a failure; the state was cleared."""
+
+
+class Cancelled(TovaError):
+    """A progress callback stopped `Session.eval`; the tokens evaluated before it stay in the cache."""

@@ -36,7 +36,7 @@ paid once per m steps).
 
 flash_attn=True (every policy but h2o, which needs every query's row and refuses it): flash attention never
 forms the probabilities, so for tova the engine keeps each layer's newest query and recomputes
-softmax(K q * scale + mask) per head on the cache's own device (csrc/capture_fa.cpp); the
+softmax(K q * scale + mask) per head on the cache's own device (csrc/score.cpp); the
 scores use the cache's own K rows (an F32 cache is cast to F16 only inside flash attention).
 Quantized caches (q8_0, q4_0) are moved as raw bytes; a quantized V cache needs flash_attn=True (llama.cpp).
 
@@ -57,7 +57,7 @@ import llama_cpp._logger
 import numpy as np
 
 from ._ffi import ffi, lib
-from .errors import EngineError, ModelLoadError, UnsupportedModelError
+from .errors import Cancelled, EngineError, ModelLoadError, UnsupportedModelError
 
 POLICIES = {"full": 0, "tova": 1, "window": 2, "sink": 3, "h2o": 4}
 DEFAULT_N_SINK = 4
@@ -280,11 +280,13 @@ class Session:
                 msg = ffi.string(lib.tova_engine_last_error(engine)).decode()
                 self.close()
                 raise ValueError(msg)
-        self._callback = llama_cpp.ggml_backend_sched_eval_callback(
-            int(ffi.cast("uintptr_t", lib.tova_eval_callback))
-        )
-        cparams.cb_eval = self._callback
-        cparams.cb_eval_user_data = ctypes.c_void_p(int(ffi.cast("uintptr_t", engine)))
+        self._callback = None
+        if lib.tova_engine_needs_callback(engine):  # full, window: llama.cpp runs its graphs untouched
+            self._callback = llama_cpp.ggml_backend_sched_eval_callback(
+                int(ffi.cast("uintptr_t", lib.tova_eval_callback))
+            )
+            cparams.cb_eval = self._callback
+            cparams.cb_eval_user_data = ctypes.c_void_p(int(ffi.cast("uintptr_t", engine)))
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             self.close()
@@ -296,7 +298,7 @@ class Session:
         self._check(lib.tova_engine_set_evict_interval(engine, evict_interval))
         lib.tova_engine_set_threads(engine, n_threads)
         self.n_ubatch = n_ubatch
-        self._batch = llama_cpp.llama_batch_init(n_ubatch, 0, 1)
+        self._n_done = ffi.new("int32_t *")
         self.n_past = 0  # tokens seen: the next token's position
 
     # -- native calls -------------------------------------------------------------------------------------
@@ -304,63 +306,70 @@ class Session:
         if rc != 0:
             msg = ffi.string(lib.tova_engine_last_error(self._engine)).decode()
             self.reset()  # the cache's content no longer matches the bookkeeping: start clean
-            raise EngineError(f"tova engine error {rc}: {msg}")
-
-    def _decode(self, tokens: np.ndarray, capture: bool, logits_all: bool) -> np.ndarray | None:
-        n = len(tokens)
-        b = self._batch
-        for j, tok in enumerate(tokens):
-            b.token[j] = int(tok)
-            b.pos[j] = self.n_past + j
-            b.n_seq_id[j] = 1
-            b.seq_id[j][0] = 0
-            b.logits[j] = logits_all or j == n - 1
-        b.n_tokens = n
-        self._check(lib.tova_engine_begin(self._engine, n, self.n_past, capture))
-        rc = llama_cpp.llama_decode(self._ctx, b)
-        if rc != 0:
-            self.reset()
-            raise EngineError(f"llama_decode failed with code {rc}; the session was reset")
-        self._check(lib.tova_engine_end(self._engine))
-        self.n_past += n
-        if not logits_all:
-            return None
-        ptr = llama_cpp.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy()
+            raise EngineError(f"tova engine error {rc}: {msg}; the session was reset")
 
     # -- public -------------------------------------------------------------------------------------------
-    def eval(self, tokens, *, logits_all: bool = False) -> np.ndarray | None:
+    def eval(self, tokens, *, logits_all: bool = False, progress=None) -> np.ndarray | None:
         """Feed tokens (a prompt, or one decoded/teacher-forced token) into the bounded cache.
 
         Returns float32 logits [len(tokens), n_vocab] when logits_all, each computed from the cache as it was
         when that token was processed; else None (see `logits()`).
+        progress: None or a callable (done, total) -> bool | None, called after each ubatch; returning False
+        stops: eval raises `Cancelled`, and the tokens evaluated so far stay in the cache (n_past counts them).
+        An exception raised by progress also stops eval (the session stays consistent) and propagates.
+        One engine call (tova_engine_decode) runs the pieces, ubatches and cuts; any engine failure leaves the
+        session consistent (bad input: nothing changed, ValueError) or reset (EngineError says so).
         """
         self._require_open()
-        toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        toks = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
         if toks.size == 0:
             raise ValueError("eval needs at least one token")
-        if toks.min() < 0 or toks.max() >= self.n_vocab:
-            raise ValueError(f"token ids must be in [0, {self.n_vocab}), got {toks.min()}..{toks.max()}")
-        if self.policy == "full" and self.n_occupied + toks.size > self.memory:
-            raise ValueError(
-                f"policy 'full' holds every token: {self.n_occupied} + {toks.size} exceeds {self.memory} cells"
+        lo, hi = int(toks.min()), int(toks.max())
+        if lo < 0 or hi >= self.n_vocab:
+            raise ValueError(f"token ids must be in [0, {self.n_vocab}), got {lo}..{hi}")
+        ids = toks.astype(np.int32)
+        out = np.empty((ids.size, self.n_vocab), dtype=np.float32) if logits_all else None
+        raised: list[BaseException] = []
+        callback = ffi.NULL
+        if progress is not None:
+
+            def on_error(exc_type, exc, tb) -> None:
+                raised.append(exc)  # returned as False: the engine stops after this ubatch
+
+            callback = ffi.callback(
+                "bool(int32_t, int32_t, void *)",
+                lambda done, total, _: progress(done, total) is not False,
+                error=False,
+                onerror=on_error,
             )
-        out = []
-        i = 0
-        while i < toks.size:
-            room = self.memory - self.n_occupied
-            piece = toks[i : i + room]
-            # scores are needed only when this piece ends in a cut (every evict_interval-th token in decode)
-            cuts = self.n_occupied + piece.size >= self.budget + self.evict_interval
-            for s in range(0, piece.size, self.n_ubatch):
-                sub = piece[s : s + self.n_ubatch]
-                last = s + self.n_ubatch >= piece.size
-                lg = self._decode(sub, capture=last and cuts, logits_all=logits_all)
-                if lg is not None:
-                    out.append(lg)
-            self._check(lib.tova_engine_cut(self._engine, ffi.cast("void *", self._ctx)))
-            i += piece.size
-        return np.concatenate(out) if logits_all else None
+        rc = lib.tova_engine_decode(
+            self._engine,
+            ffi.cast("void *", self._ctx),
+            ffi.from_buffer("int32_t[]", ids),
+            ids.size,
+            self.n_past,
+            ffi.NULL if out is None else ffi.from_buffer("float[]", out),
+            callback,
+            ffi.NULL,
+            self._n_done,
+        )
+        if rc == 0:
+            self.n_past += ids.size
+            if raised:  # raised after the last ubatch: everything was evaluated
+                raise raised[0]
+            return out
+        if rc == lib.TOVA_CANCELLED:
+            self.n_past += self._n_done[0]
+            if raised:
+                raise raised[0]
+            raise Cancelled(
+                f"eval stopped by its progress callback after {self._n_done[0]} of {ids.size} tokens"
+            )
+        msg = ffi.string(lib.tova_engine_last_error(self._engine)).decode()
+        if rc == lib.TOVA_ERR_ARG:  # refused before any decode: nothing changed
+            raise ValueError(msg)
+        self.n_past = 0  # the engine cleared llama.cpp's memory and its own state
+        raise EngineError(f"tova engine error {rc}: {msg}; the session was reset")
 
     def logits(self) -> np.ndarray:
         """Raw logits of the last evaluated position, float32 [n_vocab]."""
@@ -504,9 +513,6 @@ class Session:
             raise RuntimeError("session is closed")
 
     def close(self) -> None:
-        if getattr(self, "_batch", None) is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None

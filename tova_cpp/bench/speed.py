@@ -7,6 +7,11 @@ re-prefills for every repetition; here the depth grows by n_gen per block, which
 affordable on CPU). Figures are mean ± std over the repetitions.
 Each (policy, budget, depth) runs in a fresh process, so peak RSS is that configuration's own. KV bytes are
 the cells occupied after the run x n_layer x (K row + V row bytes), the row sizes from the GGUF metadata.
+GPUs: -ngl, -fa, -ctk/-ctv and --evict-interval as llama-bench names them; --plain adds a row of
+llama-cpp-python's own `Llama.eval` (no tova) at the cells of `full`; the backend column is the buffer that
+held the K cache (full/window/sink run without the engine's eval callback and report the device their
+llama.cpp build offloads to: "CPU" with -ngl 0). --synthetic 1b|8b writes a random-weight model of that shape
+(tova_cpp.bench.synthetic, needs gguf) into the output folder and measures it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ COLUMNS = [
     "n_gen",
     "reps",
     "threads",
+    "backend",
+    "n_gpu_layers",
+    "flash_attn",
+    "type_k",
+    "type_v",
+    "evict_interval",
     "pp_tps",
     "pp_tps_std",
     "tg_tps",
@@ -55,6 +66,12 @@ class SpeedResult:
     n_gen: int
     reps: int
     threads: int
+    backend: str  # the buffer that held the K cache ("CPU", "CUDA0", ...)
+    n_gpu_layers: int
+    flash_attn: bool
+    type_k: str
+    type_v: str
+    evict_interval: int
     pp_tps: float  # prefill tokens/s (nan at depth 0)
     pp_tps_std: float
     tg_tps: float  # decode tokens/s
@@ -85,11 +102,32 @@ def measure(
     pp_reps: int = 1,
     seed: int = 0,
     verbose: bool = False,
+    n_gpu_layers: int = 0,
+    flash_attn: bool = False,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    evict_interval: int = 1,
 ) -> dict:
     """One configuration: per-repetition prefill and decode rates, occupied cells and KV bytes.
 
     Prefill: `pp_reps` times from an empty cache. Decode: after the last prefill, one untimed block of n_gen
     tokens (warm-up) then `reps` timed blocks; the depth grows by n_gen per block (small next to depth)."""
+    if policy == "plain":
+        return _measure_plain(
+            path,
+            depth,
+            n_gen,
+            reps,
+            threads,
+            chunk,
+            pp_reps,
+            seed,
+            verbose,
+            n_gpu_layers,
+            flash_attn,
+            type_k,
+            type_v,
+        )
     cells = depth + n_gen * (reps + 1) if policy == "full" else budget
     with Session(
         path,
@@ -98,6 +136,11 @@ def measure(
         chunk=chunk,
         n_threads=threads,
         verbose=verbose,
+        n_gpu_layers=n_gpu_layers,
+        flash_attn=flash_attn,
+        type_k=type_k,
+        type_v=type_v,
+        evict_interval=evict_interval if policy != "full" else 1,
         **common.session_kwargs(policy),
     ) as s:
         rng = np.random.default_rng(seed)
@@ -119,12 +162,74 @@ def measure(
                 tg.append(n_gen / (time.perf_counter() - t0))
         n_cells = s.n_occupied
         kv = n_cells * kv_row_bytes(s)
+        backend = s.cache_buffer or _offload_device(n_gpu_layers)
     return {
         "pp": pp,
         "tg": tg,
         "n_cells": n_cells,
         "kv_bytes": int(kv),
         "peak_rss_mib": common.peak_rss_mib(),
+        "backend": backend,
+    }
+
+
+def _offload_device(n_gpu_layers: int) -> str:
+    """Where llama.cpp puts offloaded layers when the engine did not see the cache (no eval callback)."""
+    import llama_cpp
+
+    if n_gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload():
+        return "CPU"
+    return "GPU (offloaded)"
+
+
+def _measure_plain(
+    path, depth, n_gen, reps, threads, chunk, pp_reps, seed, verbose, n_gpu_layers, flash_attn, type_k, type_v
+) -> dict:
+    """llama-cpp-python's own Llama.eval, no tova, the same protocol and cells as `full`."""
+    import llama_cpp
+
+    from ..session import CACHE_TYPES
+
+    cells = depth + n_gen * (reps + 1)
+    llm = llama_cpp.Llama(
+        str(path),
+        n_gpu_layers=n_gpu_layers,
+        flash_attn=flash_attn,
+        n_ctx=cells + chunk,
+        n_batch=chunk,
+        n_ubatch=chunk,
+        n_threads=threads,
+        type_k=CACHE_TYPES[type_k],
+        type_v=CACHE_TYPES[type_v],
+        verbose=verbose,
+    )
+    try:
+        rng = np.random.default_rng(seed)
+        prompt = rng.integers(0, llm.n_vocab(), size=depth).tolist()
+        gen = rng.integers(0, llm.n_vocab(), size=n_gen).tolist()
+        pp, tg = [], []
+        for _ in range(pp_reps):
+            llm.reset()  # the next eval removes every cell past n_tokens = 0
+            t0 = time.perf_counter()
+            if depth:
+                llm.eval(prompt)
+            pp.append(depth / (time.perf_counter() - t0) if depth else float("nan"))
+        for rep in range(reps + 1):
+            t0 = time.perf_counter()
+            for tok in gen:
+                llm.eval([tok])
+            if rep:
+                tg.append(n_gen / (time.perf_counter() - t0))
+        n_cells = llm.n_tokens
+    finally:
+        llm.close()
+    return {
+        "pp": pp,
+        "tg": tg,
+        "n_cells": n_cells,
+        "kv_bytes": 0,
+        "peak_rss_mib": common.peak_rss_mib(),
+        "backend": _offload_device(n_gpu_layers),
     }
 
 
@@ -151,6 +256,22 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--in-process", action="store_true", help="no fresh process per run (peak RSS is then shared)"
     )
+    p.add_argument(
+        "-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU (-1: all)"
+    )
+    p.add_argument("-fa", "--flash-attn", type=int, choices=(0, 1), default=0, help="flash attention")
+    p.add_argument("-ctk", "--cache-type-k", default="f16", help="K cache type (f16, f32, bf16, q8_0, q4_0)")
+    p.add_argument("-ctv", "--cache-type-v", default="f16", help="V cache type (quantized needs -fa 1)")
+    p.add_argument(
+        "--evict-interval", type=common._positive, default=1, help="cut every m tokens (m = 1: paper)"
+    )
+    p.add_argument("--plain", action="store_true", help="add llama-cpp-python's Llama.eval (no tova) rows")
+    p.add_argument(
+        "--synthetic",
+        choices=("1b", "8b"),
+        default=None,
+        help="write and measure a random-weight model of this shape (needs gguf)",
+    )
     common.add_common_args(p, out="bench_results/speed")
     p.set_defaults(func=run)
 
@@ -163,12 +284,24 @@ def run(args: argparse.Namespace) -> int:
     import llama_cpp
 
     try:
+        if args.synthetic:
+            from .synthetic import write_model
+
+            synthetic = common.out_dir(args) / f"synthetic-{args.synthetic}.gguf"
+            if not synthetic.exists():
+                write_model(synthetic, args.synthetic)
+            args.model = str(synthetic)
         path, threads, policies = common.resolve(args)
+        if args.plain:
+            policies = ["plain", *policies]
         with Session(path, budget=1, policy="full", chunk=1, n_threads=threads, verbose=args.verbose) as s:
             size = llama_cpp.llama_model_size(s._model)
             params = llama_cpp.llama_model_n_params(s._model)
         configs = [
-            (p, b, d) for d in args.depths for p in policies for b in ([0] if p == "full" else args.budgets)
+            (p, b, d)
+            for d in args.depths
+            for p in policies
+            for b in ([0] if p in ("full", "plain") else args.budgets)
         ]
         results: list[SpeedResult] = []
         for policy, budget, depth in configs:
@@ -183,10 +316,15 @@ def run(args: argparse.Namespace) -> int:
                 "chunk": args.chunk,
                 "pp_reps": args.pp_reps,
                 "verbose": args.verbose,
+                "n_gpu_layers": args.n_gpu_layers,
+                "flash_attn": bool(args.flash_attn),
+                "type_k": args.cache_type_k,
+                "type_v": args.cache_type_v,
+                "evict_interval": args.evict_interval,
             }
             t0 = time.perf_counter()
             m = measure(**kw) if args.in_process else _in_fresh_process(**kw)
-            cells = depth + args.n_gen * (args.reps + 1) if policy == "full" else budget
+            cells = depth + args.n_gen * (args.reps + 1) if policy in ("full", "plain") else budget
             r = SpeedResult(
                 path.name,
                 policy,
@@ -195,6 +333,12 @@ def run(args: argparse.Namespace) -> int:
                 args.n_gen,
                 args.reps,
                 threads,
+                m["backend"],
+                args.n_gpu_layers,
+                bool(args.flash_attn),
+                args.cache_type_k,
+                args.cache_type_v,
+                args.evict_interval if policy not in ("full", "plain") else 1,
                 statistics.mean(m["pp"]),
                 _std(m["pp"]),
                 statistics.mean(m["tg"]),
@@ -235,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _label(r: SpeedResult) -> str:
-    return r.policy if r.policy == "full" else f"{r.policy} B={r.budget}"
+    return r.policy if r.policy in ("full", "plain") else f"{r.policy} B={r.budget}"
 
 
 def table(results: list[SpeedResult], size: int, params: int) -> str:
@@ -245,12 +389,20 @@ def table(results: list[SpeedResult], size: int, params: int) -> str:
             r.model,
             f"{size / 2**20:.2f} MiB",
             f"{params / 1e6:.2f} M",
-            "CPU",
+            r.backend,
             str(r.threads),
             r.policy,
-            "all" if r.policy == "full" else str(r.budget),
+            "all" if r.policy in ("full", "plain") else str(r.budget),
         ]
-        tail = [f"{r.kv_bytes / 2**20:.2f}", f"{r.peak_rss_mib:.0f}"]
+        tail = [
+            str(r.n_gpu_layers),
+            str(int(r.flash_attn)),
+            r.type_k,
+            r.type_v,
+            str(r.evict_interval),
+            f"{r.kv_bytes / 2**20:.2f}",
+            f"{r.peak_rss_mib:.0f}",
+        ]
         if r.depth:
             rows.append([*base, f"pp{r.depth}", f"{r.pp_tps:.2f} ± {r.pp_tps_std:.2f}", *tail])
         rows.append([*base, f"tg{r.n_gen} @ d{r.depth}", f"{r.tg_tps:.2f} ± {r.tg_tps_std:.2f}", *tail])
@@ -264,17 +416,27 @@ def table(results: list[SpeedResult], size: int, params: int) -> str:
         "budget",
         "test",
         "t/s",
+        "ngl",
+        "fa",
+        "type_k",
+        "type_v",
+        "m",
         "KV MiB",
         "peak RSS MiB",
     ]
-    return common.markdown_table(rows, header, right={1, 2, 4, 6, 8, 9, 10})
+    return common.markdown_table(rows, header, right={1, 2, 4, 6, 8, 9, 10, 13, 14, 15})
 
 
 def checks(results: list[SpeedResult]) -> str:
     """The issue's speed targets, evaluated on this run's numbers."""
     lines = []
-    by = {(r.policy, r.budget if r.policy != "full" else 0, r.depth): r for r in results}
+    by = {(r.policy, r.budget if r.policy not in ("full", "plain") else 0, r.depth): r for r in results}
     for r in results:
+        plain = by.get(("plain", 0, r.depth))
+        if plain and r.policy == "full":
+            lines.append(
+                f"full / plain tokens/s at d{r.depth}: {r.tg_tps / plain.tg_tps:.3f} (target >= 0.97)"
+            )
         if r.policy == "tova":
             full = by.get(("full", 0, r.depth))
             if full and r.depth >= 4 * r.budget:
@@ -296,7 +458,7 @@ def plot(results: list[SpeedResult], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list[SpeedResult]] = {}
     for r in results:
-        series.setdefault(r.policy if r.policy == "full" else _label(r), []).append(r)
+        series.setdefault(_label(r), []).append(r)
     for label, rs in series.items():
         rs = sorted(rs, key=lambda r: r.depth)
         ax.errorbar(
@@ -306,7 +468,7 @@ def plot(results: list[SpeedResult], path: Path) -> None:
             marker="o",
             capsize=2,
             label=label,
-            linestyle="--" if label == "full" else "-",
+            linestyle="--" if label in ("full", "plain") else "-",
         )
     depths = sorted({max(r.depth, 1) for r in results})
     ax.set_xscale("log", base=2)
@@ -314,7 +476,9 @@ def plot(results: list[SpeedResult], path: Path) -> None:
     ax.set_xlabel("context depth (tokens)")
     ax.set_ylabel("decode tokens/s")
     r0 = results[0]
-    ax.set_title(f"{r0.model}, CPU, {r0.threads} threads: decode tg{r0.n_gen} after depth", fontsize=9)
+    ax.set_title(
+        f"{r0.model}, {r0.backend}, {r0.threads} threads: decode tg{r0.n_gen} after depth", fontsize=9
+    )
     ax.set_ylim(bottom=0)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

@@ -1,33 +1,62 @@
-#include "capture_fa.h"
+#include "score.h"
 
 #include <cstring>
+#include <initializer_list>
 
+#include "backend.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml.h"
 
 namespace tova {
 
-fa_scorer::~fa_scorer() {
-    if (galloc_) ggml_gallocr_free(galloc_);
-    if (buf_) ggml_backend_buffer_free(buf_);
-    if (buf_ctx_) ggml_free(buf_ctx_);
-    if (backend_) ggml_backend_free(backend_);
+bool scorer::layer_view::operator==(const layer_view & o) const {
+    return seen == o.seen && memcmp(ne, o.ne, sizeof(ne)) == 0 && memcmp(nb, o.nb, sizeof(nb)) == 0 && offs == o.offs &&
+           scale == o.scale && softcap == o.softcap && sinks == o.sinks;
 }
 
-void fa_scorer::begin(int32_t n_layer) {
-    layers_.assign(n_layer, layer_view());
+void scorer::free_graph() {
+    if (galloc_) ggml_gallocr_free(galloc_);
+    if (graph_ctx_) ggml_free(graph_ctx_);
+    galloc_ = nullptr;
+    graph_ctx_ = nullptr;
+    graph_ = nullptr;
+    graph_n_kv_ = 0;
+}
+
+scorer::~scorer() {
+    free_graph();
+    if (buf_) ggml_backend_buffer_free(buf_);
+    if (buf_ctx_) ggml_free(buf_ctx_);
+}
+
+void scorer::begin(int32_t n_layer) {
+    if ((int32_t) layers_.size() != n_layer) layers_.assign(n_layer, layer_view());
+    for (auto & l : layers_) l.seen = false;
     mask_seen_ = false;
     n_kv_ = 0;
 }
 
-// Reads n bytes at `offset` into t's data: memcpy on host buffers, a backend read elsewhere.
-static void read_bytes(const ggml_tensor * t, void * dst, size_t offset, size_t n) {
-    if (ggml_backend_buffer_is_host(t->buffer)) memcpy(dst, (const char *) t->data + offset, n);
-    else ggml_backend_tensor_get(t, dst, offset, n);
+// Copies n bytes from src's data at src_off to dst's data at dst_off: device to device when both live on one
+// device (no host round trip), memcpy or one transfer otherwise. Both are byte views of live tensors.
+static void copy_bytes(const ggml_tensor * src, size_t src_off, const ggml_tensor * dst, size_t dst_off, size_t n) {
+    ggml_tensor s = *src, d = *dst;
+    for (ggml_tensor * t : {&s, &d}) {
+        t->type = GGML_TYPE_I8;
+        t->ne[0] = (int64_t) n;
+        t->ne[1] = t->ne[2] = t->ne[3] = 1;
+        t->nb[0] = 1;
+        t->nb[1] = t->nb[2] = t->nb[3] = n;
+        t->view_src = nullptr;
+        t->view_offs = 0;
+    }
+    s.data = (char *) src->data + src_off;
+    d.data = (char *) dst->data + dst_off;
+    ggml_backend_tensor_copy(&s, &d);
 }
 
-bool fa_scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_t n_tokens, std::string & err) {
+bool scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_t n_tokens, int32_t n_cells,
+                     backends & devs, std::string & err) {
     ggml_tensor * q = fa->src[0];     // [head_dim, n_tokens, n_head, n_stream], a permuted view
     ggml_tensor * k = fa->src[1];     // [head_dim, n_kv, n_head_kv, n_stream], a view of cache_k_l<il>
     ggml_tensor * mask = fa->src[3];  // F16 [n_kv, n_tokens_pad, 1, n_stream]
@@ -39,6 +68,14 @@ bool fa_scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int
         err = "unexpected attention sinks in layer " + std::to_string(il) + " (F32, one per query head expected)";
         return false;
     }
+    // the sinks are model weights: the scoring graph reads them where they are, which must be the cache's device
+    if (sinks && (ggml_backend_buffer_is_host(sinks->buffer) != ggml_backend_buffer_is_host(cache_k->buffer) ||
+                  (!ggml_backend_buffer_is_host(sinks->buffer) &&
+                   ggml_backend_buft_get_device(ggml_backend_buffer_get_type(sinks->buffer)) !=
+                       ggml_backend_buft_get_device(ggml_backend_buffer_get_type(cache_k->buffer))))) {
+        err = "attention sinks of layer " + std::to_string(il) + " live on another device than the KV cache";
+        return false;
+    }
     if (params[1] != 0.0f) {
         err = "ALiBi bias (max_bias != 0) in FLASH_ATTN_EXT: eviction would change what the model computes";
         return false;
@@ -47,35 +84,33 @@ bool fa_scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int
     if (k->op == GGML_OP_CPY && k->src[0]) k = k->src[0];
     if (k->view_src != cache_k || q->type != GGML_TYPE_F32 || !mask || mask->type != GGML_TYPE_F16 || q->ne[3] != 1 ||
         k->ne[3] != 1 || q->ne[0] != k->ne[0] || q->nb[0] != sizeof(float) || q->ne[2] % k->ne[2] != 0 ||
-        mask->ne[0] != k->ne[1] || q->ne[1] != n_tokens) {
+        mask->ne[0] != k->ne[1] || q->ne[1] != n_tokens || k->ne[1] > n_cells) {
         err = "unexpected FLASH_ATTN_EXT operands in layer " + std::to_string(il) +
               " (one sequence, F32 query, F16 mask, K a view of cache_k_l" + std::to_string(il) + " expected)";
         return false;
     }
-    if (head_dim_ != q->ne[0] || n_head_ != q->ne[2]) {
-        head_dim_ = q->ne[0];
-        n_head_ = q->ne[2];
-    }
-    const size_t q_len = (size_t) head_dim_ * n_head_;
-    if (q_host_.size() != q_len * layers_.size()) q_host_.assign(q_len * layers_.size(), 0.0f);
+    head_dim_ = q->ne[0];
+    n_head_ = q->ne[2];
     if (n_kv_ != 0 && n_kv_ != k->ne[1]) {
         err = "layers disagree on n_kv";
         return false;
     }
     n_kv_ = k->ne[1];
+    const int64_t q_len = head_dim_ * n_head_;
+    if (!ensure_buffers(cache_k, (int32_t) layers_.size(), q_len, n_cells, devs, err)) return false;
 
     // the newest query: row t of every head; heads are adjacent rows when Q is the usual permuted view
     const int64_t t = q->ne[1] - 1;
-    float * dst = &q_host_[il * q_len];
+    const size_t dst = (size_t) il * q_->nb[1];
     if (q->nb[2] == (size_t) head_dim_ * sizeof(float)) {
-        read_bytes(q, dst, t * q->nb[1], q_len * sizeof(float));
+        copy_bytes(q, t * q->nb[1], q_, dst, q_len * sizeof(float));
     } else {
         for (int64_t h = 0; h < n_head_; h++)
-            read_bytes(q, dst + h * head_dim_, t * q->nb[1] + h * q->nb[2], head_dim_ * sizeof(float));
+            copy_bytes(q, t * q->nb[1] + h * q->nb[2], q_, dst + h * head_dim_ * sizeof(float),
+                       head_dim_ * sizeof(float));
     }
     if (!mask_seen_) {  // the mask reads metadata only: the same row for every layer
-        mask_host_.resize(n_kv_);
-        read_bytes(mask, mask_host_.data(), t * mask->nb[1], n_kv_ * sizeof(uint16_t));
+        copy_bytes(mask, t * mask->nb[1], mask_, 0, n_kv_ * sizeof(uint16_t));
         mask_seen_ = true;
     }
     layer_view & lv = layers_[il];
@@ -91,43 +126,13 @@ bool fa_scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int
     return true;
 }
 
-// The device whose backend computes on t's buffer; plain host buffers name no device: the CPU's.
-static ggml_backend_dev_t device_of(const ggml_tensor * t) {
-    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
-    if (!dev && ggml_backend_buffer_is_host(t->buffer)) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    return dev;
-}
-
-bool fa_scorer::ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t q_len, int64_t n_kv_max,
-                               std::string & err) {
-    ggml_backend_dev_t dev = device_of(cache_k0);
-    if (!dev) {
-        err = "cache buffer has no device";
-        return false;
-    }
-    if (!backend_ || backend_dev_ != (void *) dev) {
-        if (galloc_) ggml_gallocr_free(galloc_);
-        if (buf_) ggml_backend_buffer_free(buf_);
-        if (buf_ctx_) ggml_free(buf_ctx_);
-        if (backend_) ggml_backend_free(backend_);
-        galloc_ = nullptr;
-        buf_ = nullptr;
-        buf_ctx_ = nullptr;
-        backend_ = ggml_backend_dev_init(dev, nullptr);
-        backend_dev_ = (void *) dev;
-        if (!backend_) {
-            err = std::string("cannot start a backend for device ") + ggml_backend_dev_name(dev);
-            return false;
-        }
-        if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
-            ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
-            auto set_threads =
-                (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
-            if (set_threads) set_threads(backend_, n_threads_);
-        }
-    }
+bool scorer::ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t q_len, int64_t n_kv_max, backends & devs,
+                            std::string & err) {
     if (buf_ && q_len_ == q_len && n_kv_max_ == n_kv_max && n_layer_ == n_layer && n_head_alloc_ == n_head_)
         return true;
+    backend_ = devs.for_tensor(cache_k0, err);
+    if (!backend_) return false;
+    free_graph();
     if (buf_) ggml_backend_buffer_free(buf_);
     if (buf_ctx_) ggml_free(buf_ctx_);
     buf_ = nullptr;
@@ -149,38 +154,18 @@ bool fa_scorer::ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t 
     return true;
 }
 
-bool fa_scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scores, int32_t n_cells, uint8_t * scored,
-                        std::string & err) {
+bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string & err) {
+    free_graph();
     const int32_t n_layer = (int32_t) layers_.size();
-    // the first captured layer's cache names the device (an iSWA model's layer 0 may be a window layer)
-    ggml_tensor * cache_k0 = nullptr;
-    for (int32_t l = 0; l < n_layer && !cache_k0; l++)
-        if (layers_[l].seen) cache_k0 = cache_k[l];
-    if (n_kv_ == 0 || n_kv_ > n_cells || !cache_k0) {
-        err = "no FLASH_ATTN_EXT node was captured (or n_kv exceeds the context)";
-        return false;
-    }
-    const int64_t q_len = head_dim_ * n_head_;
-    if (!ensure_buffers(cache_k0, n_layer, q_len, n_cells, err)) return false;
-    for (int32_t l = 0; l < n_layer; l++) {
-        // the sinks are model weights: the scoring graph reads them where they are
-        const ggml_tensor * sinks = layers_[l].seen ? layers_[l].sinks : nullptr;
-        if (sinks && device_of(sinks) != (ggml_backend_dev_t) backend_dev_) {
-            err = "attention sinks of layer " + std::to_string(l) + " live on another device than the KV cache";
-            return false;
-        }
-    }
-    ggml_backend_tensor_set(q_, q_host_.data(), 0, q_host_.size() * sizeof(float));
-    ggml_backend_tensor_set(mask_, mask_host_.data(), 0, n_kv_ * sizeof(uint16_t));
-
     const size_t n_tensors = 16 * (size_t) n_layer + 32;
     ggml_init_params ip = {ggml_tensor_overhead() * n_tensors + ggml_graph_overhead_custom(n_tensors, false), nullptr,
                            true};
-    ggml_context * ctx = ggml_init(ip);
-    if (!ctx) {
+    graph_ctx_ = ggml_init(ip);
+    if (!graph_ctx_) {
         err = "ggml_init failed for the scoring graph";
         return false;
     }
+    ggml_context * ctx = graph_ctx_;
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
     ggml_tensor * mask = ggml_view_2d(ctx, mask_, n_kv_, 1, n_kv_ * ggml_element_size(mask_), 0);
     const size_t fs = sizeof(float);
@@ -189,8 +174,8 @@ bool fa_scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scor
         if (!lv.seen) continue;
         ggml_tensor * k = ggml_view_3d(ctx, cache_k[l], lv.ne[0], lv.ne[1], lv.ne[2], lv.nb[1], lv.nb[2], lv.offs);
         ggml_tensor * q = ggml_view_3d(ctx, q_, head_dim_, 1, n_head_, head_dim_ * fs, head_dim_ * fs, l * q_->nb[1]);
-        ggml_tensor * kq =
-            ggml_mul_mat(ctx, k, q);  // [n_kv, 1, n_head]; query head h reads KV head h / (n_head/n_head_kv)
+        // [n_kv, 1, n_head]; query head h reads KV head h / (n_head/n_head_kv)
+        ggml_tensor * kq = ggml_mul_mat(ctx, k, q);
         ggml_prec_set_acc(kq, GGML_PREC_F32);
         float sm_scale = lv.scale;
         if (lv.softcap != 0.0f) {  // flash attention: softcap * tanh(kq * scale / softcap), then the mask
@@ -214,24 +199,41 @@ bool fa_scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scor
         if (!ggml_backend_supports_op(backend_, node)) {
             err = std::string("the cache's backend (") + ggml_backend_name(backend_) + ") cannot run " +
                   ggml_op_desc(node) + " on " + ggml_type_name(node->src[0]->type) + " for the flash-attention scores";
-            ggml_free(ctx);
+            free_graph();
             return false;
         }
     }
-    if (!galloc_) galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
-    bool ok = galloc_ && ggml_gallocr_alloc_graph(galloc_, gf);
-    if (ok) ok = ggml_backend_graph_compute(backend_, gf) == GGML_STATUS_SUCCESS;
-    ggml_free(ctx);
-    if (!ok) {
+    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
+    if (!galloc_ || !ggml_gallocr_alloc_graph(galloc_, gf)) {
+        err = "cannot allocate the flash-attention scoring graph";
+        free_graph();
+        return false;
+    }
+    graph_ = gf;
+    graph_layers_ = layers_;
+    graph_n_kv_ = n_kv_;
+    return true;
+}
+
+bool scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scores, int32_t n_cells, uint8_t * scored,
+                     std::string & err) {
+    const int32_t n_layer = (int32_t) layers_.size();
+    if (n_kv_ == 0 || n_kv_ > n_cells || !buf_) {
+        err = "no FLASH_ATTN_EXT node was captured (or n_kv exceeds the context)";
+        return false;
+    }
+    if (!graph_ || graph_n_kv_ != n_kv_ || !(graph_layers_ == layers_))
+        if (!build_graph(cache_k, err)) return false;
+    if (ggml_backend_graph_compute(backend_, graph_) != GGML_STATUS_SUCCESS) {
         err = "the flash-attention scoring graph failed on the cache's backend";
         return false;
     }
-    std::vector<float> host((size_t) n_kv_ * n_layer);
-    ggml_backend_tensor_get(out_, host.data(), 0, host.size() * sizeof(float));
+    host_.resize((size_t) n_kv_ * n_layer);
+    ggml_backend_tensor_get(out_, host_.data(), 0, host_.size() * sizeof(float));
     for (int32_t l = 0; l < n_layer; l++) {
         if (!layers_[l].seen) continue;
         float * s = scores + (size_t) l * n_cells;
-        memcpy(s, &host[(size_t) l * n_kv_], n_kv_ * sizeof(float));
+        memcpy(s, &host_[(size_t) l * n_kv_], n_kv_ * sizeof(float));
         memset(s + n_kv_, 0, (n_cells - n_kv_) * sizeof(float));
         scored[l] = 1;
     }

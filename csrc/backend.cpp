@@ -1,0 +1,41 @@
+#include "backend.h"
+
+#include "ggml-backend.h"
+
+namespace tova {
+
+ggml_backend_device * device_of(const ggml_tensor * t) {
+    if (!t || !t->buffer) return nullptr;
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
+    if (!dev && ggml_backend_buffer_is_host(t->buffer)) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    return dev;
+}
+
+backends::~backends() {
+    for (auto & s : started_) ggml_backend_free(s.second);
+}
+
+ggml_backend * backends::for_tensor(const ggml_tensor * t, std::string & err) {
+    ggml_backend_dev_t dev = device_of(t);
+    if (!dev) {
+        err = "cache buffer has no device";
+        return nullptr;
+    }
+    for (auto & s : started_)
+        if (s.first == dev) return s.second;
+    ggml_backend_t b = ggml_backend_dev_init(dev, nullptr);
+    if (!b) {
+        err = std::string("cannot start a backend for device ") + ggml_backend_dev_name(dev);
+        return nullptr;
+    }
+    if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+        auto set_threads =
+            (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
+        if (set_threads) set_threads(b, n_threads_);
+    }
+    started_.emplace_back(dev, b);
+    return b;
+}
+
+}  // namespace tova

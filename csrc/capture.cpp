@@ -1,0 +1,165 @@
+#include "capture.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "engine_impl.h"
+#include "ggml-backend.h"
+#include "ggml.h"
+
+// "prefix<il>" -> il, or -1
+static int layer_of(const char * name, const char * prefix) {
+    const size_t n = strlen(prefix);
+    if (strncmp(name, prefix, n) != 0) return -1;
+    char * end = nullptr;
+    long il = strtol(name + n, &end, 10);
+    return (end && *end == '\0') ? (int) il : -1;
+}
+
+static ggml_tensor * root_of(ggml_tensor * t) {
+    while (t && t->view_src) t = t->view_src;
+    return t;
+}
+
+// cpy_k/cpy_v are SET_ROWS views of cache_{k,v}_l<il>; the tensors live as long as the context
+static void note_cache_tensor(tova_engine * e, ggml_tensor * t) {
+    ggml_tensor * r = root_of(t);
+    if (!r) return;
+    int il = layer_of(r->name, "cache_k_l");
+    if (il >= 0 && il < e->n_layer && !e->cache_k[il]) {
+        e->cache_k[il] = r;
+        e->n_cache_found++;
+    }
+    il = layer_of(r->name, "cache_v_l");
+    if (il >= 0 && il < e->n_layer && !e->cache_v[il]) {
+        e->cache_v[il] = r;
+        e->n_cache_found++;
+    }
+}
+
+// h2o: acc[cell] += sum over the batch's queries of their head-averaged attention. The rows of ALL queries of
+// the batch count (what H2O does with a prompt), not only the last one; empty and masked cells hold 0.
+static void accumulate_scores(tova_engine * e, ggml_tensor * t, int il) {
+    const int64_t n_kv = t->ne[0], n_tok = t->ne[1], n_head = t->ne[2];
+    const float * p = (const float *) t->data;
+    if (!ggml_backend_buffer_is_host(t->buffer)) {
+        e->scratch_f.resize((size_t) n_kv * n_tok * n_head);
+        ggml_backend_tensor_get(t, e->scratch_f.data(), 0, e->scratch_f.size() * sizeof(float));
+        p = e->scratch_f.data();
+    }
+    std::vector<double> & sum = e->scratch_d;
+    sum.assign(n_kv, 0.0);
+    for (int64_t r = 0; r < n_tok * n_head; r++)
+        for (int64_t j = 0; j < n_kv; j++) sum[j] += p[r * n_kv + j];
+    double * out = e->st.acc(il);
+    for (int64_t j = 0; j < n_kv; j++) out[j] += sum[j] / (double) n_head;  // mean over all query heads
+    e->scored[il] = 1;
+}
+
+// kq_soft_max-<il>: F32 [n_kv, n_tokens, n_head, n_stream]; element (j, t, h) at (h*n_tokens + t)*n_kv + j
+static void capture_scores(tova_engine * e, ggml_tensor * t, int il) {
+    const int64_t n_kv = t->ne[0], n_tok = t->ne[1], n_head = t->ne[2];
+    const int32_t n_cells = e->st.n_cells();
+    if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t) || n_kv > n_cells || n_tok != e->armed.n_tokens) {
+        e->armed.error = std::string("unexpected layout of ") + t->name;
+        return;
+    }
+    if (e->policy == TOVA_POLICY_H2O) {
+        accumulate_scores(e, t, il);
+        return;
+    }
+    float * out = &e->scores[(size_t) il * n_cells];
+    std::fill(out, out + n_cells, 0.0f);
+    e->scratch_f.resize(n_kv);
+    const bool host = ggml_backend_buffer_is_host(t->buffer);
+    for (int64_t h = 0; h < n_head; h++) {
+        const size_t off = ((size_t) h * n_tok + (n_tok - 1)) * n_kv * sizeof(float);
+        const float * src = e->scratch_f.data();
+        if (host) src = (const float *) ((const char *) t->data + off);
+        else ggml_backend_tensor_get(t, e->scratch_f.data(), off, n_kv * sizeof(float));
+        for (int64_t j = 0; j < n_kv; j++) out[j] += src[j];
+    }
+    for (int64_t j = 0; j < n_kv; j++) out[j] /= (float) n_head;  // mean over all query heads
+    e->scored[il] = 1;
+}
+
+// attn_inp_k_idxs (I64 [n_tokens]): the cells llama.cpp chose for the batch; the first SET_ROWS reading it.
+// On a GPU the scheduler reads a copy named "CUDA0#attn_inp_k_idxs#0".
+static bool on_set_rows(tova_engine * e, ggml_tensor * t, bool ask) {
+    tova_armed & a = e->armed;
+    if (ask && e->n_cache_found < 2 * e->n_layer) note_cache_tensor(e, t);
+    if (!a.read_cells || a.cells_seen) return !ask;
+    ggml_tensor * idx = t->src[1];
+    if (!idx || !strstr(idx->name, "attn_inp_k_idxs")) return !ask;
+    // an iSWA model's two caches both name theirs attn_inp_k_idxs: the cells come from a managed layer's K write
+    if (!tova_is_managed(e, layer_of(root_of(t)->name, "cache_k_l"))) return !ask;
+    const bool host = ggml_backend_buffer_is_host(idx->buffer);
+    e->idxs_host = host;
+    if (ask && !host) return true;  // inputs are set before the graph runs: on host buffers read them now
+    if (!ask) a.n_observed++;
+    if (idx->type != GGML_TYPE_I64 || ggml_nelements(idx) != a.n_tokens) {
+        a.error = "attn_inp_k_idxs does not match the batch";
+    } else {
+        a.cells.resize(a.n_tokens);
+        ggml_backend_tensor_get(idx, a.cells.data(), 0, a.n_tokens * sizeof(int64_t));
+    }
+    a.cells_seen = true;
+    return !ask;
+}
+
+static bool on_flash_attn(tova_engine * e, ggml_tensor * t, bool ask) {
+    ggml_tensor * k = t->src[1] && t->src[1]->op == GGML_OP_CPY ? t->src[1]->src[0] : t->src[1];
+    const int il = k ? layer_of(root_of(k)->name, "cache_k_l") : -1;
+    // a sliding-window layer's node is not read (no sync); an unknown one is, to report it below
+    if (ask) return il < 0 || tova_is_managed(e, il);
+    tova_armed & a = e->armed;
+    a.n_observed++;
+    if (il < 0 && k && a.error.empty()) {
+        // the scheduler handed the node copies of its inputs: it runs on another backend than the cache
+        a.error = std::string("flash attention runs on another backend than the KV cache (its K is the copy '") +
+                  k->name +
+                  "'): the cache's device has no flash-attention kernel for this head size or cache type; use "
+                  "flash_attn=False";
+    }
+    if (tova_is_managed(e, il) && a.error.empty()) {
+        const double t0 = tova::now_s();
+        if (!e->fa.capture(t, il, root_of(k), a.n_tokens, e->st.n_cells(), e->devs, a.error) && a.error.empty())
+            a.error = "flash-attention capture failed";
+        e->stats[TOVA_STAT_CAPTURE_S] += tova::now_s() - t0;
+    }
+    return true;
+}
+
+static bool on_soft_max(tova_engine * e, ggml_tensor * t, bool ask) {
+    const int il = layer_of(t->name, "kq_soft_max-");
+    if (ask) return tova_is_managed(e, il);
+    e->armed.n_observed++;
+    if (tova_is_managed(e, il)) {
+        const double t0 = tova::now_s();
+        capture_scores(e, t, il);
+        e->stats[TOVA_STAT_CAPTURE_S] += tova::now_s() - t0;
+    }
+    return true;
+}
+
+extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) {
+    tova_engine * e = (tova_engine *) user_data;
+    // data phase: always true (false would stop the graph); ask phase: "no" unless armed and needed
+    if (!e || e->armed.n_tokens == 0 || !t) return !ask;
+    try {
+        switch (t->op) {
+            case GGML_OP_SET_ROWS:
+                return on_set_rows(e, t, ask);
+            case GGML_OP_FLASH_ATTN_EXT:
+                return e->armed.scores ? on_flash_attn(e, t, ask) : !ask;
+            case GGML_OP_SOFT_MAX:
+                return e->armed.scores ? on_soft_max(e, t, ask) : !ask;
+            default:
+                return !ask;
+        }
+    } catch (const std::exception & x) {  // never unwind into llama.cpp
+        if (e->armed.error.empty()) e->armed.error = std::string("eval callback: ") + x.what();
+        return !ask;
+    }
+}

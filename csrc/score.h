@@ -1,0 +1,78 @@
+// score: TOVA scores with flash attention on. FLASH_ATTN_EXT never materialises the attention probabilities, so
+// the eval callback hands each layer's node to capture(), which keeps what the recompute needs (the newest
+// query, copied device-to-device into a persistent buffer; the K view's shape; scale/softcap; the newest
+// token's mask row). After llama_decode, compute() runs one ggml graph on the cache's own device that
+// recomputes softmax(K q * scale + mask) per query head and its mean over heads, for every layer. The graph is
+// built once per n_kv and reused; only n_layer x n_kv floats come back to the host.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct ggml_tensor;
+struct ggml_backend;
+struct ggml_backend_buffer;
+struct ggml_context;
+struct ggml_cgraph;
+struct ggml_gallocr;
+
+namespace tova {
+
+class backends;
+
+class scorer {
+public:
+    ~scorer();
+    // Before each scored llama_decode.
+    void begin(int32_t n_layer);
+    // Callback, data phase of a FLASH_ATTN_EXT node of layer il (the newest token is row n_tokens-1).
+    // n_cells: the context's cells (the most n_kv can be). Returns false and fills err when the node is not one
+    // the scorer understands.
+    bool capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_t n_tokens, int32_t n_cells,
+                 backends & devs, std::string & err);
+    // After llama_decode: scores[l * n_cells + c] for every captured layer (cells >= n_kv get 0), scored[l] set.
+    // cache_k: [n_layer] cache tensors.
+    bool compute(const std::vector<ggml_tensor *> & cache_k, float * scores, int32_t n_cells, uint8_t * scored,
+                 std::string & err);
+
+private:
+    struct layer_view {
+        bool seen = false;
+        int64_t ne[4] = {};  // K view as FLASH_ATTN_EXT reads it: [head_dim, n_kv, n_head_kv, n_stream]
+        size_t nb[4] = {};
+        size_t offs = 0;  // byte offset into cache_k_l<il>
+        float scale = 0.0f, softcap = 0.0f;
+        ggml_tensor * sinks = nullptr;  // F32 [n_head] model weight, or null
+        bool operator==(const layer_view & o) const;
+    };
+    bool ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t q_len, int64_t n_kv_max, backends & devs,
+                        std::string & err);
+    bool build_graph(const std::vector<ggml_tensor *> & cache_k, std::string & err);
+    void free_graph();
+
+    std::vector<layer_view> layers_;
+    int64_t head_dim_ = 0, n_head_ = 0, n_kv_ = 0;
+    bool mask_seen_ = false;
+
+    // persistent device state (on the cache's buffer type)
+    ggml_backend * backend_ = nullptr;  // owned by `backends`
+    ggml_context * buf_ctx_ = nullptr;
+    ggml_backend_buffer * buf_ = nullptr;
+    ggml_tensor * q_ = nullptr;      // F32 [head_dim * n_head, n_layer] newest query of every layer
+    ggml_tensor * mask_ = nullptr;   // F16 [n_kv_max] newest token's mask row
+    ggml_tensor * probs_ = nullptr;  // F32 [n_kv_max, n_head, n_layer] each head's softmax row
+    ggml_tensor * out_ = nullptr;    // F32 [n_kv * n_layer] head means, packed
+    int64_t q_len_ = 0, n_kv_max_ = 0, n_head_alloc_ = 0;
+    int32_t n_layer_ = 0;
+
+    // the scoring graph, kept while n_kv and the layers' K views stay the same
+    ggml_context * graph_ctx_ = nullptr;
+    ggml_cgraph * graph_ = nullptr;
+    ggml_gallocr * galloc_ = nullptr;
+    std::vector<layer_view> graph_layers_;
+    int64_t graph_n_kv_ = 0;
+    std::vector<float> host_;  // [n_kv * n_layer] read-back
+};
+
+}  // namespace tova

@@ -1,0 +1,153 @@
+#include "state.h"
+
+#include <algorithm>
+#include <climits>
+
+namespace tova {
+
+void state::resize(int32_t n_layer, int32_t n_cells) {
+    n_layer_ = n_layer;
+    n_cells_ = n_cells;
+    meta_pos_.assign(n_cells, -1);
+    layer_pos_.assign((size_t) n_layer * n_cells, -1);
+    acc_.assign((size_t) n_layer * n_cells, 0.0);
+    n_occupied_ = 0;
+    head_ = 0;
+    head_known_ = true;
+}
+
+void state::clear() {
+    std::fill(meta_pos_.begin(), meta_pos_.end(), -1);
+    std::fill(layer_pos_.begin(), layer_pos_.end(), -1);
+    std::fill(acc_.begin(), acc_.end(), 0.0);
+    n_occupied_ = 0;
+    head_ = 0;  // llama_kv_cache::clear
+    head_known_ = true;
+}
+
+// llama_kv_cache::find_slot with cont = false, one stream, no SWA: from head (or 0 when enough cells are free
+// before it), take empty cells in index order, wrapping around once.
+bool state::predict(int32_t n, std::vector<int32_t> & cells) const {
+    cells.clear();
+    if (!head_known_ || n < 1 || n > n_cells_) return false;
+    const uint32_t size = (uint32_t) n_cells_;
+    uint32_t head = head_;
+    if (head > (uint32_t) n_occupied_ + 2 * (uint32_t) n) head = 0;
+    uint32_t n_tested = 0;
+    while (true) {
+        if (head + 1 > size) {
+            n_tested += size - head;
+            head = 0;
+            continue;
+        }
+        const uint32_t idx = head++;
+        n_tested++;
+        if (meta_pos_[idx] < 0) cells.push_back((int32_t) idx);
+        if ((int32_t) cells.size() == n) return true;
+        if (n_tested >= size) return false;
+    }
+}
+
+bool state::place(const int32_t * cells, int32_t n, int32_t pos0, std::string & err) {
+    for (int32_t i = 0; i < n; i++) {
+        const int32_t c = cells[i];
+        if (c < 0 || c >= n_cells_ || meta_pos_[c] != -1) {
+            err = "llama.cpp placed a token in cell " + std::to_string(c) + " which the engine holds as occupied";
+            return false;
+        }
+    }
+    for (int32_t i = 0; i < n; i++) {
+        const int32_t c = cells[i];
+        meta_pos_[c] = pos0 + i;
+        for (int32_t l = 0; l < n_layer_; l++) layer_pos_[(size_t) l * n_cells_ + c] = pos0 + i;
+    }
+    n_occupied_ += n;
+    head_ = (uint32_t) cells[n - 1] + 1;  // llama_kv_cache::apply_ubatch
+    head_known_ = true;
+    return true;
+}
+
+std::vector<int32_t> state::occupied() const {
+    std::vector<int32_t> out;
+    out.reserve(n_occupied_);
+    for (int32_t c = 0; c < n_cells_; c++)
+        if (meta_pos_[c] >= 0) out.push_back(c);
+    return out;
+}
+
+std::vector<int32_t> state::oldest_cells(int32_t k) const {
+    std::vector<int32_t> occ = occupied();
+    if (k > (int32_t) occ.size()) k = (int32_t) occ.size();
+    if (k <= 0) return {};
+    if (k == 1) {  // the per-token decode: one linear pass
+        auto it =
+            std::min_element(occ.begin(), occ.end(), [&](int32_t a, int32_t b) { return meta_pos_[a] < meta_pos_[b]; });
+        return {*it};
+    }
+    std::partial_sort(occ.begin(), occ.begin() + k, occ.end(),
+                      [&](int32_t a, int32_t b) { return meta_pos_[a] < meta_pos_[b]; });
+    occ.resize(k);
+    return occ;
+}
+
+void state::move(int32_t il, int32_t src, int32_t dst) {
+    int32_t * pos = layer_pos(il);
+    double * a = acc(il);
+    pos[dst] = pos[src];
+    a[dst] = a[src];
+}
+
+void state::remove(const std::vector<int32_t> & freed) {
+    uint32_t lowest = (uint32_t) n_cells_;
+    for (int32_t c : freed) {
+        if (meta_pos_[c] < 0) continue;
+        meta_pos_[c] = -1;
+        for (int32_t l = 0; l < n_layer_; l++) {
+            layer_pos_[(size_t) l * n_cells_ + c] = -1;
+            acc_[(size_t) l * n_cells_ + c] = 0.0;
+        }
+        n_occupied_--;
+        lowest = std::min(lowest, (uint32_t) c);
+    }
+    if (lowest < head_) head_ = lowest;  // llama_kv_cache::seq_rm
+}
+
+bool state::check(std::string & err) const {
+    int32_t n = 0, p_min = INT32_MAX, p_max = -1;
+    for (int32_t c = 0; c < n_cells_; c++) {
+        const int32_t p = meta_pos_[c];
+        if (p < 0) {
+            for (int32_t l = 0; l < n_layer_; l++)
+                if (layer_pos_[(size_t) l * n_cells_ + c] != -1) {
+                    err = "layer " + std::to_string(l) + " holds a position in free cell " + std::to_string(c);
+                    return false;
+                }
+            continue;
+        }
+        n++;
+        p_min = std::min(p_min, p);
+        p_max = std::max(p_max, p);
+    }
+    if (n != n_occupied_) {
+        err = "occupied count " + std::to_string(n_occupied_) + " disagrees with the cells (" + std::to_string(n) + ")";
+        return false;
+    }
+    if (n > 0 && p_max - p_min + 1 != n) {
+        err = "metadata positions are not a contiguous window";
+        return false;
+    }
+    for (int32_t c = 0; c < n_cells_; c++) {
+        if (meta_pos_[c] < 0) continue;
+        for (int32_t l = 0; l < n_layer_; l++) {
+            const int32_t p = layer_pos_[(size_t) l * n_cells_ + c];
+            if (p < 0 || p > p_max) {
+                err = "layer " + std::to_string(l) + " holds position " + std::to_string(p) + " in cell " +
+                      std::to_string(c) + " (newest " + std::to_string(p_max) + ")";
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+}  // namespace tova

@@ -1,0 +1,71 @@
+// state: what the engine knows about one llama.cpp KV stream, without asking llama.cpp. Cell metadata
+// (cell -> position llama.cpp holds), each layer's original position per cell (the cell trick moves rows, so
+// layers differ), h2o's accumulators, an occupied count, and a mirror of llama.cpp's slot search
+// (llama_kv_cache::find_slot, one stream, no SWA) that predicts which cells the next ubatch lands in, so a
+// decode needs no read of attn_inp_k_idxs (on a GPU that read is a graph split and a sync).
+// Invariants (check()): occupied cells hold unique metadata positions forming one contiguous window; each
+// layer holds a position exactly in the occupied cells; n_occupied counts them.
+// Multi-sequence: today one sequence (seq 0) owns the stream; a later multi-sequence state keeps one of these
+// per sequence (its own budget) over disjoint cells, and the slot mirror becomes the stream's.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace tova {
+
+class state {
+public:
+    // n_cells: llama_n_ctx (the stream's cell count). Clears everything.
+    void resize(int32_t n_layer, int32_t n_cells);
+    // after llama_memory_clear
+    void clear();
+
+    int32_t n_layer() const { return n_layer_; }
+    int32_t n_cells() const { return n_cells_; }
+    int32_t n_occupied() const { return n_occupied_; }
+    int32_t meta_pos(int32_t cell) const { return meta_pos_[cell]; }
+    int32_t * layer_pos(int32_t il) { return &layer_pos_[(size_t) il * n_cells_]; }
+    const std::vector<int32_t> & all_layer_pos() const { return layer_pos_; }
+    double * acc(int32_t il) { return &acc_[(size_t) il * n_cells_]; }
+
+    // The cells llama.cpp's next llama_decode of n tokens (one ubatch) will use, in batch order; false when
+    // the mirror is unknown (after a state load) or no slot exists. Costs what llama.cpp's own search costs.
+    bool predict(int32_t n, std::vector<int32_t> & cells) const;
+    // After a successful decode: n tokens at positions pos0.. now sit in cells[0..n), every layer alike.
+    // Returns false (and fills err) when a cell is out of range or already occupied.
+    bool place(const int32_t * cells, int32_t n, int32_t pos0, std::string & err);
+    // The k occupied cells with the smallest metadata positions (llama.cpp frees exactly these on seq_rm of
+    // that position range). O(n_cells): call only when cutting.
+    std::vector<int32_t> oldest_cells(int32_t k) const;
+    // Occupied cells in index order. O(n_cells): call only when cutting.
+    std::vector<int32_t> occupied() const;
+    // Layer il's content moves from cell src to cell dst (the mover copied its K/V rows).
+    void move(int32_t il, int32_t src, int32_t dst);
+    // llama_memory_seq_rm of the freed cells' positions: frees them in every layer and updates the slot
+    // mirror as llama.cpp does (its search restarts at the lowest freed cell when that is below it).
+    void remove(const std::vector<int32_t> & freed);
+    // The slot mirror cannot be trusted: the next decode reads the cells (needs the eval callback).
+    void forget_head() { head_known_ = false; }
+    // llama.cpp's search head is known again: a whole-cache llama_state_set_data puts the saved cells in cells
+    // 0..n-1 (in their saved order) and sets it to 0 (llama_kv_cache::state_read_meta).
+    void set_head(uint32_t head) {
+        head_ = head;
+        head_known_ = true;
+    }
+    bool head_known() const { return head_known_; }
+
+    bool check(std::string & err) const;
+
+private:
+    int32_t n_layer_ = 0, n_cells_ = 0;
+    int32_t n_occupied_ = 0;
+    std::vector<int32_t> meta_pos_;   // [n_cells] metadata position llama.cpp holds in the cell, -1 if free
+    std::vector<int32_t> layer_pos_;  // [n_layer * n_cells] original position each layer holds, -1 if empty
+    std::vector<double> acc_;         // [n_layer * n_cells] h2o: accumulated attention; travels with its row
+    uint32_t head_ = 0;               // llama.cpp's v_heads[0]: where its next slot search starts
+    bool head_known_ = true;
+};
+
+}  // namespace tova
