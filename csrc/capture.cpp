@@ -92,6 +92,8 @@ static bool on_set_rows(tova_engine * e, ggml_tensor * t, bool ask) {
     if (!a.read_cells || a.cells_seen) return !ask;
     ggml_tensor * idx = t->src[1];
     if (!idx || !strstr(idx->name, "attn_inp_k_idxs")) return !ask;
+    // an iSWA model's two caches both name theirs attn_inp_k_idxs: the cells come from a managed layer's K write
+    if (!tova_is_managed(e, layer_of(root_of(t)->name, "cache_k_l"))) return !ask;
     const bool host = ggml_backend_buffer_is_host(idx->buffer);
     e->idxs_host = host;
     if (ask && !host) return true;  // inputs are set before the graph runs: on host buffers read them now
@@ -107,11 +109,12 @@ static bool on_set_rows(tova_engine * e, ggml_tensor * t, bool ask) {
 }
 
 static bool on_flash_attn(tova_engine * e, ggml_tensor * t, bool ask) {
-    if (ask) return true;
-    tova_armed & a = e->armed;
-    a.n_observed++;
     ggml_tensor * k = t->src[1] && t->src[1]->op == GGML_OP_CPY ? t->src[1]->src[0] : t->src[1];
     const int il = k ? layer_of(root_of(k)->name, "cache_k_l") : -1;
+    // a sliding-window layer's node is not read (no sync); an unknown one is, to report it below
+    if (ask) return il < 0 || tova_is_managed(e, il);
+    tova_armed & a = e->armed;
+    a.n_observed++;
     if (il < 0 && k && a.error.empty()) {
         // the scheduler handed the node copies of its inputs: it runs on another backend than the cache
         a.error = std::string("flash attention runs on another backend than the KV cache (its K is the copy '") +
@@ -119,7 +122,7 @@ static bool on_flash_attn(tova_engine * e, ggml_tensor * t, bool ask) {
                   "'): the cache's device has no flash-attention kernel for this head size or cache type; use "
                   "flash_attn=False";
     }
-    if (il >= 0 && il < e->n_layer && a.error.empty()) {
+    if (tova_is_managed(e, il) && a.error.empty()) {
         const double t0 = tova::now_s();
         if (!e->fa.capture(t, il, root_of(k), a.n_tokens, e->st.n_cells(), e->devs, a.error) && a.error.empty())
             a.error = "flash-attention capture failed";
@@ -130,9 +133,9 @@ static bool on_flash_attn(tova_engine * e, ggml_tensor * t, bool ask) {
 
 static bool on_soft_max(tova_engine * e, ggml_tensor * t, bool ask) {
     const int il = layer_of(t->name, "kq_soft_max-");
-    if (ask) return il >= 0 && il < e->n_layer;
+    if (ask) return tova_is_managed(e, il);
     e->armed.n_observed++;
-    if (il >= 0 && il < e->n_layer) {
+    if (tova_is_managed(e, il)) {
         const double t0 = tova::now_s();
         capture_scores(e, t, il);
         e->stats[TOVA_STAT_CAPTURE_S] += tova::now_s() - t0;

@@ -116,6 +116,7 @@ extern "C" tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int
         e->cache_k.assign(n_layer, nullptr);
         e->cache_v.assign(n_layer, nullptr);
         e->scored.assign(n_layer, 0);
+        e->managed.assign(n_layer, 1);
         resize_cells(e, memory);
         return e;
     } catch (const std::bad_alloc &) {
@@ -180,6 +181,19 @@ extern "C" void tova_engine_set_threads(tova_engine * e, int32_t n_threads) {
 
 extern "C" void tova_engine_set_force_graph_mover(tova_engine * e, bool force) {
     if (e) e->force_graph = force;
+}
+
+extern "C" int32_t tova_engine_set_layers(tova_engine * e, const uint8_t * managed, int32_t n_layer) {
+    if (!e) return TOVA_ERR_ARG;
+    if (!managed || n_layer != e->n_layer)
+        return fail(e, TOVA_ERR_ARG, "need one flag per layer (n_layer=" + std::to_string(e->n_layer) + ")");
+    if (std::none_of(managed, managed + n_layer, [](uint8_t m) { return m != 0; }))
+        return fail(e, TOVA_ERR_ARG, "at least one layer must be managed");
+    if (e->st.n_occupied() != 0)
+        return fail(e, TOVA_ERR_STATE, "set the managed layers before the first decode or after reset");
+    for (int32_t l = 0; l < n_layer; l++) e->managed[l] = managed[l] != 0;
+    e->layers_checked = false;
+    return TOVA_OK;
 }
 
 extern "C" bool tova_engine_needs_callback(const tova_engine * e) {
@@ -263,6 +277,17 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const int32_t
     }
     std::string err;
     if (!e->st.place(cells, n, pos0, err)) return fail(e, TOVA_ERR_STATE, err);
+    if (!e->layers_checked && e->n_cache_found == 2 * e->n_layer) {
+        // llama.cpp's iSWA memory keeps full-attention and sliding-window layers in two caches with separate
+        // buffers: a managed layer sharing a buffer with an unmanaged one means a wrong layer pattern
+        for (int32_t x = 0; x < e->n_layer; x++)
+            for (int32_t y = 0; y < e->n_layer; y++)
+                if (e->managed[x] && !e->managed[y] && e->cache_k[x]->buffer == e->cache_k[y]->buffer)
+                    return fail(e, TOVA_ERR_STATE,
+                                "layers " + std::to_string(x) + " (managed) and " + std::to_string(y) +
+                                    " (sliding window) share one KV cache: the sliding-window layer pattern is wrong");
+        e->layers_checked = true;
+    }
 
     if (a.scores && !e->v_trans) {
         const double t0 = tova::now_s();
@@ -273,7 +298,7 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const int32_t
     if (a.scores) {
         e->stats[TOVA_STAT_SCORED_DECODES] += 1;
         for (int32_t l = 0; l < e->n_layer; l++)
-            if (!e->scored[l])
+            if (e->managed[l] && !e->scored[l])
                 return fail(e, TOVA_ERR_CAPTURE,
                             std::string(e->v_trans ? "no kq_soft_max-" : "no FLASH_ATTN_EXT node for layer ") +
                                 std::to_string(l) + " was seen during llama_decode");
@@ -290,7 +315,8 @@ static int32_t cut(tova_engine * e, llama_context * ctx) {
     const double t0 = tova::now_s();
     if (uses_scores(e->policy))
         for (int32_t l = 0; l < e->n_layer; l++)
-            if (!e->scored[l]) return fail(e, TOVA_ERR_STATE, "cut without scores from the last decode");
+            if (e->managed[l] && !e->scored[l])
+                return fail(e, TOVA_ERR_STATE, "cut without scores from the last decode");
 
     // F: the k cells with the smallest metadata positions; llama.cpp frees exactly these
     const std::vector<int32_t> freed = st.oldest_cells(k);
@@ -305,14 +331,17 @@ static int32_t cut(tova_engine * e, llama_context * ctx) {
     const std::vector<int32_t> occupied = st.occupied();
     std::vector<tova::layer_moves> plan(e->n_layer);
     bool any_move = false;
+    int32_t first = -1;  // the first managed layer
     for (int32_t l = 0; l < e->n_layer; l++) {
         plan[l].k = e->cache_k[l];
         plan[l].v = e->cache_v[l];
-        if (!uses_scores(e->policy) && l > 0) {
+        if (!e->managed[l]) continue;  // llama.cpp's window: seq_rm below frees only positions it no longer sees
+        if (!uses_scores(e->policy) && first >= 0) {
             // window and sink choose by position alone, and every layer holds the same positions: one choice
-            plan[l].moves = plan[0].moves;
+            plan[l].moves = plan[first].moves;
             continue;
         }
+        if (first < 0) first = l;
         const double * s = nullptr;
         if (e->policy == TOVA_POLICY_TOVA) {
             const float * f = &e->scores[(size_t) l * st.n_cells()];
@@ -450,7 +479,10 @@ extern "C" int32_t tova_engine_stats(tova_engine * e, double * out, size_t n, bo
 
 extern "C" const char * tova_engine_cache_buffer(const tova_engine * e) {
     if (!e || e->cache_k.empty()) return "";
-    return e->cache_k[0] && e->cache_k[0]->buffer ? ggml_backend_buffer_name(e->cache_k[0]->buffer) : "";
+    for (int32_t l = 0; l < e->n_layer; l++)
+        if (e->managed[l])
+            return e->cache_k[l] && e->cache_k[l]->buffer ? ggml_backend_buffer_name(e->cache_k[l]->buffer) : "";
+    return "";
 }
 
 extern "C" const char * tova_engine_last_error(const tova_engine * e) { return e ? e->error.c_str() : "no engine"; }

@@ -39,8 +39,11 @@ struct tova_engine {
     int32_t evict_interval = 1;  // cut only once budget + evict_interval cells are occupied
 
     tova::state st;
-    std::vector<float> scores;                    // [n_layer * n_cells] tova: newest query's head-averaged attention
-    std::vector<uint8_t> scored;                  // [n_layer] layer captured in the last scored decode
+    std::vector<float> scores;    // [n_layer * n_cells] tova: newest query's head-averaged attention
+    std::vector<uint8_t> scored;  // [n_layer] layer captured in the last scored decode
+    // [n_layer] 1: the policy runs on this layer; 0: a sliding-window layer left to llama.cpp (docs/SWA.md)
+    std::vector<uint8_t> managed;
+    bool layers_checked = false;  // managed and sliding layers seen in separate cache buffers (first decode)
     std::vector<ggml_tensor *> cache_k, cache_v;  // [n_layer], live as long as the context
     int32_t n_cache_found = 0;                    // layers whose K and V tensors are both known
 
@@ -65,3 +68,5 @@ struct tova_engine {
 namespace tova {
 double now_s();
 }
+
+inline bool tova_is_managed(const tova_engine * e, int il) { return il >= 0 && il < e->n_layer && e->managed[il]; }

@@ -12,7 +12,7 @@ namespace tova {
 
 bool scorer::layer_view::operator==(const layer_view & o) const {
     return seen == o.seen && memcmp(ne, o.ne, sizeof(ne)) == 0 && memcmp(nb, o.nb, sizeof(nb)) == 0 && offs == o.offs &&
-           scale == o.scale && softcap == o.softcap;
+           scale == o.scale && softcap == o.softcap && sinks == o.sinks;
 }
 
 void scorer::free_graph() {
@@ -63,8 +63,17 @@ bool scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_
     float params[3];
     memcpy(params, fa->op_params, sizeof(params));  // scale, max_bias, logit_softcap
     if (il < 0 || il >= (int32_t) layers_.size()) return true;
-    if (fa->src[4] != nullptr) {
-        err = "the model uses attention sinks; TOVA scores with sinks are not implemented";
+    ggml_tensor * sinks = fa->src[4];  // F32 [n_head]: gpt-oss's learned logit in each head's softmax denominator
+    if (sinks && (sinks->type != GGML_TYPE_F32 || sinks->ne[0] != q->ne[2])) {
+        err = "unexpected attention sinks in layer " + std::to_string(il) + " (F32, one per query head expected)";
+        return false;
+    }
+    // the sinks are model weights: the scoring graph reads them where they are, which must be the cache's device
+    if (sinks && (ggml_backend_buffer_is_host(sinks->buffer) != ggml_backend_buffer_is_host(cache_k->buffer) ||
+                  (!ggml_backend_buffer_is_host(sinks->buffer) &&
+                   ggml_backend_buft_get_device(ggml_backend_buffer_get_type(sinks->buffer)) !=
+                       ggml_backend_buft_get_device(ggml_backend_buffer_get_type(cache_k->buffer))))) {
+        err = "attention sinks of layer " + std::to_string(il) + " live on another device than the KV cache";
         return false;
     }
     if (params[1] != 0.0f) {
@@ -112,6 +121,7 @@ bool scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_
     lv.offs = k->view_offs;
     lv.scale = params[0];
     lv.softcap = params[2];
+    lv.sinks = sinks;
     lv.seen = true;
     return true;
 }
@@ -173,6 +183,7 @@ bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string
             sm_scale = lv.softcap;
         }
         ggml_tensor * p = ggml_soft_max_ext(ctx, kq, mask, sm_scale, 0.0f);
+        if (lv.sinks) ggml_soft_max_add_sinks(p, lv.sinks);  // as llama.cpp's softmax with sinks
         ggml_tensor * dst = ggml_view_2d(ctx, probs_, n_kv_, n_head_, probs_->nb[1], l * probs_->nb[2]);
         ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, p, n_kv_, n_head_), dst));
     }

@@ -43,6 +43,7 @@ private:
         size_t nb[4] = {};
         size_t offs = 0;  // byte offset into cache_k_l<il>
         float scale = 0.0f, softcap = 0.0f;
+        ggml_tensor * sinks = nullptr;  // F32 [n_head] model weight, or null
         bool operator==(const layer_view & o) const;
     };
     bool ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t q_len, int64_t n_kv_max, backends & devs,

@@ -53,6 +53,9 @@ int32_t tova_engine_set_keep(tova_engine * e, int32_t keep);
 // TOVA_POLICY_SINK: original positions < n_sink are never evicted. 0 <= n_sink < budget; default 4. Only while
 // the engine holds no token. Accepted and unused for the other policies.
 int32_t tova_engine_set_n_sink(tova_engine * e, int32_t n_sink);
+// Which layers the policy manages: managed[l] != 0 (default: all). A sliding-window model's window layers are
+// left to llama.cpp (docs/SWA.md); at least one layer must be managed. Only while the engine holds no token.
+int32_t tova_engine_set_layers(tova_engine * e, const uint8_t * managed, int32_t n_layer);
 // Resize to the context's real cell count (llama_n_ctx, padded by llama.cpp, >= memory); clears the state.
 int32_t tova_engine_set_cells(tova_engine * e, int32_t n_cells);
 // Cut only once budget + m cells are occupied (evicting m or more at once, by the newest query's scores);
@@ -124,6 +127,11 @@ int32_t tova_policy_evict(const float * score, const int32_t * pos, int32_t n, i
 // Writes the cells to out_evict (room for k); returns the number written or TOVA_ERR_ARG.
 int32_t tova_policy_choose(int32_t policy, const double * score, const int32_t * pos, int32_t n, int32_t k,
                            int32_t keep, int32_t n_sink, int32_t * out_evict);
+
+// Reads the bool array `key` of the GGUF at `path` (e.g. {arch}.attention.sliding_window_pattern, which
+// llama_model_meta_val_str does not return): writes its flags (0/1) to out and returns how many; 0 when the key
+// is absent or not a bool array; TOVA_ERR_ARG when the file cannot be read or the array exceeds n_max.
+int32_t tova_gguf_bool_array(const char * path, const char * key, uint8_t * out, int32_t n_max);
 
 // The file libllama was loaded from, as seen by this library (to check that one copy is in the process).
 const char * tova_libllama_path(void);

@@ -35,6 +35,7 @@ def main() -> int:
     ap.add_argument("--policy", default="tova")
     ap.add_argument("-m", "--model", default=None)
     ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--raw", action="store_true", help="plain-text prompt (a model without a chat template)")
     ap.add_argument("--interval", type=float, default=0.5)
     ap.add_argument("--out", default="docs/memory", help="output prefix (.csv, .png)")
     args = ap.parse_args()
@@ -62,6 +63,8 @@ def main() -> int:
         cmd += ["-m", str(Path(args.model).resolve())]
     if args.threads:
         cmd += ["-t", str(args.threads)]
+    if args.raw:
+        cmd.append("--raw")
     t0 = time.perf_counter()
     # cwd outside the checkout, so the installed package (with its built engine) is the one imported
     p = subprocess.Popen(

@@ -6,7 +6,7 @@ C++ code."""
 from __future__ import annotations
 
 import numpy as np
-from tiny_gguf import TinyLlama
+from tiny_gguf import TinyGemma, TinyGptOss, TinyLlama
 
 
 def rms_norm(x, w, eps):
@@ -22,6 +22,43 @@ def rope(x, pos, base):
     out = np.empty_like(x)
     out[..., 0::2] = x0 * cos - x1 * sin
     out[..., 1::2] = x0 * sin + x1 * cos
+    return out
+
+
+def rope_neox(x, pos, base):
+    """llama.cpp's NEOX rope (Gemma): rotates dimension i with i + hd/2. x: [T, heads, hd]."""
+    hd = x.shape[-1]
+    theta = pos[:, None] * base ** (-np.arange(0, hd, 2) / hd)  # [T, hd/2]
+    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    x0, x1 = x[..., : hd // 2], x[..., hd // 2 :]
+    return np.concatenate([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+
+
+def gelu(x):
+    """ggml's CPU GELU (tanh approximation) as Gemma's feed-forward runs it: a table over f16 inputs holding
+    f16 outputs for -10 < x < 10 (GGML_GELU_FP16), exact beyond."""
+    x16 = x.astype(np.float16).astype(np.float64)
+    table = 0.5 * x16 * (1 + np.tanh(np.sqrt(2 / np.pi) * x16 * (1 + 0.044715 * x16 * x16)))
+    table = table.astype(np.float32).astype(np.float16).astype(np.float64)
+    return np.where(x <= -10, 0.0, np.where(x >= 10, x, table))
+
+
+def moe(h, w, p, n_used, alpha=1.702, limit=7.0):
+    """gpt-oss's experts: the n_used largest router logits (biased) per token, weights softmax over those,
+    each expert a SwiGLU with gpt-oss's clamps (ggml_swiglu_oai) and biases."""
+    logits = h @ w[p + "ffn_gate_inp.weight"].T + w[p + "ffn_gate_inp.bias"]
+    out = np.zeros_like(h)
+    for t in range(len(h)):
+        top = np.argsort(-logits[t])[:n_used]
+        gate = np.exp(logits[t, top] - logits[t, top].max())
+        gate /= gate.sum()
+        for e, g_e in zip(top, gate, strict=True):
+            g = w[p + "ffn_gate_exps.weight"][e] @ h[t] + w[p + "ffn_gate_exps.bias"][e]
+            u = w[p + "ffn_up_exps.weight"][e] @ h[t] + w[p + "ffn_up_exps.bias"][e]
+            g = np.minimum(g, limit)
+            u = np.clip(u, -limit, limit)
+            a = g / (1 + np.exp(-alpha * g)) * (u + 1)
+            out[t] += g_e * (w[p + "ffn_down_exps.weight"][e] @ a + w[p + "ffn_down_exps.bias"][e])
     return out
 
 
@@ -53,8 +90,9 @@ def quantize_roundtrip(x, type_name: str):
 
 POLICIES = ("tova", "window", "sink", "h2o")
 # wrong policies the comparison must reject: one eviction set for all layers (the cheaper policy, not TOVA);
-# the newest token never evicted; h2o accumulating only the last query row of a prompt piece
-WRONG_VARIANTS = ("shared", "protect_newest", "h2o_last_row")
+# the newest token never evicted; h2o accumulating only the last query row of a prompt piece; tova scores of a
+# model with attention sinks computed without the sink in the denominator
+WRONG_VARIANTS = ("shared", "protect_newest", "h2o_last_row", "no_sink_scores")
 
 
 class Reference:
@@ -93,53 +131,107 @@ class Reference:
         self.pos = [np.zeros(0, dtype=np.int64) for _ in range(m.n_layer)]
         self.n_past = 0
         self.last_logits = None
+        # the layers the policy manages: all of a llama, the full-attention layers of an iSWA model (its
+        # sliding-window layers keep llama.cpp's window)
+        self.managed = m.full_layers if isinstance(m, (TinyGemma, TinyGptOss)) else list(range(m.n_layer))
 
     def _piece(self, tokens):
         m, w = self.m, self.w
         T = len(tokens)
         pos = np.arange(self.n_past, self.n_past + T)
+        gemma = isinstance(m, TinyGemma)
+        oss = isinstance(m, TinyGptOss)
         x = w["token_embd.weight"][tokens]
+        if gemma:
+            x = x * np.sqrt(m.n_embd)
         rows = []  # per layer: the last token's attention over the layer's keys, head-averaged
         sums = []  # per layer: the column sums of all T query rows, head-averaged (h2o)
         r = m.n_head // m.n_head_kv
         for il in range(m.n_layer):
             p = f"blk.{il}."
+            swa = (gemma or oss) and m.is_swa(il)
             h = rms_norm(x, w[p + "attn_norm.weight"], m.eps)
-            q = rope((h @ w[p + "attn_q.weight"].T).reshape(T, m.n_head, m.head_dim), pos, m.rope_base)
-            k = rope((h @ w[p + "attn_k.weight"].T).reshape(T, m.n_head_kv, m.head_dim), pos, m.rope_base)
-            v = (h @ w[p + "attn_v.weight"].T).reshape(T, m.n_head_kv, m.head_dim)
+            q, k, v = (h @ w[p + f"attn_{n}.weight"].T for n in "qkv")
+            if oss:
+                q, k, v = (t + w[p + f"attn_{n}.bias"] for t, n in zip((q, k, v), "qkv", strict=True))
+            q = q.reshape(T, m.n_head, m.head_dim)
+            k = k.reshape(T, m.n_head_kv, m.head_dim)
+            v = v.reshape(T, m.n_head_kv, m.head_dim)
+            if oss:
+                q, k = rope_neox(q, pos, m.rope_base), rope_neox(k, pos, m.rope_base)
+            elif gemma:
+                if m.arch == "gemma3":
+                    q = rms_norm(q, w[p + "attn_q_norm.weight"], m.eps)
+                    k = rms_norm(k, w[p + "attn_k_norm.weight"], m.eps)
+                base = m.rope_base_swa if swa else m.rope_base
+                q, k = rope_neox(q, pos, base), rope_neox(k, pos, base)
+            else:
+                q, k = rope(q, pos, m.rope_base), rope(k, pos, m.rope_base)
             k, v = quantize_roundtrip(k, self.type_k), quantize_roundtrip(v, self.type_v)
             if self.type_k != "f32":
                 q = quantize_roundtrip(q, "q8_0" if self.type_k.startswith("q") else "f16")
             K = np.concatenate([self.k[il], k])
             V = np.concatenate([self.v[il], v])
-            n_old = len(self.k[il])
-            mask = np.zeros((T, len(K)))
-            for t in range(T):
-                mask[t, n_old + t + 1 :] = -np.inf
+            key_pos = np.concatenate([self.pos[il], pos])
+            # causal; a sliding-window layer also hides keys n_swa or more positions back (llama.cpp's
+            # LLAMA_SWA_TYPE_STANDARD: query i sees key j iff i - j < n_swa)
+            mask = np.where(key_pos[None, :] > pos[:, None], -np.inf, 0.0)
+            if swa:
+                mask[pos[:, None] - key_pos[None, :] >= m.n_swa] = -np.inf
+            softcap = getattr(m, "attn_softcap", 0.0)
             out = np.empty((T, m.n_head, m.head_dim))
             probs_last = np.zeros(len(K))
             probs_all = np.zeros(len(K))
             for hq in range(m.n_head):
-                s = q[:, hq] @ K[:, hq // r].T / np.sqrt(m.head_dim) + mask
-                s = np.exp(s - s.max(-1, keepdims=True))
-                s /= s.sum(-1, keepdims=True)
+                s = q[:, hq] @ K[:, hq // r].T / np.sqrt(m.head_dim)
+                if softcap:
+                    s = softcap * np.tanh(s / softcap)
+                s = s + mask
+                top = s.max(-1, keepdims=True)
+                if oss:  # the head's sink logit joins the softmax denominator (and its max)
+                    top = np.maximum(top, w[p + "attn_sinks.weight"][hq])
+                s = np.exp(s - top)
+                denom = s.sum(-1, keepdims=True)
+                if oss:
+                    denom = denom + np.exp(w[p + "attn_sinks.weight"][hq] - top)
+                s /= denom
                 out[:, hq] = s @ V[:, hq // r]
-                probs_last += s[-1]
+                # the wrong variant scores as if the sink were not in the denominator
+                probs_last += s[-1] / s[-1].sum() if self.policy == "no_sink_scores" else s[-1]
                 probs_all += s.sum(0)
             rows.append(probs_last / m.n_head)
             sums.append(probs_all / m.n_head)
-            x = x + out.reshape(T, -1) @ w[p + "attn_output.weight"].T
-            h = rms_norm(x, w[p + "ffn_norm.weight"], m.eps)
-            g = h @ w[p + "ffn_gate.weight"].T
-            x = x + ((g / (1 + np.exp(-g))) * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
-            self.k[il], self.v[il] = K, V
-            self.pos[il] = np.concatenate([self.pos[il], pos])
+            attn = out.reshape(T, -1) @ w[p + "attn_output.weight"].T
+            if oss:
+                x = x + attn + w[p + "attn_output.bias"]
+                x = x + moe(rms_norm(x, w[p + "post_attention_norm.weight"], m.eps), w, p, m.n_expert_used)
+            elif gemma:
+                x = x + rms_norm(attn, w[p + "post_attention_norm.weight"], m.eps)
+                h = rms_norm(x, w[p + "ffn_norm.weight"], m.eps)
+                ffn = (gelu(h @ w[p + "ffn_gate.weight"].T) * (h @ w[p + "ffn_up.weight"].T)) @ w[
+                    p + "ffn_down.weight"
+                ].T
+                x = x + rms_norm(ffn, w[p + "post_ffw_norm.weight"], m.eps)
+            else:
+                x = x + attn
+                h = rms_norm(x, w[p + "ffn_norm.weight"], m.eps)
+                g = h @ w[p + "ffn_gate.weight"].T
+                x = x + ((g / (1 + np.exp(-g))) * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
             added = sums[il] if self.policy != "h2o_last_row" else rows[il]
-            self.acc[il] = np.concatenate([self.acc[il], np.zeros(T)]) + added
+            acc = np.concatenate([self.acc[il], np.zeros(T)]) + added
+            if swa:
+                # llama.cpp's window, not the policy: keys no later query can see are dropped here
+                visible = key_pos > self.n_past + T - m.n_swa
+                K, V, key_pos, acc = K[visible], V[visible], key_pos[visible], acc[visible]
+            self.k[il], self.v[il], self.pos[il], self.acc[il] = K, V, key_pos, acc
         self.n_past += T
         h = rms_norm(x[-1], w["output_norm.weight"], m.eps)
-        self.last_logits = h @ w["output.weight"].T
+        if gemma:
+            self.last_logits = h @ w["token_embd.weight"].T  # tied output matrix
+            if m.final_softcap:
+                self.last_logits = m.final_softcap * np.tanh(self.last_logits / m.final_softcap)
+        else:
+            self.last_logits = h @ w["output.weight"].T
         return rows
 
     def _kept(self, il, row):
@@ -165,7 +257,7 @@ class Reference:
         return protected + sorted(rest, key=lambda i: (-score[i], -pos[i]))[:room]
 
     def _cut(self, rows):
-        n = len(self.pos[0])
+        n = len(self.pos[self.managed[0]])
         k = n - self.budget
         self.before_cut = None
         if k <= 0 or k < self.evict_interval:
@@ -178,9 +270,10 @@ class Reference:
             rows,
         )
         if self.policy == "shared":
-            rows = [np.mean(rows, axis=0)] * len(rows)
-        for il, row in enumerate(rows):
-            keep = np.sort(np.array(self._kept(il, row)))
+            mean = np.mean([rows[il] for il in self.managed], axis=0)
+            rows = [mean] * len(rows)
+        for il in self.managed:
+            keep = np.sort(np.array(self._kept(il, rows[il])))
             assert len(keep) == self.budget
             self.k[il], self.v[il] = self.k[il][keep], self.v[il][keep]
             self.pos[il], self.acc[il] = self.pos[il][keep], self.acc[il][keep]
@@ -189,20 +282,21 @@ class Reference:
         tokens = list(tokens)
         i = 0
         while i < len(tokens):
-            room = self.memory - len(self.pos[0])
+            room = self.memory - len(self.pos[self.managed[0]])
             piece = tokens[i : i + room]
             self._cut(self._piece(piece))
             i += len(piece)
 
     def follow(self, kept, rtol: float) -> int:
-        """Redo the last cut with another engine's per-layer kept positions (`kept`: [n_layer, width], -1 padded)
+        """Redo the last cut with another engine's per-layer kept positions (`kept`: [managed layers, width],
+        -1 padded)
         when that choice is TOVA's up to a near tie: every kept key scores at least every evicted key / (1+rtol)
         by this reference's scores. Returns the number of layers whose set changed; raises AssertionError when
         the other choice is not a near-tie (a real disagreement) or there was no cut."""
         assert self.before_cut is not None, "no cut in the last step to follow"
         ks, vs, ps, accs, rows = self.before_cut
         changed = 0
-        for il, row in enumerate(kept):
+        for il, row in zip(self.managed, kept, strict=True):
             want = np.sort(row[row >= 0])
             if np.array_equal(want, np.sort(self.pos[il])):
                 continue
@@ -220,9 +314,9 @@ class Reference:
         return changed
 
     def kept_positions(self):
-        """[n_layer, max(budget, held)] ascending, -1 padded: the engine's kept_positions() layout."""
-        width = max(self.budget, len(self.pos[0]))
-        out = np.full((len(self.pos), width), -1, dtype=np.int64)
-        for il, p in enumerate(self.pos):
-            out[il, : len(p)] = np.sort(p)
+        """[managed layers, max(budget, held)] ascending, -1 padded: the engine's kept_positions() layout."""
+        width = max(self.budget, len(self.pos[self.managed[0]]))
+        out = np.full((len(self.managed), width), -1, dtype=np.int64)
+        for row, il in enumerate(self.managed):
+            out[row, : len(self.pos[il])] = np.sort(self.pos[il])
         return out

@@ -39,6 +39,11 @@ forms the probabilities, so for tova the engine keeps each layer's newest query 
 softmax(K q * scale + mask) per head on the cache's own device (csrc/score.cpp); the
 scores use the cache's own K rows (an F32 cache is cast to F16 only inside flash attention).
 Quantized caches (q8_0, q4_0) are moved as raw bytes; a quantized V cache needs flash_attn=True (llama.cpp).
+
+Sliding-window models (gemma2, gemma3, gpt-oss; docs/SWA.md): the policy runs on the full-attention layers
+(`managed_layers`) and llama.cpp keeps its window of `n_swa` tokens on the others. An evicting policy needs
+budget >= n_swa - 1, so that no cut frees a position a sliding-window layer still sees. With attention sinks
+(gpt-oss) tova's scores are the model's own probabilities, the sink in each head's denominator.
 """
 
 from __future__ import annotations
@@ -87,16 +92,55 @@ def _meta(model, key: str) -> str | None:
     return buf.value.decode(errors="replace") if n >= 0 else None
 
 
-def _refusal(model) -> str | None:
+# iSWA architectures: layer il is a sliding-window layer unless il % p == p - 1 (llama.cpp's default pattern p
+# for the architecture, used when the GGUF has no {arch}.attention.sliding_window_pattern). docs/SWA.md
+SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "gpt-oss": 2}
+
+
+def swa_min_budget(n_swa: int) -> int:
+    """The smallest budget an evicting policy may use on a model with a window of n_swa (docs/SWA.md): the cell
+    trick frees the smallest metadata position in every layer, the sliding-window layers' too, and after a cut
+    at newest position P the next query (P + 1) must still find positions P + 2 - n_swa .. P."""
+    return n_swa - 1
+
+
+def swa_layers(model, path: Path) -> list[bool] | str:
+    """Per layer: True where llama.cpp runs a sliding window (its iSWA cache keeps those layers bounded), or
+    why the pattern cannot be known. All False for a model without sliding-window attention."""
+    n_layer = llama_cpp.llama_model_n_layer(model)
+    if llama_cpp.llama_model_n_swa(model) <= 0:
+        return [False] * n_layer
+    arch = _meta(model, "general.architecture") or "unknown"
+    if arch not in SWA_PATTERNS:
+        return (
+            f"model uses sliding-window attention ({arch}); tova_cpp manages the full-attention layers of "
+            f"{sorted(SWA_PATTERNS)} only, whose layer pattern it knows"
+        )
+    key = f"{arch}.attention.sliding_window_pattern"
+    flags = ffi.new("uint8_t[]", n_layer + 1)
+    n = lib.tova_gguf_bool_array(str(path).encode(), key.encode(), flags, n_layer + 1)
+    if n == n_layer:  # llama.cpp reads an array as one flag per layer, true = sliding
+        return [bool(f) for f in flags[0:n_layer]]
+    if n != 0:
+        return f"{key} holds {n} flags for {n_layer} layers (or the file cannot be read)"
+    pattern = _meta(model, key)
+    p = int(pattern) if pattern is not None else SWA_PATTERNS[arch]
+    return [p == 0 or il % p < p - 1 for il in range(n_layer)]
+
+
+def _refusal(model, path: Path) -> str | None:
     """Why this model's cache cannot be managed per layer, or None."""
     arch = _meta(model, "general.architecture") or "unknown"
-    if llama_cpp.llama_model_n_swa(model) > 0:
-        return (
-            f"model uses sliding-window attention ({arch}); tova_cpp manages only models whose every layer "
-            "attends over the full cache, and window layers are not supported yet"
-        )
     if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
         return f"model has a recurrent or hybrid memory ({arch}); TOVA applies to attention KV caches only"
+    swa = swa_layers(model, path)
+    if isinstance(swa, str):
+        return swa
+    if all(swa):
+        return (
+            f"every layer of this model uses sliding-window attention ({arch}): llama.cpp already bounds its "
+            "cache, there is no full-attention layer for tova_cpp to manage"
+        )
     alibi = _meta(model, f"{arch}.attention.max_alibi_bias")
     if arch in ALIBI_ARCHS or (alibi is not None and float(alibi) > 0):
         return f"model uses ALiBi ({arch}): its bias comes from cache positions, which eviction would change"
@@ -180,11 +224,23 @@ class Session:
         if not model:
             raise ModelLoadError(f"llama.cpp could not load {path} (truncated or unsupported GGUF?)")
         self._model = model
-        why = _refusal(model)
+        why = _refusal(model, path)
         if why:
             self.close()
             raise UnsupportedModelError(why)
 
+        # iSWA: the policy runs on the full-attention layers; llama.cpp keeps the sliding-window layers' window
+        swa = swa_layers(model, path)
+        self.managed_layers = [il for il, slides in enumerate(swa) if not slides]
+        self.n_swa = llama_cpp.llama_model_n_swa(model) if any(swa) else 0
+        if self.n_swa and policy != "full" and budget < swa_min_budget(self.n_swa):
+            arch = _meta(model, "general.architecture")
+            self.close()
+            raise ValueError(
+                f"model uses sliding-window attention ({arch}, window {self.n_swa}): budget must be at least "
+                f"{swa_min_budget(self.n_swa)}, got {budget}; a smaller budget would evict tokens its "
+                "sliding-window layers still attend to (docs/SWA.md)"
+            )
         self.policy, self.budget, self.chunk, self.keep, self.n_sink = policy, budget, chunk, keep, n_sink
         self.evict_interval, self.flash_attn = evict_interval, flash_attn
         self.type_k, self.type_v = type_k, type_v
@@ -215,7 +271,12 @@ class Session:
             self.close()
             raise ValueError(ffi.string(err).decode())
         self._engine = engine
-        for rc in (lib.tova_engine_set_keep(engine, keep), lib.tova_engine_set_n_sink(engine, n_sink)):
+        managed = ffi.new("uint8_t[]", [int(il in self.managed_layers) for il in range(self.n_layer)])
+        for rc in (
+            lib.tova_engine_set_keep(engine, keep),
+            lib.tova_engine_set_n_sink(engine, n_sink),
+            lib.tova_engine_set_layers(engine, managed, self.n_layer),
+        ):
             if rc != 0:
                 msg = ffi.string(lib.tova_engine_last_error(engine)).decode()
                 self.close()
@@ -325,19 +386,21 @@ class Session:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def cell_positions(self) -> np.ndarray:
-        """int32 [n_layer, n_cells]: original position each layer holds in each cell, -1 where empty."""
+        """int32 [len(managed_layers), n_cells]: original position each managed layer holds in each cell, -1
+        where empty. Managed: every layer, or the full-attention layers of a sliding-window model."""
         self._require_open()
         out = np.empty((self.n_layer, self.n_cells), dtype=np.int32)
         self._check(
             lib.tova_engine_cell_positions(self._engine, ffi.cast("int32_t *", out.ctypes.data), out.size)
         )
-        return out
+        return out[self.managed_layers]
 
     def kept_positions(self) -> np.ndarray:
-        """int [n_layer, budget]: the original positions each layer keeps, ascending, -1 where empty."""
+        """int [len(managed_layers), budget]: the original positions each managed layer keeps, ascending, -1
+        where empty."""
         cells = self.cell_positions()
         width = max(self.budget, int((cells >= 0).sum(axis=1).max()))
-        out = np.full((self.n_layer, width), -1, dtype=np.int64)
+        out = np.full((len(cells), width), -1, dtype=np.int64)
         for layer, row in enumerate(cells):
             kept = np.sort(row[row >= 0])
             out[layer, : kept.size] = kept
@@ -373,12 +436,13 @@ class Session:
 
     @property
     def n_occupied(self) -> int:
-        """Cells that hold a token (the same count in every layer)."""
+        """Cells that hold a token (the same count in every managed layer)."""
         self._require_open()
         return int(lib.tova_engine_n_occupied(self._engine))
 
     def pos_window(self) -> tuple[int, int]:
-        """(min, max) position llama.cpp's metadata holds for the sequence; (-1, -1) when empty."""
+        """(min, max) position llama.cpp's metadata holds for the sequence; (-1, -1) when empty. With
+        sliding-window layers llama.cpp reports its window cache's minimum, which may exceed the managed one."""
         mem = llama_cpp.llama_get_memory(self._ctx)
         return (llama_cpp.llama_memory_seq_pos_min(mem, 0), llama_cpp.llama_memory_seq_pos_max(mem, 0))
 

@@ -39,10 +39,11 @@ class RetentionSummary:
 
 
 def track(s: Session, tokens, bar=None) -> tuple[np.ndarray, np.ndarray]:
-    """Feed tokens one by one; (kept at the end [n_layer, n], steps each position was kept [n_layer, n])."""
+    """Feed tokens one by one; (kept at the end [n_managed, n], steps each position was kept [n_managed, n]),
+    per managed layer (all layers; the full-attention ones of a sliding-window model)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     n = tokens.size
-    steps = np.zeros((s.n_layer, n), dtype=np.int32)
+    steps = np.zeros((len(s.managed_layers), n), dtype=np.int32)
     s.reset()
     for i in range(n):
         s.eval(tokens[i : i + 1])
@@ -51,7 +52,7 @@ def track(s: Session, tokens, bar=None) -> tuple[np.ndarray, np.ndarray]:
         steps[layer, cells[layer, cell]] += 1
         if bar is not None:
             bar.update(1)
-    kept = np.zeros((s.n_layer, n), dtype=bool)
+    kept = np.zeros((len(s.managed_layers), n), dtype=bool)
     for layer, row in enumerate(s.kept_positions()):
         kept[layer, row[row >= 0]] = True
     return kept, steps
