@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds llama-cpp-python==0.3.36 with CUDA (sm_90, H100/H200) and tova_cpp against it into a --target folder,
 # then runs the GPU tests. For a machine without a package index: pass the slim sdist
-# (/work/shared/tools/slim-llama-sdist.sh) and wheels of what the machine lacks (cffi, pycparser, diskcache, gguf).
+# (scripts/slim_llama_sdist.sh) and wheels of what the machine lacks (cffi, pycparser, diskcache, gguf).
 # usage: cuda_build_and_test.sh SDIST WHEEL_DIR SITE [pytest args...]
 #   e.g. cuda_build_and_test.sh llama_cpp_python-0.3.36-slim.tar.gz whl /tmp/site tests/test_gpu.py
 set -euo pipefail

@@ -1,5 +1,5 @@
 """NumPy oracle: the llama forward pass (RMSNorm, RoPE, GQA attention, SwiGLU) in float64 with a per-layer
-KV cache cut by each policy exactly as DESIGN.md section 1 and tova_cpp.session's docstring say, processing
+KV cache cut by each policy exactly as docs/ARCHITECTURE.md section 1 and tova_cpp.session's docstring say, processing
 the same pieces as the engine. Written from the definitions (which positions a layer KEEPS), not from the
 C++ code."""
 
