@@ -3,7 +3,16 @@
 Each layer keeps the `budget` tokens with the highest attention from the newest query (averaged over heads).
 The paper's baselines `window`, `sink` and `h2o` and a protected prefix (`keep`) run on the same engine."""
 
-from .errors import EngineError, ModelLoadError, TovaError, TovaVersionError, UnsupportedModelError
+from .errors import (
+    EngineError,
+    ModelLoadError,
+    SessionBusyError,
+    SessionClosedError,
+    TokenizerError,
+    TovaError,
+    TovaVersionError,
+    UnsupportedModelError,
+)
 from .llama import GenerationResponse, Llama
 from .models import default_model_path
 from .session import POLICIES, Session
@@ -15,6 +24,9 @@ __all__ = [
     "Llama",
     "ModelLoadError",
     "Session",
+    "SessionBusyError",
+    "SessionClosedError",
+    "TokenizerError",
     "TovaError",
     "TovaVersionError",
     "UnsupportedModelError",

@@ -19,3 +19,15 @@ class UnsupportedModelError(TovaError, ValueError):
 
 class EngineError(TovaError, RuntimeError):
     """The native engine reported a failure; the state was cleared."""
+
+
+class SessionClosedError(TovaError, RuntimeError):
+    """The session (or the Llama holding it) was closed; its native handles are gone."""
+
+
+class SessionBusyError(TovaError, RuntimeError):
+    """The session is in use by another thread; a session serves one thread at a time."""
+
+
+class TokenizerError(TovaError, ValueError):
+    """The model has no tokenizer (its GGUF says tokenizer.ggml.model "none"), or the text cannot be tokenized."""

@@ -44,7 +44,9 @@ Quantized caches (q8_0, q4_0) are moved as raw bytes; a quantized V cache needs 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+import threading
 from pathlib import Path
 
 import llama_cpp
@@ -52,7 +54,14 @@ import llama_cpp._logger
 import numpy as np
 
 from ._ffi import ffi, lib
-from .errors import EngineError, ModelLoadError, UnsupportedModelError
+from .errors import (
+    EngineError,
+    ModelLoadError,
+    SessionBusyError,
+    SessionClosedError,
+    TokenizerError,
+    UnsupportedModelError,
+)
 
 POLICIES = {"full": 0, "tova": 1, "window": 2, "sink": 3, "h2o": 4}
 DEFAULT_N_SINK = 4
@@ -112,13 +121,64 @@ def _cache_type(name: str) -> int:
         raise ValueError(f"unknown KV cache type {name!r}; choose one of {sorted(CACHE_TYPES)}") from None
 
 
+GGML_MAX_N_THREADS = 512  # ggml.h
+_MAX_CELLS = 2**31 - 1 - 256  # the engine and llama.cpp count cells and positions in int32; n_ctx pads to 256
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _token_ids(tokens, n_vocab: int) -> np.ndarray:
+    """Token ids as int64, refusing floats, strings, bools and ids outside [0, n_vocab) (llama.cpp aborts on
+    those)."""
+    toks = np.asarray(tokens)
+    if toks.size and toks.dtype.kind not in "iu":
+        raise ValueError(f"token ids must be integers, got {toks.dtype} ({toks.reshape(-1)[0]!r}, ...)")
+    toks = toks.astype(np.int64).reshape(-1)
+    if toks.size and (toks.min() < 0 or toks.max() >= n_vocab):
+        raise ValueError(f"token ids must be in [0, {n_vocab}), got {toks.min()}..{toks.max()}")
+    return toks
+
+
+def _exclusive(method):
+    """Runs the method only on an open session and only if no other thread is inside one (non-blocking: a
+    second thread gets SessionBusyError instead of corrupting the cache or waiting on a decode)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusyError(
+                f"this Session is in use by another thread ({method.__name__} refused); use one Session per "
+                "thread, or serialize the calls"
+            )
+        try:
+            self._require_open()
+            return method(self, *args, **kwargs)
+        finally:
+            self._lock.release()
+
+    return wrapper
+
+
 def default_threads() -> int:
     # llama.cpp's default of 4 threads on a 2-core machine decoded 3x slower (DESIGN.md section 6)
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class Session:
-    """One model, one context, one bounded KV cache (a single sequence)."""
+    """One model, one context, one bounded KV cache (a single sequence).
+
+    Sizes are checked before anything is allocated (ValueError saying what fits): the context holds
+    memory = budget + max(chunk, evict_interval) cells (< 2**31); on the CPU (n_gpu_layers=0) those cells'
+    KV rows, the engine's bookkeeping and one ubatch's attention matrix must fit in the machine's physical
+    memory; n_ubatch is clamped to `memory` (no piece is larger); n_threads is 1..512 (ggml's limit).
+    A session serves one thread at a time (another thread gets SessionBusyError); after close() every method
+    raises SessionClosedError. An exception inside `eval` (KeyboardInterrupt included) resets the cache.
+    """
 
     def __init__(
         self,
@@ -138,6 +198,7 @@ class Session:
         type_v: str = "f16",
         verbose: bool = False,
     ) -> None:
+        self._lock = threading.RLock()
         self._ctx = self._model = self._engine = None
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
@@ -157,6 +218,14 @@ class Session:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
         n_ubatch = chunk if n_ubatch is None else n_ubatch
+        if isinstance(n_ubatch, bool) or not isinstance(n_ubatch, int) or n_ubatch < 1:
+            raise ValueError(f"n_ubatch must be an integer >= 1, got {n_ubatch!r}")
+        if n_threads is not None and (
+            isinstance(n_threads, bool)
+            or not isinstance(n_threads, int)
+            or not 1 <= n_threads <= GGML_MAX_N_THREADS
+        ):
+            raise ValueError(f"n_threads must be an integer in [1, {GGML_MAX_N_THREADS}], got {n_threads!r}")
         if chunk > n_ubatch:
             raise ValueError(f"chunk ({chunk}) must not exceed n_ubatch ({n_ubatch}): a chunk is one ubatch")
         if isinstance(evict_interval, bool) or not isinstance(evict_interval, int) or evict_interval < 1:
@@ -189,9 +258,19 @@ class Session:
         self.type_k, self.type_v = type_k, type_v
         self.n_layer = llama_cpp.llama_model_n_layer(model)
         self.memory = budget + max(chunk, evict_interval)  # most cells ever occupied
+        if self.memory > _MAX_CELLS:
+            raise ValueError(
+                f"budget + max(chunk, evict_interval) = {self.memory} cells exceeds llama.cpp's limit of "
+                f"{_MAX_CELLS}"
+            )
+        n_ubatch = min(n_ubatch, self.memory)  # a piece never exceeds memory: a larger ubatch only costs RAM
         vocab = llama_cpp.llama_model_get_vocab(model)
         self._vocab = vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        too_big = self._size_error(n_ubatch, n_gpu_layers)
+        if too_big:
+            self.close()
+            raise ValueError(too_big)
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.memory
@@ -238,6 +317,30 @@ class Session:
         self._batch = llama_cpp.llama_batch_init(n_ubatch, 0, 1)
         self.n_past = 0  # tokens seen: the next token's position
 
+    def _size_error(self, n_ubatch: int, n_gpu_layers: int) -> str | None:
+        """Why `memory` cells cannot fit in this machine's physical memory, or None (checked before any
+        allocation: llama.cpp and the engine would otherwise abort with bad_alloc or swap the machine)."""
+        phys = _physical_memory()
+        if phys is None:
+            return None
+        try:
+            kv = self._kv_row_bytes()
+        except ValueError:  # per-layer sizes: bound by an F32 row of the full embedding
+            kv = self.n_layer * 2 * 4 * llama_cpp.llama_model_n_embd(self._model)
+        n_head = llama_cpp.llama_model_n_head(self._model)
+        bookkeeping = 4 + 16 * self.n_layer  # csrc/engine.cpp: meta_pos, layer_pos, scores, acc per cell
+        attention = n_ubatch * 4 * ((n_head if not self.flash_attn else 0) + 1)  # f32 KQ of one ubatch + mask
+        per_cell = bookkeeping + (kv + attention if n_gpu_layers == 0 else 0)
+        cells = -(-self.memory // 256) * 256
+        if cells * per_cell <= phys:
+            return None
+        fits = max(0, phys // per_cell - 256 - (self.memory - self.budget))
+        return (
+            f"budget={self.budget} needs {self.memory} KV cells, about {cells * per_cell / 2**30:.1f} GiB "
+            f"({per_cell} bytes per cell: KV rows, engine bookkeeping, one ubatch's attention), more than this "
+            f"machine's {phys / 2**30:.1f} GiB of memory; with these settings a budget of at most about {fits} fits"
+        )
+
     # -- native calls -------------------------------------------------------------------------------------
     def _check(self, rc: int) -> None:
         if rc != 0:
@@ -268,22 +371,29 @@ class Session:
         return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy()
 
     # -- public -------------------------------------------------------------------------------------------
+    @_exclusive
     def eval(self, tokens, *, logits_all: bool = False) -> np.ndarray | None:
         """Feed tokens (a prompt, or one decoded/teacher-forced token) into the bounded cache.
 
         Returns float32 logits [len(tokens), n_vocab] when logits_all, each computed from the cache as it was
         when that token was processed; else None (see `logits()`).
         """
-        self._require_open()
-        toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        toks = _token_ids(tokens, self.n_vocab)
         if toks.size == 0:
             raise ValueError("eval needs at least one token")
-        if toks.min() < 0 or toks.max() >= self.n_vocab:
-            raise ValueError(f"token ids must be in [0, {self.n_vocab}), got {toks.min()}..{toks.max()}")
         if self.policy == "full" and self.n_occupied + toks.size > self.memory:
             raise ValueError(
                 f"policy 'full' holds every token: {self.n_occupied} + {toks.size} exceeds {self.memory} cells"
             )
+        try:
+            return self._eval_pieces(toks, logits_all)
+        except BaseException as e:  # KeyboardInterrupt between decodes: the bookkeeping may be half done
+            if not isinstance(e, EngineError):
+                self.reset()
+                e.add_note("tova_cpp: the step was interrupted; the session was reset (n_past = 0)")
+            raise
+
+    def _eval_pieces(self, toks: np.ndarray, logits_all: bool) -> np.ndarray | None:
         out = []
         i = 0
         while i < toks.size:
@@ -301,17 +411,17 @@ class Session:
             i += piece.size
         return np.concatenate(out) if logits_all else None
 
+    @_exclusive
     def logits(self) -> np.ndarray:
         """Raw logits of the last evaluated position, float32 [n_vocab]."""
-        self._require_open()
         if self.n_past == 0:
             raise RuntimeError("no token has been evaluated yet")
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
+    @_exclusive
     def cell_positions(self) -> np.ndarray:
         """int32 [n_layer, n_cells]: original position each layer holds in each cell, -1 where empty."""
-        self._require_open()
         out = np.empty((self.n_layer, self.n_cells), dtype=np.int32)
         self._check(
             lib.tova_engine_cell_positions(self._engine, ffi.cast("int32_t *", out.ctypes.data), out.size)
@@ -328,9 +438,13 @@ class Session:
             out[layer, : kept.size] = kept
         return out
 
+    @_exclusive
     def kv_row_bytes(self) -> int:
         """Bytes one cell takes in all layers (K row + V row at type_k/type_v), from the GGUF metadata.
         Raises ValueError when a size varies per layer (no single row size)."""
+        return self._kv_row_bytes()
+
+    def _kv_row_bytes(self) -> int:
         arch = _meta(self._model, "general.architecture")
 
         def key(name: str) -> int | None:
@@ -357,11 +471,12 @@ class Session:
         return self.n_layer * (k + v)
 
     @property
+    @_exclusive
     def n_occupied(self) -> int:
         """Cells that hold a token (the same count in every layer)."""
-        self._require_open()
         return int(lib.tova_engine_n_occupied(self._engine))
 
+    @_exclusive
     def pos_window(self) -> tuple[int, int]:
         """(min, max) position llama.cpp's metadata holds for the sequence; (-1, -1) when empty."""
         mem = llama_cpp.llama_get_memory(self._ctx)
@@ -369,6 +484,14 @@ class Session:
 
     def reset(self) -> None:
         """Clear the whole cache: the only way back, since an evicted cache cannot be rolled back."""
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusyError("this Session is in use by another thread (reset refused)")
+        try:
+            self._reset()
+        finally:
+            self._lock.release()
+
+    def _reset(self) -> None:
         if self._ctx:
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         if self._engine:
@@ -376,11 +499,12 @@ class Session:
         self.n_past = 0
 
     @property
+    @_exclusive
     def cache_buffer(self) -> str:
         """Name of the buffer holding the K cache ("CPU", "CUDA0", ...); "" before the first decode."""
-        self._require_open()
         return ffi.string(lib.tova_engine_cache_buffer(self._engine)).decode()
 
+    @_exclusive
     def engine_stats(self, reset: bool = False) -> dict[str, float]:
         """Cumulative engine costs (profiling): scored decodes, seconds capturing in the eval callback, seconds
         in the flash-attention scoring graph, cuts, seconds moving rows + removing metadata."""
@@ -390,20 +514,30 @@ class Session:
         keys = ("scored_decodes", "capture_s", "score_s", "cuts", "cut_s")
         return dict(zip(keys, list(out), strict=False))
 
+    @_exclusive
     def set_force_graph_mover(self, force: bool) -> None:
         """Move rows with the ggml graph (the device path) even when the cache is in host memory."""
         lib.tova_engine_set_force_graph_mover(self._engine, force)
 
+    @_exclusive
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        self._require_tokenizer()
         data = text.encode()
         n_max = len(data) + 16
-        buf = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            raise ValueError("tokenization failed")
-        return list(buf[:n])
+        for _ in range(2):
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            if -n <= n_max:  # not a "buffer too small" answer
+                break
+            n_max = -n  # llama_tokenize returns -(tokens needed) when the buffer is too small
+        raise TokenizerError(f"llama.cpp could not tokenize the text (code {n})")
 
+    @_exclusive
     def detokenize(self, tokens) -> str:
+        self._require_tokenizer()
+        tokens = _token_ids(tokens, self.n_vocab)
         out = b""
         buf = ctypes.create_string_buffer(256)
         for t in tokens:
@@ -411,6 +545,7 @@ class Session:
             out += buf.raw[: max(n, 0)]
         return out.decode(errors="replace")
 
+    @_exclusive
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The model's own chat template (GGUF tokenizer.chat_template) through llama-cpp-python's Jinja2
         formatter, with the assistant turn opened."""
@@ -432,14 +567,30 @@ class Session:
         )
         return fmt(messages=messages).prompt
 
+    @_exclusive
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, int(token)))
 
     def _require_open(self) -> None:
         if not self._ctx:
-            raise RuntimeError("session is closed")
+            raise SessionClosedError("the session is closed: its model and context were freed")
+
+    def _require_tokenizer(self) -> None:
+        if llama_cpp.llama_vocab_type(self._vocab) == llama_cpp.LLAMA_VOCAB_TYPE_NONE:
+            raise TokenizerError(
+                "the model has no tokenizer (GGUF tokenizer.ggml.model is 'none'): pass token ids to eval"
+            )
 
     def close(self) -> None:
+        """Free the context, engine and model; closing twice is fine. Refused while another thread is inside."""
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusyError("this Session is in use by another thread (close refused)")
+        try:
+            self._close()
+        finally:
+            self._lock.release()
+
+    def _close(self) -> None:
         if getattr(self, "_batch", None) is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
@@ -460,4 +611,5 @@ class Session:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        if getattr(self, "_lock", None) is not None:  # __init__ may have failed before setting it
+            self.close()
