@@ -329,7 +329,7 @@ def test_keyboard_interrupt_mid_eval_leaves_a_consistent_session(ids_model):
                     continue
                 except KeyboardInterrupt as e:
                     interrupted += 1
-                    assert "the session was reset" in " ".join(getattr(e, "__notes__", []))
+                    notes = " ".join(getattr(e, "__notes__", []))
                 lo, hi = s.pos_window()
                 assert s.n_past == hi + 1  # llama.cpp's positions and ours agree
                 if s.n_occupied:
@@ -337,6 +337,7 @@ def test_keyboard_interrupt_mid_eval_leaves_a_consistent_session(ids_model):
                 else:
                     assert (lo, hi) == (-1, -1)
                 assert (s.cell_positions() >= 0).sum() == s.n_occupied * s.n_layer
+                assert "the session was reset" in notes  # and it says so
                 s.eval([5, 6, 7])  # the next eval works and computes what a fresh session does
                 np.testing.assert_array_equal(s.logits(), fresh)
                 s.reset()
@@ -345,3 +346,28 @@ def test_keyboard_interrupt_mid_eval_leaves_a_consistent_session(ids_model):
             signal.signal(signal.SIGINT, old)
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
         assert interrupted == 30
+
+
+# -- 7. benchmark outputs ------------------------------------------------------------------------------------
+def test_bench_outputs_replace_a_planted_symlink_instead_of_following_it(tmp_path):
+    from tova_cpp.bench import common
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("ppl.csv", "ppl.json", "ppl.png"):
+        (out / name).symlink_to(victim)
+    common.write_csv(out / "ppl.csv", [{"a": 1}], ["a"])
+    assert victim.read_text() == "precious\n"
+    common.write_json(out / "ppl.json", {"command": "x"}, [{"a": 1}])
+    plt = common.pyplot()
+    fig = plt.figure()
+    common.save_figure(fig, out / "ppl.png", dpi=20)
+    plt.close(fig)
+    assert victim.read_text() == "precious\n"
+    for name in ("ppl.csv", "ppl.json", "ppl.png"):
+        assert not (out / name).is_symlink() and (out / name).stat().st_size > 0
+    assert (out / "ppl.csv").read_text().splitlines() == ["a", "1"]
+    assert (out / "ppl.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in out.iterdir()) == ["ppl.csv", "ppl.json", "ppl.png"]  # no temporary left
