@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from reference import Reference
 from tiny_gguf import write_tiny_llama
@@ -102,6 +102,20 @@ def compare(s: Session, ref: Reference, exact: bool) -> str | None:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(kw=configs(), ops=operations, seed=st.integers(0, 2**16))
+# found by a long run: a near tie flipped (flash attention's F16) in a cut inside one multi-piece eval
+@example(
+    kw={
+        "policy": "tova",
+        "budget": 23,
+        "chunk": 1,
+        "keep": 4,
+        "evict_interval": 1,
+        "flash_attn": True,
+        "cache": "f32",
+    },
+    ops=[("eval", 1), ("eval", 34)],
+    seed=1,
+)
 def test_random_operation_sequences_match_the_reference(tiny, kw, ops, seed):
     path, model = tiny
     rng = np.random.default_rng(seed)
@@ -115,11 +129,18 @@ def test_random_operation_sequences_match_the_reference(tiny, kw, ops, seed):
                 ref = reference(model, kw)
                 assert s.n_past == s.n_occupied == 0 and s.pos_window() == (-1, -1)
                 continue
-            pieces = [rng.integers(0, model.n_vocab, n).tolist()]
-            if op == "decode":
-                pieces = [[t] for t in pieces[0]]
-            for tokens in pieces:
-                s.eval(tokens)
-                ref.eval(tokens)
+            tokens = rng.integers(0, model.n_vocab, n).tolist()
+            while tokens:
+                if op == "decode":
+                    size = 1
+                elif exact:
+                    size = len(tokens)  # one eval: its own loop splits the pieces and cuts between them
+                else:
+                    # F16 arithmetic: a near tie may flip in any cut and the reference can follow only the
+                    # last one, so feed the pieces eval would make (room = memory - occupied) one at a time
+                    size = s.memory - s.n_occupied
+                piece, tokens = tokens[:size], tokens[size:]
+                s.eval(piece)
+                ref.eval(piece)
                 msg = compare(s, ref, exact)
                 assert msg is None, f"{kw} op {step} {op} {n} (ops {ops}): {msg}"
