@@ -113,6 +113,25 @@ def test_out_of_range_ids_are_refused_by_detokenize(byte_model, bad):
     assert "refused: token ids must be" in r.stdout and "'hi'" in r.stdout
 
 
+def test_is_eog_and_chat_prompt_never_pass_a_bad_id_to_llama_cpp(byte_model):
+    code = f"""
+    import llama_cpp
+    from tova_cpp import Session
+    s = Session({str(byte_model)!r}, budget=8, chunk=4, n_threads=1)
+    for bad in (-1, 10**6):
+        try:
+            s.is_eog(bad)
+        except ValueError as e:
+            print("refused:", e)
+    llama_cpp.llama_vocab_bos = lambda vocab: -1  # a vocabulary without BOS (Qwen's, for one)
+    print(repr(s.chat_prompt([{{"role": "user", "content": "hi"}}])))
+    """
+    r = run_child(code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("refused: token ids must be in") == 2
+    assert "<|im_start|>user\\nhi<|im_end|>" in r.stdout
+
+
 @pytest.mark.parametrize("bad", [[1.5], [2.0], ["3"], [True], [np.float32(3)], [3, "x"]], ids=repr)
 def test_non_integer_ids_are_refused(byte_model, bad):
     with Session(byte_model, budget=8, chunk=4, n_threads=1) as s:

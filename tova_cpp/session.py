@@ -259,6 +259,7 @@ class Session:
         self.n_layer = llama_cpp.llama_model_n_layer(model)
         self.memory = budget + max(chunk, evict_interval)  # most cells ever occupied
         if self.memory > _MAX_CELLS:
+            self.close()
             raise ValueError(
                 f"budget + max(chunk, evict_interval) = {self.memory} cells exceeds llama.cpp's limit of "
                 f"{_MAX_CELLS}"
@@ -556,6 +557,8 @@ class Session:
             raise ValueError("the model has no chat template; pass raw text instead")
 
         def special(tok: int) -> str:
+            if not 0 <= tok < self.n_vocab:  # no such token (e.g. a vocabulary without BOS): llama.cpp aborts
+                return ""
             buf = ctypes.create_string_buffer(64)
             n = llama_cpp.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, True)
             return buf.raw[: max(n, 0)].decode(errors="replace")
@@ -569,6 +572,7 @@ class Session:
 
     @_exclusive
     def is_eog(self, token: int) -> bool:
+        (token,) = _token_ids([token], self.n_vocab)
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, int(token)))
 
     def _require_open(self) -> None:
