@@ -39,6 +39,11 @@ def _engine_path() -> Path:
     (scripts/setup.sh) maps the package to the source tree and keeps the engine in site-packages: the package's
     __path__ lists both. A source checkout that shadows an installed tova_cpp (python run from the repo root)
     falls back to the installed distribution's copy."""
+    override = os.environ.get("TOVA_ENGINE")  # env: TOVA_ENGINE=path/to/libtova_engine.so (sanitizer builds)
+    if override:
+        if not Path(override).is_file():
+            raise ImportError(f"TOVA_ENGINE={override} is not a file")
+        return Path(override)
     dirs = [Path(d) for d in getattr(sys.modules[__package__], "__path__", [])] + [Path(__file__).parent]
     for d in dirs:
         if (d / ENGINE).is_file():

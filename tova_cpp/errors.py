@@ -32,3 +32,15 @@ class StateError(TovaError, ValueError):
 
 class NumericalError(TovaError, RuntimeError):
     """The model produced NaN or infinite logits (corrupt weights or input); nothing was sampled."""
+
+
+class SessionClosedError(TovaError, RuntimeError):
+    """The session (or the Llama holding it) was closed; its native handles are gone."""
+
+
+class SessionBusyError(TovaError, RuntimeError):
+    """The session is in use by another thread; a session serves one thread at a time."""
+
+
+class TokenizerError(TovaError, ValueError):
+    """The model has no tokenizer (its GGUF says tokenizer.ggml.model "none"), or the text cannot be tokenized."""

@@ -49,7 +49,9 @@ budget >= n_swa - 1, so that no cut frees a position a sliding-window layer stil
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+import threading
 from pathlib import Path
 
 import llama_cpp
@@ -57,7 +59,16 @@ import llama_cpp._logger
 import numpy as np
 
 from ._ffi import ffi, lib
-from .errors import Cancelled, EngineError, ModelLoadError, StateError, UnsupportedModelError
+from .errors import (
+    Cancelled,
+    EngineError,
+    ModelLoadError,
+    SessionBusyError,
+    SessionClosedError,
+    StateError,
+    TokenizerError,
+    UnsupportedModelError,
+)
 
 POLICIES = {"full": 0, "tova": 1, "window": 2, "sink": 3, "h2o": 4}
 DEFAULT_N_SINK = 4
@@ -156,13 +167,64 @@ def _cache_type(name: str) -> int:
         raise ValueError(f"unknown KV cache type {name!r}; choose one of {sorted(CACHE_TYPES)}") from None
 
 
+GGML_MAX_N_THREADS = 512  # ggml.h
+_MAX_CELLS = 2**31 - 1 - 256  # the engine and llama.cpp count cells and positions in int32; n_ctx pads to 256
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _token_ids(tokens, n_vocab: int) -> np.ndarray:
+    """Token ids as int64, refusing floats, strings, bools and ids outside [0, n_vocab) (llama.cpp aborts on
+    those)."""
+    toks = np.asarray(tokens)
+    if toks.size and toks.dtype.kind not in "iu":
+        raise ValueError(f"token ids must be integers, got {toks.dtype} ({toks.reshape(-1)[0]!r}, ...)")
+    toks = toks.astype(np.int64).reshape(-1)
+    if toks.size and (toks.min() < 0 or toks.max() >= n_vocab):
+        raise ValueError(f"token ids must be in [0, {n_vocab}), got {toks.min()}..{toks.max()}")
+    return toks
+
+
+def _exclusive(method):
+    """Runs the method only on an open session and only if no other thread is inside one (non-blocking: a
+    second thread gets SessionBusyError instead of corrupting the cache or waiting on a decode)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusyError(
+                f"this Session is in use by another thread ({method.__name__} refused); use one Session per "
+                "thread, or serialize the calls"
+            )
+        try:
+            self._require_open()
+            return method(self, *args, **kwargs)
+        finally:
+            self._lock.release()
+
+    return wrapper
+
+
 def default_threads() -> int:
     # llama.cpp's default of 4 threads on a 2-core machine decoded 3x slower (DESIGN.md section 6)
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class Session:
-    """One model, one context, one bounded KV cache (a single sequence)."""
+    """One model, one context, one bounded KV cache (a single sequence).
+
+    Sizes are checked before anything is allocated (ValueError saying what fits): the context holds
+    memory = budget + max(chunk, evict_interval) cells (< 2**31); on the CPU (n_gpu_layers=0) those cells'
+    KV rows, the engine's bookkeeping and one ubatch's attention matrix must fit in the machine's physical
+    memory; n_ubatch is clamped to `memory` (no piece is larger); n_threads is 1..512 (ggml's limit).
+    A session serves one thread at a time (another thread gets SessionBusyError); after close() every method
+    raises SessionClosedError. An exception inside `eval` (KeyboardInterrupt included) resets the cache.
+    """
 
     def __init__(
         self,
@@ -182,6 +244,7 @@ class Session:
         type_v: str = "f16",
         verbose: bool = False,
     ) -> None:
+        self._lock = threading.RLock()
         self._ctx = self._model = self._engine = None
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
@@ -201,6 +264,14 @@ class Session:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
         n_ubatch = chunk if n_ubatch is None else n_ubatch
+        if isinstance(n_ubatch, bool) or not isinstance(n_ubatch, int) or n_ubatch < 1:
+            raise ValueError(f"n_ubatch must be an integer >= 1, got {n_ubatch!r}")
+        if n_threads is not None and (
+            isinstance(n_threads, bool)
+            or not isinstance(n_threads, int)
+            or not 1 <= n_threads <= GGML_MAX_N_THREADS
+        ):
+            raise ValueError(f"n_threads must be an integer in [1, {GGML_MAX_N_THREADS}], got {n_threads!r}")
         if chunk > n_ubatch:
             raise ValueError(f"chunk ({chunk}) must not exceed n_ubatch ({n_ubatch}): a chunk is one ubatch")
         if isinstance(evict_interval, bool) or not isinstance(evict_interval, int) or evict_interval < 1:
@@ -246,9 +317,20 @@ class Session:
         self.type_k, self.type_v = type_k, type_v
         self.n_layer = llama_cpp.llama_model_n_layer(model)
         self.memory = budget + max(chunk, evict_interval)  # most cells ever occupied
+        if self.memory > _MAX_CELLS:
+            self.close()
+            raise ValueError(
+                f"budget + max(chunk, evict_interval) = {self.memory} cells exceeds llama.cpp's limit of "
+                f"{_MAX_CELLS}"
+            )
+        n_ubatch = min(n_ubatch, self.memory)  # a piece never exceeds memory: a larger ubatch only costs RAM
         vocab = llama_cpp.llama_model_get_vocab(model)
         self._vocab = vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        too_big = self._size_error(n_ubatch, n_gpu_layers)
+        if too_big:
+            self.close()
+            raise ValueError(too_big)
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.memory
@@ -302,6 +384,30 @@ class Session:
         self._n_done = ffi.new("int32_t *")
         self.n_past = 0  # tokens seen: the next token's position
 
+    def _size_error(self, n_ubatch: int, n_gpu_layers: int) -> str | None:
+        """Why `memory` cells cannot fit in this machine's physical memory, or None (checked before any
+        allocation: llama.cpp and the engine would otherwise abort with bad_alloc or swap the machine)."""
+        phys = _physical_memory()
+        if phys is None:
+            return None
+        try:
+            kv = self._kv_row_bytes()
+        except ValueError:  # per-layer sizes: bound by an F32 row of the full embedding
+            kv = self.n_layer * 2 * 4 * llama_cpp.llama_model_n_embd(self._model)
+        n_head = llama_cpp.llama_model_n_head(self._model)
+        bookkeeping = 4 + 16 * self.n_layer  # csrc/engine.cpp: meta_pos, layer_pos, scores, acc per cell
+        attention = n_ubatch * 4 * ((n_head if not self.flash_attn else 0) + 1)  # f32 KQ of one ubatch + mask
+        per_cell = bookkeeping + (kv + attention if n_gpu_layers == 0 else 0)
+        cells = -(-self.memory // 256) * 256
+        if cells * per_cell <= phys:
+            return None
+        fits = max(0, phys // per_cell - 256 - (self.memory - self.budget))
+        return (
+            f"budget={self.budget} needs {self.memory} KV cells, about {cells * per_cell / 2**30:.1f} GiB "
+            f"({per_cell} bytes per cell: KV rows, engine bookkeeping, one ubatch's attention), more than this "
+            f"machine's {phys / 2**30:.1f} GiB of memory; with these settings a budget of at most about {fits} fits"
+        )
+
     # -- native calls -------------------------------------------------------------------------------------
     def _check(self, rc: int) -> None:
         if rc != 0:
@@ -310,6 +416,7 @@ class Session:
             raise EngineError(f"tova engine error {rc}: {msg}; the session was reset")
 
     # -- public -------------------------------------------------------------------------------------------
+    @_exclusive
     def eval(self, tokens, *, logits_all: bool = False, progress=None) -> np.ndarray | None:
         """Feed tokens (a prompt, or one decoded/teacher-forced token) into the bounded cache.
 
@@ -321,14 +428,10 @@ class Session:
         One engine call (tova_engine_decode) runs the pieces, ubatches and cuts; any engine failure leaves the
         session consistent (bad input: nothing changed, ValueError) or reset (EngineError says so).
         """
-        self._require_open()
-        toks = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        toks = _token_ids(tokens, self.n_vocab)
         if toks.size == 0:
             raise ValueError("eval needs at least one token")
-        lo, hi = int(toks.min()), int(toks.max())
-        if lo < 0 or hi >= self.n_vocab:
-            raise ValueError(f"token ids must be in [0, {self.n_vocab}), got {lo}..{hi}")
-        ids = toks.astype(np.int32)
+        ids = np.ascontiguousarray(toks, dtype=np.int32)
         out = np.empty((ids.size, self.n_vocab), dtype=np.float32) if logits_all else None
         raised: list[BaseException] = []
         callback = ffi.NULL
@@ -343,24 +446,30 @@ class Session:
                 error=False,
                 onerror=on_error,
             )
-        rc = lib.tova_engine_decode(
-            self._engine,
-            ffi.cast("void *", self._ctx),
-            ffi.from_buffer("int32_t[]", ids),
-            ids.size,
-            self.n_past,
-            ffi.NULL if out is None else ffi.from_buffer("float[]", out),
-            callback,
-            ffi.NULL,
-            self._n_done,
-        )
+        pos0, rc = self.n_past, None
+        self._n_done[0] = 0
+        try:
+            rc = lib.tova_engine_decode(
+                self._engine,
+                ffi.cast("void *", self._ctx),
+                ffi.from_buffer("int32_t[]", ids),
+                ids.size,
+                pos0,
+                ffi.NULL if out is None else ffi.from_buffer("float[]", out),
+                callback,
+                ffi.NULL,
+                self._n_done,
+            )
+        finally:
+            # n_past follows the engine whatever lands here (a KeyboardInterrupt as the call returns included):
+            # the tokens it evaluated, from 0 when it cleared everything after a failure
+            cleared = rc is not None and rc < 0 and rc not in (lib.TOVA_ERR_ARG, lib.TOVA_CANCELLED)
+            self.n_past = (0 if cleared else pos0) + self._n_done[0]
         if rc == 0:
-            self.n_past += ids.size
             if raised:  # raised after the last ubatch: everything was evaluated
                 raise raised[0]
             return out
         if rc == lib.TOVA_CANCELLED:
-            self.n_past += self._n_done[0]
             if raised:
                 raise raised[0]
             raise Cancelled(
@@ -369,12 +478,11 @@ class Session:
         msg = ffi.string(lib.tova_engine_last_error(self._engine)).decode()
         if rc == lib.TOVA_ERR_ARG:  # refused before any decode: nothing changed
             raise ValueError(msg)
-        self.n_past = 0  # the engine cleared llama.cpp's memory and its own state
         raise EngineError(f"tova engine error {rc}: {msg}; the session was reset")
 
+    @_exclusive
     def logits(self) -> np.ndarray:
         """Raw logits of the last evaluated position, float32 [n_vocab]."""
-        self._require_open()
         if self.n_past == 0:
             raise RuntimeError("no token has been evaluated yet")
         restored = getattr(self, "_restored_logits", None)
@@ -385,10 +493,10 @@ class Session:
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
+    @_exclusive
     def cell_positions(self) -> np.ndarray:
         """int32 [len(managed_layers), n_cells]: original position each managed layer holds in each cell, -1
         where empty. Managed: every layer, or the full-attention layers of a sliding-window model."""
-        self._require_open()
         out = np.empty((self.n_layer, self.n_cells), dtype=np.int32)
         self._check(
             lib.tova_engine_cell_positions(self._engine, ffi.cast("int32_t *", out.ctypes.data), out.size)
@@ -406,9 +514,13 @@ class Session:
             out[layer, : kept.size] = kept
         return out
 
+    @_exclusive
     def kv_row_bytes(self) -> int:
         """Bytes one cell takes in all layers (K row + V row at type_k/type_v), from the GGUF metadata.
         Raises ValueError when a size varies per layer (no single row size)."""
+        return self._kv_row_bytes()
+
+    def _kv_row_bytes(self) -> int:
         arch = _meta(self._model, "general.architecture")
 
         def key(name: str) -> int | None:
@@ -435,11 +547,12 @@ class Session:
         return self.n_layer * (k + v)
 
     @property
+    @_exclusive
     def n_occupied(self) -> int:
         """Cells that hold a token (the same count in every managed layer)."""
-        self._require_open()
         return int(lib.tova_engine_n_occupied(self._engine))
 
+    @_exclusive
     def pos_window(self) -> tuple[int, int]:
         """(min, max) position llama.cpp's metadata holds for the sequence; (-1, -1) when empty. With
         sliding-window layers llama.cpp reports its window cache's minimum, which may exceed the managed one."""
@@ -448,6 +561,14 @@ class Session:
 
     def reset(self) -> None:
         """Clear the whole cache: the only way back, since an evicted cache cannot be rolled back."""
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusyError("this Session is in use by another thread (reset refused)")
+        try:
+            self._reset()
+        finally:
+            self._lock.release()
+
+    def _reset(self) -> None:
         if self._ctx:
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         if self._engine:
@@ -456,11 +577,12 @@ class Session:
         self._restored_logits = None
 
     @property
+    @_exclusive
     def cache_buffer(self) -> str:
         """Name of the buffer holding the K cache ("CPU", "CUDA0", ...); "" before the first decode."""
-        self._require_open()
         return ffi.string(lib.tova_engine_cache_buffer(self._engine)).decode()
 
+    @_exclusive
     def engine_stats(self, reset: bool = False) -> dict[str, float]:
         """Cumulative engine costs (profiling): scored decodes, seconds capturing in the eval callback, seconds
         in the flash-attention scoring graph, cuts, seconds moving rows + removing metadata."""
@@ -470,20 +592,30 @@ class Session:
         keys = ("scored_decodes", "capture_s", "score_s", "cuts", "cut_s")
         return dict(zip(keys, list(out), strict=False))
 
+    @_exclusive
     def set_force_graph_mover(self, force: bool) -> None:
         """Move rows with the ggml graph (the device path) even when the cache is in host memory."""
         lib.tova_engine_set_force_graph_mover(self._engine, force)
 
+    @_exclusive
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        self._require_tokenizer()
         data = text.encode()
         n_max = len(data) + 16
-        buf = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            raise ValueError("tokenization failed")
-        return list(buf[:n])
+        for _ in range(2):
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            if -n <= n_max:  # not a "buffer too small" answer
+                break
+            n_max = -n  # llama_tokenize returns -(tokens needed) when the buffer is too small
+        raise TokenizerError(f"llama.cpp could not tokenize the text (code {n})")
 
+    @_exclusive
     def detokenize(self, tokens) -> str:
+        self._require_tokenizer()
+        tokens = _token_ids(tokens, self.n_vocab)
         out = b""
         buf = ctypes.create_string_buffer(256)
         for t in tokens:
@@ -491,6 +623,7 @@ class Session:
             out += buf.raw[: max(n, 0)]
         return out.decode(errors="replace")
 
+    @_exclusive
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The model's own chat template (GGUF tokenizer.chat_template) through llama-cpp-python's Jinja2
         formatter, with the assistant turn opened."""
@@ -501,6 +634,8 @@ class Session:
             raise ValueError("the model has no chat template; pass raw text instead")
 
         def special(tok: int) -> str:
+            if not 0 <= tok < self.n_vocab:  # no such token (e.g. a vocabulary without BOS): llama.cpp aborts
+                return ""
             buf = ctypes.create_string_buffer(64)
             n = llama_cpp.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, True)
             return buf.raw[: max(n, 0)].decode(errors="replace")
@@ -512,7 +647,9 @@ class Session:
         )
         return fmt(messages=messages).prompt
 
+    @_exclusive
     def is_eog(self, token: int) -> bool:
+        (token,) = _token_ids([token], self.n_vocab)
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, int(token)))
 
     # -- save and resume (tova_cpp/state.py, docs/STATE.md) -------------------------------------------
@@ -533,6 +670,7 @@ class Session:
             self._model_id = model_identity(self.model_path)
         return self._model_id
 
+    @_exclusive
     def save_state(self):
         """The whole bounded conversation as a tova_cpp.state.TovaState (llama_cpp.Llama.save_state's name):
         llama.cpp's state of sequence 0, the engine's per-layer bookkeeping, the last logits. Changes nothing."""
@@ -569,6 +707,7 @@ class Session:
             settings=self.state_settings(),
         )
 
+    @_exclusive
     def load_state(self, state) -> None:
         """Continue from `state` (from save_state of a session of the same model and settings), exactly as
         the saved session would have. StateError when it does not fit; the session is then as it was."""
@@ -637,6 +776,7 @@ class Session:
         last = np.array(state.scores[0], dtype=np.float32) if len(state.scores) else None
         self._restored_logits = (self.n_past, last)
 
+    @_exclusive
     def truncate(self, n_past: int) -> None:
         """Forget the newest tokens: keep positions < n_past (a reply cut by a stop string), without
         re-evaluating anything. The next eval continues at position n_past.
@@ -661,12 +801,14 @@ class Session:
         self.n_past = n_past
         self._restored_logits = (n_past, None)  # the context's logits are those of a removed token
 
+    @_exclusive
     def save(self, path: str | os.PathLike) -> int:
         """Write the conversation to `path` (atomically; tova_cpp/state.py has the format). Returns bytes."""
         from .state import write_file
 
         return write_file(path, self.save_state())
 
+    @_exclusive
     def load(self, path: str | os.PathLike) -> None:
         """Continue the conversation saved in `path`. StateError when the file is truncated, corrupted or
         saved with another model or settings; the session is then as it was."""
@@ -676,9 +818,24 @@ class Session:
 
     def _require_open(self) -> None:
         if not self._ctx:
-            raise RuntimeError("session is closed")
+            raise SessionClosedError("the session is closed: its model and context were freed")
+
+    def _require_tokenizer(self) -> None:
+        if llama_cpp.llama_vocab_type(self._vocab) == llama_cpp.LLAMA_VOCAB_TYPE_NONE:
+            raise TokenizerError(
+                "the model has no tokenizer (GGUF tokenizer.ggml.model is 'none'): pass token ids to eval"
+            )
 
     def close(self) -> None:
+        """Free the context, engine and model; closing twice is fine. Refused while another thread is inside."""
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusyError("this Session is in use by another thread (close refused)")
+        try:
+            self._close()
+        finally:
+            self._lock.release()
+
+    def _close(self) -> None:
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
@@ -696,4 +853,5 @@ class Session:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        if getattr(self, "_lock", None) is not None:  # __init__ may have failed before setting it
+            self.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import importlib.metadata
@@ -11,6 +12,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -179,15 +181,38 @@ def out_dir(args: argparse.Namespace) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def replacing(path: Path):
+    """Yields a fresh temporary file in path's folder; on success it replaces `path` with os.replace, which swaps
+    the directory entry: a symlink planted at `path` is replaced, never followed, and a reader never sees half a
+    file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    with path.open("w", newline="") as f:
+    with replacing(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
 
 
 def write_json(path: Path, meta_: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    path.write_text(json.dumps({"meta": meta_, "results": rows}, indent=1) + "\n")
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps({"meta": meta_, "results": rows}, indent=1) + "\n")
+
+
+def save_figure(fig, path: Path, **kwargs: Any) -> None:
+    """fig.savefig through `replacing` (never follows a symlink at path)."""
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
 
 
 def markdown_table(rows: list[list[str]], header: list[str], right: set[int] | None = None) -> str:

@@ -316,5 +316,5 @@ def heatmap(results: list[NiahResult], contexts: list[int], depths: list[float],
     fig.suptitle(f"{results[0].model}: needle retrieval accuracy", fontsize=10)
     fig.subplots_adjust(hspace=0.6, wspace=0.35, right=0.85)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
-    fig.savefig(path, dpi=100)
+    common.save_figure(fig, path, dpi=100)
     plt.close(fig)

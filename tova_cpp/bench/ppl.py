@@ -341,5 +341,5 @@ def plot(results: list[PplResult], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.save_figure(fig, path, dpi=110)
     plt.close(fig)

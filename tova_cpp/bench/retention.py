@@ -205,5 +205,5 @@ def heatmap(summaries: list[RetentionSummary], arrays: dict[str, np.ndarray], pa
         ax.set_xlabel("original position", fontsize=8)
     fig.suptitle(f"{summaries[0].model}: {summaries[0].text}, token-by-token", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    common.save_figure(fig, path, dpi=90)
     plt.close(fig)
