@@ -1,6 +1,6 @@
 """A GGUF model + a llama.cpp context + the TOVA engine: evaluate tokens into a per-layer bounded KV cache.
 
-Semantics (DESIGN.md section 1, the paper's): every `eval` call is split into pieces that fit in memory
+Semantics (the paper's; docs/ARCHITECTURE.md section 1): every `eval` call is split into pieces that fit in memory
 (budget + chunk cells); each piece gets full causal attention, then every layer is cut to `budget` by its
 policy. Decoding one token per call is the paper's per-token setting. Deviation, named: a piece is as large as
 free memory allows (the first piece of a long prompt fills budget + chunk cells, later ones are `chunk`
@@ -14,7 +14,7 @@ Policies (all per layer, all with the same budget; each layer of the model keeps
 - ``window``: keep the most recent `budget` keys.
 - ``sink``: keep the first `n_sink` positions (default 4) and the most recent `budget - n_sink` keys
   (StreamingLLM, Xiao et al. 2023). Deviation, named: every key keeps its original position (RoPE is inside
-  the cached K and never re-applied), as for every policy here (DESIGN.md section 1); StreamingLLM assigns
+  the cached K and never re-applied), as for every policy here (docs/ARCHITECTURE.md section 1); StreamingLLM assigns
   positions by place in the cache instead.
 - ``h2o``: keep the most recent ceil(budget/2) keys and the budget//2 older keys with the largest attention
   accumulated since the key entered (Zhang et al. 2023). The accumulator adds, on every decode, each query's
@@ -211,7 +211,7 @@ def _exclusive(method):
 
 
 def default_threads() -> int:
-    # llama.cpp's default of 4 threads on a 2-core machine decoded 3x slower (DESIGN.md section 6)
+    # llama.cpp's default of 4 threads on a 2-core machine decoded 3x slower (docs/ARCHITECTURE.md section 6)
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
