@@ -327,3 +327,17 @@ def test_retention_command(smollm2_path, text_file, tmp_path):
     summary = json.loads((out / "retention.json").read_text())["results"][0]
     assert summary["policy"] == "tova" and summary["n_layer"] == 30
     assert (out / "retention.png").stat().st_size > 1000
+
+
+def test_bench_without_the_bench_extra_says_which_extra(monkeypatch, capsys):
+    import importlib.util
+
+    from tova_cpp import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a)
+    )
+    assert cli.main(["bench", "speed", "-d", "64"]) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'tova_cpp[bench]'" in err and "tqdm" in err

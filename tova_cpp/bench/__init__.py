@@ -4,8 +4,27 @@ and memory vs depth, which tokens each layer keeps). Each command prints a table
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 
 from . import niah, ppl, retention, speed
+
+BENCH_EXTRA = ("matplotlib", "tqdm")
+
+
+def _needs_bench_extra(run):
+    """The benchmarks plot with matplotlib and report progress with tqdm: the [bench] extra."""
+
+    @functools.wraps(run)
+    def checked(args) -> int:
+        missing = [m for m in BENCH_EXTRA if importlib.util.find_spec(m) is None]
+        if missing:
+            raise RuntimeError(
+                f"tova bench needs the [bench] extra (missing: {', '.join(missing)}): pip install 'tova_cpp[bench]'"
+            )
+        return run(args)
+
+    return checked
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
@@ -13,6 +32,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", metavar="{ppl,niah,speed,retention}", required=True)
     for module in (ppl, niah, speed, retention):
         module.add_parser(sub)
+    for command in sub.choices.values():
+        command.set_defaults(func=_needs_bench_extra(command.get_default("func")))
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
