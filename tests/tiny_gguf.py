@@ -98,12 +98,7 @@ def write_tiny_llama(
             writer.add_float32(key, value)
         else:
             writer.add_uint32(key, value)
-    for name, arr in w.items():
-        writer.add_tensor(name, arr)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write(writer, w)
     return m
 
 
@@ -206,12 +201,7 @@ def write_tiny_gemma(
         writer.add_final_logit_softcapping(m.final_softcap)
     writer.add_vocab_size(m.n_vocab)
     writer.add_tokenizer_model("none")
-    for name, arr in w.items():
-        writer.add_tensor(name, arr)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write(writer, w)
     return m
 
 
@@ -303,10 +293,15 @@ def write_tiny_gpt_oss(path: Path, *, seed: int = 0, **shape) -> TinyGptOss:
     writer.add_sliding_window(m.n_swa)
     writer.add_vocab_size(m.n_vocab)
     writer.add_tokenizer_model("none")
-    for name, arr in w.items():
+    _write(writer, w)
+    return m
+
+
+def _write(writer, tensors: dict) -> None:
+    """Adds the tensors and writes the file (header, metadata, data)."""
+    for name, arr in tensors.items():
         writer.add_tensor(name, arr)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return m

@@ -190,9 +190,12 @@ def _token_ids(tokens, n_vocab: int) -> np.ndarray:
     return toks
 
 
-def _exclusive(method):
-    """Runs the method only on an open session and only if no other thread is inside one (non-blocking: a
-    second thread gets SessionBusyError instead of corrupting the cache or waiting on a decode)."""
+def _exclusive(method=None, *, require_open: bool = True):
+    """Runs the method only if no other thread is inside the session (non-blocking: a second thread gets
+    SessionBusyError instead of corrupting the cache or waiting on a decode), and only on an open session unless
+    require_open=False. The lock is reentrant: a method may call another on the same thread."""
+    if method is None:
+        return functools.partial(_exclusive, require_open=require_open)
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -202,7 +205,8 @@ def _exclusive(method):
                 "thread, or serialize the calls"
             )
         try:
-            self._require_open()
+            if require_open:
+                self._require_open()
             return method(self, *args, **kwargs)
         finally:
             self._lock.release()
@@ -559,14 +563,10 @@ class Session:
         mem = llama_cpp.llama_get_memory(self._ctx)
         return (llama_cpp.llama_memory_seq_pos_min(mem, 0), llama_cpp.llama_memory_seq_pos_max(mem, 0))
 
+    @_exclusive(require_open=False)
     def reset(self) -> None:
         """Clear the whole cache: the only way back, since an evicted cache cannot be rolled back."""
-        if not self._lock.acquire(blocking=False):
-            raise SessionBusyError("this Session is in use by another thread (reset refused)")
-        try:
-            self._reset()
-        finally:
-            self._lock.release()
+        self._reset()
 
     def _reset(self) -> None:
         if self._ctx:
@@ -826,14 +826,10 @@ class Session:
                 "the model has no tokenizer (GGUF tokenizer.ggml.model is 'none'): pass token ids to eval"
             )
 
+    @_exclusive(require_open=False)
     def close(self) -> None:
         """Free the context, engine and model; closing twice is fine. Refused while another thread is inside."""
-        if not self._lock.acquire(blocking=False):
-            raise SessionBusyError("this Session is in use by another thread (close refused)")
-        try:
-            self._close()
-        finally:
-            self._lock.release()
+        self._close()
 
     def _close(self) -> None:
         if self._ctx:
