@@ -164,8 +164,10 @@ def test_kv_bytes_from_metadata_tiny(tiny):
     assert m["n_cells"] == 16
     assert m["kv_bytes"] == 16 * 3 * 128
     assert len(m["pp"]) == len(m["tg"]) == 2 and min(m["tg"]) > 0
+    assert m["capture_us"] > 0 and m["score_us"] >= 0 and m["cut_us"] > 0  # tova scores and cuts every token
     f = speed.measure(str(tiny), "full", budget=0, depth=40, n_gen=4, reps=1, threads=1, chunk=8)
     assert f["n_cells"] == 40 + 4 * 2 and f["kv_bytes"] == 48 * 3 * 128
+    assert f["capture_us"] == f["score_us"] == f["cut_us"] == 0  # full: no callback, no cut
 
 
 # -- the commands end to end on SmolLM2 ----------------------------------------------------------------------

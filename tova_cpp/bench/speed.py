@@ -50,6 +50,9 @@ COLUMNS = [
     "tg_tps",
     "tg_tps_std",
     "tg_ms",
+    "capture_us",
+    "score_us",
+    "cut_us",
     "n_cells",
     "kv_bytes",
     "peak_rss_mib",
@@ -77,6 +80,9 @@ class SpeedResult:
     tg_tps: float  # decode tokens/s
     tg_tps_std: float
     tg_ms: float  # mean decode ms per token
+    capture_us: float  # engine time per timed decode token (engine_stats): the eval callback's reads,
+    score_us: float  # the flash-attention scoring graph,
+    cut_us: float  # choosing, syncing, moving rows, removing metadata (nan for plain)
     n_cells: int  # cells occupied after the run
     kv_bytes: int
     peak_rss_mib: float
@@ -160,6 +166,9 @@ def measure(
                 s.eval([tok])
             if rep:  # block 0 is the warm-up
                 tg.append(n_gen / (time.perf_counter() - t0))
+            else:
+                s.engine_stats(reset=True)
+        stats = s.engine_stats()
         n_cells = s.n_occupied
         kv = n_cells * kv_row_bytes(s)
         backend = s.cache_buffer or _offload_device(n_gpu_layers)
@@ -170,6 +179,7 @@ def measure(
         "kv_bytes": int(kv),
         "peak_rss_mib": common.peak_rss_mib(),
         "backend": backend,
+        **{f"{k}_us": stats[f"{k}_s"] * 1e6 / (n_gen * reps) for k in ("capture", "score", "cut")},
     }
 
 
@@ -344,6 +354,9 @@ def run(args: argparse.Namespace) -> int:
                 statistics.mean(m["tg"]),
                 _std(m["tg"]),
                 1e3 / statistics.mean(m["tg"]),
+                m.get("capture_us", float("nan")),
+                m.get("score_us", float("nan")),
+                m.get("cut_us", float("nan")),
                 m["n_cells"],
                 m["kv_bytes"],
                 m["peak_rss_mib"],
@@ -351,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
             results.append(r)
             print(
                 f"{policy:>6} B={cells:<6} d={depth:<6} pp {r.pp_tps:8.1f} t/s | tg {r.tg_tps:7.2f} ± "
-                f"{r.tg_tps_std:.2f} t/s | KV {r.kv_bytes / 2**20:7.2f} MiB | RSS {r.peak_rss_mib:.0f} MiB "
+                f"{r.tg_tps_std:.2f} t/s | us/token capture {r.capture_us:.0f} score {r.score_us:.0f} "
+                f"cut {r.cut_us:.0f} | KV {r.kv_bytes / 2**20:7.2f} MiB | RSS {r.peak_rss_mib:.0f} MiB "
                 f"({time.perf_counter() - t0:.0f} s)",
                 file=sys.stderr,
                 flush=True,

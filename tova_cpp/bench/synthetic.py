@@ -1,6 +1,5 @@
 """Synthetic random-weight llamas for speed measurements (the weights are random, so the text is noise):
-Llama-3.2-1B and Llama-3-8B shapes, written with gguf.GGUFWriter. Used by `tova bench speed --synthetic` and
-scripts/bench_gpu.py."""
+Llama-3.2-1B and Llama-3-8B shapes, written with gguf.GGUFWriter. Used by `tova bench speed --synthetic`."""
 
 from __future__ import annotations
 
