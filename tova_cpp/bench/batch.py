@@ -53,6 +53,9 @@ COLUMNS = [
     "per_seq_tps",
     "speedup",
     "prefill_s",
+    "capture_ms",
+    "score_ms",
+    "cut_ms",
     "peak_rss_mib",
 ]
 
@@ -83,6 +86,9 @@ class BatchResult:
     per_seq_tps: float
     speedup: float  # tg_tps / the full cache's (or / the first row's when there is no full row)
     prefill_s: float
+    capture_ms: float  # per timed step: the eval callback's data phase (engine_stats)
+    score_ms: float  # per timed step: the flash-attention scoring graph
+    cut_ms: float  # per timed step: choosing, moving rows, removing metadata
     peak_rss_mib: float
 
 
@@ -129,7 +135,7 @@ def measure(
         policy=policy,
         evict_interval=ev,
         chunk=chunk,
-        n_ubatch=max(chunk, n),
+        n_ubatch=max(chunk, n, 256),
         n_threads=threads,
         n_gpu_layers=n_gpu_layers,
         flash_attn=flash_attn,
@@ -145,6 +151,8 @@ def measure(
         prefill_s = time.perf_counter() - t0
         tg = []
         for rep in range(reps + 1):
+            if rep == 1:
+                bs.engine_stats(reset=True)
             toks = rng.integers(0, bs.n_vocab, (n_gen, n))
             t0 = time.perf_counter()
             for i in range(n_gen):
@@ -162,7 +170,12 @@ def measure(
             "CPU" if n_gpu_layers == 0 else "GPU (offloaded)"
         )
         n_cells = bs.n_cells
+        stats = bs.engine_stats()
+    steps = n_gen * reps
     return {
+        "capture_ms": 1e3 * stats["capture_s"] / steps,
+        "score_ms": 1e3 * stats["score_s"] / steps,
+        "cut_ms": 1e3 * stats["cut_s"] / steps,
         "tg": tg,
         "n_seqs": n,
         "cells_per_seq": per_seq,
@@ -291,12 +304,16 @@ def run(args: argparse.Namespace) -> int:
                     tps / m["n_seqs"],
                     float("nan"),
                     m["prefill_s"],
+                    m["capture_ms"],
+                    m["score_ms"],
+                    m["cut_ms"],
                     m["peak_rss_mib"],
                 )
                 results.append(r)
                 print(
                     f"{policy:>6} B={budget:<6} seqs={r.n_seqs:<4} tg {r.tg_tps:9.1f} ± {r.tg_tps_std:.1f} t/s "
-                    f"({r.step_ms:.1f} ms/step, prefill {r.prefill_s:.1f} s, {time.perf_counter() - t0:.0f} s)",
+                    f"({r.step_ms:.1f} ms/step: capture {r.capture_ms:.2f}, score {r.score_ms:.2f}, cut "
+                    f"{r.cut_ms:.2f}; prefill {r.prefill_s:.1f} s, {time.perf_counter() - t0:.0f} s)",
                     file=sys.stderr,
                     flush=True,
                 )
