@@ -44,7 +44,7 @@ def build(
     from .scheduler import Scheduler
     from .vocab import Vocab
 
-    vocab = Vocab(model_path, chat_format=chat_format)
+    vocab = Vocab(model_path, chat_format=chat_format, verbose=verbose)
     engine = SequentialSessions(
         model_path,
         n_seq_max=n_slots,

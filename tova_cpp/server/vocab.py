@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import llama_cpp
+import llama_cpp._logger
 from llama_cpp import llama_chat_format
 
 from ..errors import ModelLoadError, TokenizerError
@@ -22,9 +23,12 @@ from ..session import _check_gguf_file, _ensure_backend
 class Vocab:
     """Tokenize / detokenize / render chat for one GGUF (llama-cpp-python's sandboxed Jinja formatter)."""
 
-    def __init__(self, model_path: str | Path, *, chat_format: str | None = None) -> None:
+    def __init__(
+        self, model_path: str | Path, *, chat_format: str | None = None, verbose: bool = False
+    ) -> None:
         path = Path(model_path)
         _check_gguf_file(path)
+        llama_cpp._logger.set_verbose(verbose)
         _ensure_backend()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
