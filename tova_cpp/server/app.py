@@ -15,8 +15,6 @@ import contextlib
 import hmac
 import json
 import os
-import sys
-import traceback
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -139,13 +137,19 @@ def create_app(
     async def bad_request(request, exc: P.BadRequest):
         return _error(400, str(exc), param=exc.param, code=exc.code)
 
+    async def template_refused(request, exc: Exception):
+        return _error(400, f"the chat template was refused: {exc}", param="messages")
+
+    app.add_exception_handler(SecurityError, template_refused)
+    app.add_exception_handler(TemplateError, template_refused)
+
+    @app.exception_handler(TokenizerError)
+    async def tokenizer_error(request, exc: TokenizerError):
+        return _error(400, str(exc), param="prompt")
+
     @app.exception_handler(Exception)
     async def internal_error(request, exc: Exception):
-        if isinstance(exc, (SecurityError, TemplateError)):
-            return _error(400, f"the chat template was refused: {exc}", param="messages")
-        if isinstance(exc, TokenizerError):
-            return _error(400, str(exc), param="prompt")
-        traceback.print_exception(exc, file=sys.stderr)
+        # Starlette logs the traceback to the server's stderr; the client learns nothing of it
         return _error(500, "internal server error", "server_error")
 
     @app.get("/health")
@@ -265,7 +269,7 @@ def create_app(
             out = [dict(meta, choices=[choice(echo, None, [])])] if echo else []
             offset = len(echo)
             while True:
-                if "token" in event and (event["text"] or want_lp):
+                if "token" in event and (event["token"] >= 0 or event["text"]):
                     out.append(dict(meta, choices=[choice(event["text"], None, [event], offset)]))
                     offset += len(event["text"])
                 if "finish_reason" in event:
@@ -281,7 +285,12 @@ def create_app(
     async def chat_completions(request: Request, body: P.ChatRequest):
         def prepare():
             messages = P.chat_messages(body)
-            text, stops = vocab.chat_prompt(messages)
+            try:
+                text, stops = vocab.chat_prompt(messages)
+            except (ValueError, KeyError, TypeError) as e:  # no template, or one that wants other fields
+                raise P.BadRequest(
+                    f"the chat template could not render these messages: {e}", "messages"
+                ) from None
             prompt = vocab.tokenize(text, add_special=True, parse_special=True)
             return P.build_request(body, prompt, stops, limits, vocab)
 
@@ -311,7 +320,7 @@ def create_app(
             event = yield
             out = [chunk({"role": "assistant", "content": ""})]
             while True:
-                if "token" in event and (event["text"] or want_lp):
+                if "token" in event and (event["token"] >= 0 or event["text"]):
                     out.append(chunk({"content": event["text"]}, None, [event]))
                 if "finish_reason" in event:
                     out.append(chunk({}, event["finish_reason"]))

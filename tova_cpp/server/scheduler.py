@@ -29,7 +29,6 @@ import llama_cpp
 import numpy as np
 
 from ..generate import Sampler, _stop_hold
-from ..llama import _continuation
 
 # llama_token_data {int32 id; float logit; float p}: a NumPy view the sampler chain can work on in place
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -237,7 +236,7 @@ class Scheduler:
             for s in free:
                 if (s.budget, s.keep) != self._settings(job) or not s.tokens:
                     continue
-                new = _continuation(self.vocab._vocab, s.tokens, job.request.prompt)
+                new = self.vocab.continuation(s.tokens, job.request.prompt)
                 if new is not None and (best is None or len(s.tokens) > len(best[0].tokens)):
                     best = (s, new)
             if best is not None:
@@ -307,8 +306,13 @@ class Scheduler:
             out = self.engine.step(batch)
         except Exception as e:
             traceback.print_exc(file=sys.stderr)
-            for job in jobs:
-                self._fail(job, 500, f"the engine failed: {e}", reset=True)
+            # the engine may have emptied other sequences too (BatchSession does on an engine error)
+            for job in list(self._active):
+                if job in jobs or self._emptied(job.slot):
+                    self._fail(job, 500, f"the engine failed: {e}", reset=True)
+            for slot in self.slots:
+                if slot.job is None and self._emptied(slot):
+                    slot.tokens = []
             return
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - t0
@@ -327,6 +331,13 @@ class Scheduler:
             except Exception as e:
                 traceback.print_exc(file=sys.stderr)
                 self._fail(job, 500, f"sampling failed: {e}")
+
+    def _emptied(self, slot: Slot) -> bool:
+        """Whether the engine no longer holds what the slot remembers (its n_past counts every token seen)."""
+        try:
+            return self.engine.n_past(slot.seq) != len(slot.tokens)
+        except Exception:
+            return True
 
     def _sample(self, job: Job, logits: np.ndarray) -> None:
         r = job.request

@@ -17,6 +17,7 @@ from llama_cpp import llama_chat_format
 
 from ..errors import ModelLoadError, TokenizerError
 from ..generate import detokenize, token_piece
+from ..llama import _continuation
 from ..session import _check_gguf_file, _ensure_backend
 
 
@@ -37,6 +38,8 @@ class Vocab:
             raise ModelLoadError(f"llama.cpp could not load the vocabulary of {path}")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        # a vocabulary of type "none" (synthetic models): llama.cpp aborts on its pieces and attributes
+        self.has_tokenizer = llama_cpp.llama_vocab_type(self._vocab) != llama_cpp.LLAMA_VOCAB_TYPE_NONE
         self._lock = threading.Lock()
         self._formatter = self._chat_formatter(chat_format)
 
@@ -63,7 +66,7 @@ class Vocab:
         )
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        if llama_cpp.llama_vocab_type(self._vocab) == llama_cpp.LLAMA_VOCAB_TYPE_NONE:
+        if not self.has_tokenizer:
             raise TokenizerError("the model has no tokenizer; send token ids as the prompt")
         data = text.encode()
         n_max = len(data) + 16
@@ -78,13 +81,21 @@ class Vocab:
         return list(buf[:n])
 
     def piece(self, token: int, special: bool = False) -> bytes:
-        return token_piece(self._vocab, token, special)
+        return token_piece(self._vocab, token, special) if self.has_tokenizer else b""
 
     def detokenize(self, tokens, special: bool = False) -> bytes:
-        return detokenize(self._vocab, tokens, special)
+        return detokenize(self._vocab, tokens, special) if self.has_tokenizer else b""
 
     def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, int(token)))
+        return self.has_tokenizer and bool(llama_cpp.llama_vocab_is_eog(self._vocab, int(token)))
+
+    def continuation(self, cached: list[int], tokens: list[int]) -> list[int] | None:
+        """The tokens of `tokens` after what `cached` holds, or None if it does not extend it (the cached
+        tail may be the same text tokenized another way: tova_cpp.llama's rule)."""
+        if not self.has_tokenizer:
+            n = len(cached)
+            return tokens[n:] if len(tokens) > n and tokens[:n] == cached else None
+        return _continuation(self._vocab, cached, tokens)
 
     def chat_prompt(self, messages: list[dict]) -> tuple[str, list[str]]:
         """The conversation rendered by the model's template with the assistant turn opened, and the
