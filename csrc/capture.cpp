@@ -73,13 +73,16 @@ static void capture_scores(tova_engine * e, ggml_tensor * t, int il) {
     std::fill(out, out + n_cells, 0.0f);
     e->scratch_f.resize(n_kv);
     const bool host = ggml_backend_buffer_is_host(t->buffer);
-    for (int64_t h = 0; h < n_head; h++) {
-        const size_t off = ((size_t) h * n_tok + (n_tok - 1)) * n_kv * sizeof(float);
-        const float * src = e->scratch_f.data();
-        if (host) src = (const float *) ((const char *) t->data + off);
-        else ggml_backend_tensor_get(t, e->scratch_f.data(), off, n_kv * sizeof(float));
-        for (int64_t j = 0; j < n_kv; j++) out[j] += src[j];
-    }
+    // each captured row is one sequence's newest token: it is 0 on every other sequence's cells (masked), so
+    // adding the rows gives each cell the score of its own sequence's row
+    for (int32_t r : e->armed.rows)
+        for (int64_t h = 0; h < n_head; h++) {
+            const size_t off = ((size_t) h * n_tok + r) * n_kv * sizeof(float);
+            const float * src = e->scratch_f.data();
+            if (host) src = (const float *) ((const char *) t->data + off);
+            else ggml_backend_tensor_get(t, e->scratch_f.data(), off, n_kv * sizeof(float));
+            for (int64_t j = 0; j < n_kv; j++) out[j] += src[j];
+        }
     for (int64_t j = 0; j < n_kv; j++) out[j] /= (float) n_head;  // mean over all query heads
     e->scored[il] = 1;
 }
@@ -124,7 +127,7 @@ static bool on_flash_attn(tova_engine * e, ggml_tensor * t, bool ask) {
     }
     if (tova_is_managed(e, il) && a.error.empty()) {
         const double t0 = tova::now_s();
-        if (!e->fa.capture(t, il, root_of(k), a.n_tokens, e->st.n_cells(), e->devs, a.error) && a.error.empty())
+        if (!e->fa.capture(t, il, root_of(k), a.n_tokens, a.rows, e->st.n_cells(), e->devs, a.error) && a.error.empty())
             a.error = "flash-attention capture failed";
         e->stats[TOVA_STAT_CAPTURE_S] += tova::now_s() - t0;
     }

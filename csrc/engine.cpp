@@ -71,7 +71,8 @@ static const char * size_error(int32_t n_layer, int32_t n_cells) {
 
 // Allocates every per-cell array for n_cells cells; clears the state.
 static void resize_cells(tova_engine * e, int32_t n_cells) {
-    e->st.resize(e->n_layer, n_cells);
+    e->st.resize(e->n_layer, n_cells, std::max<int32_t>(1, (int32_t) e->seqs.size()));
+    for (auto & q : e->seqs) q.n_past = 0;
     e->scores.assign((size_t) e->n_layer * n_cells, 0.0f);
     e->score_d.assign(n_cells, 0.0);
 }
@@ -117,6 +118,10 @@ extern "C" tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int
         e->cache_v.assign(n_layer, nullptr);
         e->scored.assign(n_layer, 0);
         e->managed.assign(n_layer, 1);
+        e->seqs.assign(1, tova_seq());
+        e->seqs[0].active = true;
+        e->seqs[0].budget = budget;
+        e->seqs[0].memory = memory;
         resize_cells(e, memory);
         return e;
     } catch (const std::bad_alloc &) {
@@ -139,6 +144,7 @@ extern "C" int32_t tova_engine_set_keep(tova_engine * e, int32_t keep) {
                         ", budget=" + std::to_string(e->budget) + "): the protected prefix must leave room to evict");
     if (e->st.n_occupied() != 0) return fail(e, TOVA_ERR_STATE, "set keep before the first decode or after reset");
     e->keep = keep;
+    if (!e->multi) e->seqs[0].keep = keep;
     return TOVA_OK;
 }
 
@@ -172,6 +178,7 @@ extern "C" int32_t tova_engine_set_evict_interval(tova_engine * e, int32_t m) {
             e, TOVA_ERR_ARG,
             "evict_interval must be >= 1 and budget + evict_interval <= memory (got " + std::to_string(m) + ")");
     e->evict_interval = m;
+    if (!e->multi) e->seqs[0].evict_interval = m;
     return TOVA_OK;
 }
 
@@ -199,14 +206,17 @@ extern "C" int32_t tova_engine_set_layers(tova_engine * e, const uint8_t * manag
 extern "C" bool tova_engine_needs_callback(const tova_engine * e) {
     if (!e) return false;
     const int32_t protect = e->policy == TOVA_POLICY_SINK ? std::max(e->keep, e->n_sink) : e->keep;
-    const bool by_position = e->policy == TOVA_POLICY_FULL ||
-                             ((e->policy == TOVA_POLICY_WINDOW || e->policy == TOVA_POLICY_SINK) && protect == 0);
+    // many sequences: keep is per sequence, added later, so window and sink may move rows
+    const bool by_position =
+        e->policy == TOVA_POLICY_FULL ||
+        (!e->multi && (e->policy == TOVA_POLICY_WINDOW || e->policy == TOVA_POLICY_SINK) && protect == 0);
     return !by_position || e->verify_cells;
 }
 
 extern "C" void tova_engine_reset(tova_engine * e) {
     if (!e) return;
     e->st.clear();
+    for (auto & q : e->seqs) q.n_past = 0;
     e->armed = tova_armed();
     e->error.clear();
 }
@@ -220,27 +230,55 @@ static void clear_all(tova_engine * e, llama_context * ctx) {
 
 // -- the step ------------------------------------------------------------------------------------------------
 
-// The one answer to "does a piece that leaves `occupied` cells end in a cut" (and so: capture its last decode).
-static bool cuts_at(const tova_engine * e, int32_t occupied) {
-    return e->policy != TOVA_POLICY_FULL && occupied - e->budget >= e->evict_interval;
+// The one answer to "does a piece that leaves `occupied` cells of sequence s end in a cut" (and so: capture
+// its last decode).
+static bool cuts_at(const tova_engine * e, int32_t s, int32_t occupied) {
+    const tova_seq & q = e->seqs[s];
+    return e->policy != TOVA_POLICY_FULL && occupied - q.budget >= q.evict_interval;
 }
 
-// One ubatch: arm the callback, llama_decode, place the tokens, score. capture: a cut follows this decode.
-static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const int32_t * tokens, int32_t n, int32_t pos0,
-                             bool logits_all, bool capture) {
+// One ubatch as llama_batch rows: token, position, sequence, wants logits; rows scored when capturing.
+struct ubatch_rows {
+    std::vector<int32_t> tok, pos, seq, rows;
+    std::vector<int8_t> logits;
+    int32_t size() const { return (int32_t) tok.size(); }
+    void add(int32_t t, int32_t p, int32_t s, bool l) {
+        tok.push_back(t);
+        pos.push_back(p);
+        seq.push_back(s);
+        logits.push_back(l);
+    }
+};
+
+static void ensure_batch(tova_engine * e, int32_t n_ub) {
+    if (e->batch && e->n_batch_alloc == n_ub) return;
+    if (e->batch) {
+        llama_batch_free(*e->batch);
+        delete e->batch;
+        e->batch = nullptr;
+    }
+    e->batch = new llama_batch(llama_batch_init(n_ub, 0, 1));
+    e->n_batch_alloc = n_ub;
+}
+
+// One ubatch: arm the callback, llama_decode, place the tokens, score. capture: a cut follows this decode;
+// u.rows: the rows whose attention the cut reads (each sequence's newest token in the ubatch).
+static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const ubatch_rows & u, bool capture) {
     llama_batch & b = *e->batch;
+    const int32_t n = u.size();
     for (int32_t j = 0; j < n; j++) {
-        b.token[j] = tokens[j];
-        b.pos[j] = pos0 + j;
+        b.token[j] = u.tok[j];
+        b.pos[j] = u.pos[j];
         b.n_seq_id[j] = 1;
-        b.seq_id[j][0] = 0;
-        b.logits[j] = logits_all || j == n - 1;
+        b.seq_id[j][0] = u.seq[j];
+        b.logits[j] = u.logits[j];
     }
     b.n_tokens = n;
 
     tova_armed & a = e->armed;
     // tova needs the row that ends a piece; h2o's accumulator needs every query; window/sink/full need none
     a.scores = (e->policy == TOVA_POLICY_TOVA && capture) || e->policy == TOVA_POLICY_H2O;
+    a.rows = u.rows;
     const bool predicted = e->st.predict(n, e->predicted);
     // the cells: predicted by the slot mirror; read as well where that is free (host) or asked for
     a.read_cells = !predicted || e->idxs_host || e->verify_cells;
@@ -248,7 +286,7 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const int32_t
     a.n_observed = 0;
     a.error.clear();
     if (a.scores) std::fill(e->scored.begin(), e->scored.end(), 0);
-    if (a.scores && !e->v_trans) e->fa.begin(e->n_layer);
+    if (a.scores && !e->v_trans) e->fa.begin(e->n_layer, a.rows);
     a.n_tokens = n;
     const int32_t rc = llama_decode(ctx, b);
     a.n_tokens = 0;
@@ -276,7 +314,7 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const int32_t
         return fail(e, TOVA_ERR_CAPTURE, "llama_decode did not write the KV cache (attn_inp_k_idxs not seen)");
     }
     std::string err;
-    if (!e->st.place(cells, n, pos0, err)) return fail(e, TOVA_ERR_STATE, err);
+    if (!e->st.place(cells, n, u.pos.data(), u.seq.data(), err)) return fail(e, TOVA_ERR_STATE, err);
     if (!e->layers_checked && e->n_cache_found == 2 * e->n_layer) {
         // llama.cpp's iSWA memory keeps full-attention and sliding-window layers in two caches with separate
         // buffers: a managed layer sharing a buffer with an unmanaged one means a wrong layer pattern
@@ -306,58 +344,77 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const int32_t
     return TOVA_OK;
 }
 
-// Evict down to `budget` occupied cells, each layer by its policy, with the cell trick (docs/ARCHITECTURE.md):
-// llama.cpp frees the k oldest metadata positions; each layer first moves the rows it keeps out of them.
-static int32_t cut(tova_engine * e, llama_context * ctx) {
+// Evict each listed sequence down to its `budget` occupied cells (those past budget + evict_interval), each layer
+// by its policy, with the cell trick (docs/ARCHITECTURE.md): llama.cpp frees each sequence's k oldest metadata
+// positions; each layer first moves the rows it keeps out of them. A sequence's moves stay inside its own cells;
+// all sequences' moves go to the mover at once.
+static int32_t cut(tova_engine * e, llama_context * ctx, const std::vector<int32_t> & seqs) {
     tova::state & st = e->st;
-    const int32_t k = st.n_occupied() - e->budget;
-    if (!cuts_at(e, st.n_occupied())) return TOVA_OK;
     const double t0 = tova::now_s();
-    if (uses_scores(e->policy))
-        for (int32_t l = 0; l < e->n_layer; l++)
-            if (e->managed[l] && !e->scored[l])
-                return fail(e, TOVA_ERR_STATE, "cut without scores from the last decode");
-
-    // F: the k cells with the smallest metadata positions; llama.cpp frees exactly these
-    const std::vector<int32_t> freed = st.oldest_cells(k);
-    int32_t p_min = INT32_MAX, p_max = -1;
-    for (int32_t c : freed) {
-        p_min = std::min(p_min, st.meta_pos(c));
-        p_max = std::max(p_max, st.meta_pos(c));
-    }
-    if (p_max - p_min + 1 != k) return fail(e, TOVA_ERR_STATE, "metadata positions are not a contiguous window");
-
-    const tova::policy_params params = {e->policy, e->keep, e->n_sink};
-    const std::vector<int32_t> occupied = st.occupied();
     std::vector<tova::layer_moves> plan(e->n_layer);
-    bool any_move = false;
-    int32_t first = -1;  // the first managed layer
     for (int32_t l = 0; l < e->n_layer; l++) {
         plan[l].k = e->cache_k[l];
         plan[l].v = e->cache_v[l];
-        if (!e->managed[l]) continue;  // llama.cpp's window: seq_rm below frees only positions it no longer sees
-        if (!uses_scores(e->policy) && first >= 0) {
-            // window and sink choose by position alone, and every layer holds the same positions: one choice
-            plan[l].moves = plan[first].moves;
-            continue;
-        }
-        if (first < 0) first = l;
-        const double * s = nullptr;
-        if (e->policy == TOVA_POLICY_TOVA) {
-            const float * f = &e->scores[(size_t) l * st.n_cells()];
-            for (int32_t c : occupied) e->score_d[c] = f[c];
-            s = e->score_d.data();
-        } else if (e->policy == TOVA_POLICY_H2O) {
-            s = st.acc(l);
-        }
-        std::vector<int32_t> evict = tova::policy_choose(params, occupied, st.layer_pos(l), s, k);
-        if ((int32_t) evict.size() != k)
-            return fail(e, TOVA_ERR_ARG,
-                        "the protected prefix (keep=" + std::to_string(e->keep) +
-                            ", n_sink=" + std::to_string(e->n_sink) + ") leaves fewer than " + std::to_string(k) +
-                            " evictable cells in layer " + std::to_string(l));
-        plan[l].moves = tova::policy_moves(evict, freed);
     }
+    struct freed_range {
+        int32_t seq, p_min, p_max;
+        std::vector<int32_t> cells;
+    };
+    std::vector<freed_range> frees;
+    std::vector<std::pair<int32_t, int32_t>> first_moves;
+    for (int32_t s : seqs) {
+        const tova_seq & q = e->seqs[s];
+        const int32_t k = st.n_occupied(s) - q.budget;
+        if (!cuts_at(e, s, st.n_occupied(s))) continue;
+        if (uses_scores(e->policy))
+            for (int32_t l = 0; l < e->n_layer; l++)
+                if (e->managed[l] && !e->scored[l])
+                    return fail(e, TOVA_ERR_STATE, "cut without scores from the last decode");
+
+        // F: the k cells with the smallest metadata positions; llama.cpp frees exactly these
+        freed_range fr = {s, INT32_MAX, -1, st.oldest_cells(k, s)};
+        for (int32_t c : fr.cells) {
+            fr.p_min = std::min(fr.p_min, st.meta_pos(c));
+            fr.p_max = std::max(fr.p_max, st.meta_pos(c));
+        }
+        if (fr.p_max - fr.p_min + 1 != k)
+            return fail(e, TOVA_ERR_STATE, "metadata positions are not a contiguous window");
+
+        const tova::policy_params params = {e->policy, q.keep, e->n_sink};
+        const std::vector<int32_t> occupied = st.occupied(s);
+        int32_t first = -1;  // the first managed layer
+        for (int32_t l = 0; l < e->n_layer; l++) {
+            if (!e->managed[l]) continue;  // llama.cpp's window: seq_rm below frees only positions it no longer sees
+            if (!uses_scores(e->policy) && first >= 0) {
+                // window and sink choose by position alone, and every layer holds the same positions: one choice
+                plan[l].moves.insert(plan[l].moves.end(), first_moves.begin(), first_moves.end());
+                continue;
+            }
+            const double * sc = nullptr;
+            if (e->policy == TOVA_POLICY_TOVA) {
+                const float * f = &e->scores[(size_t) l * st.n_cells()];
+                for (int32_t c : occupied) e->score_d[c] = f[c];
+                sc = e->score_d.data();
+            } else if (e->policy == TOVA_POLICY_H2O) {
+                sc = st.acc(l);
+            }
+            std::vector<int32_t> evict = tova::policy_choose(params, occupied, st.layer_pos(l), sc, k);
+            if ((int32_t) evict.size() != k)
+                return fail(e, TOVA_ERR_ARG,
+                            "the protected prefix (keep=" + std::to_string(q.keep) +
+                                ", n_sink=" + std::to_string(e->n_sink) + ") leaves fewer than " + std::to_string(k) +
+                                " evictable cells in layer " + std::to_string(l));
+            const auto moves = tova::policy_moves(evict, fr.cells);
+            if (first < 0) {
+                first = l;
+                first_moves = moves;
+            }
+            plan[l].moves.insert(plan[l].moves.end(), moves.begin(), moves.end());
+        }
+        frees.push_back(std::move(fr));
+    }
+    if (frees.empty()) return TOVA_OK;
+    bool any_move = false;
     for (const auto & p : plan) any_move = any_move || !p.moves.empty();
     if (any_move) {
         // llama_decode returns before a GPU finishes the graph (the last layers may still read the cache), and
@@ -368,37 +425,49 @@ static int32_t cut(tova_engine * e, llama_context * ctx) {
         for (int32_t l = 0; l < e->n_layer; l++)
             for (const auto & m : plan[l].moves) st.move(l, m.first, m.second);  // bookkeeping travels with rows
     }
-    st.remove(freed);
-    if (!llama_memory_seq_rm(llama_get_memory(ctx), 0, p_min, p_max + 1))
-        return fail(e, TOVA_ERR_STATE, "llama_memory_seq_rm refused the range");
+    for (const auto & fr : frees) {
+        st.remove(fr.cells);
+        if (!llama_memory_seq_rm(llama_get_memory(ctx), fr.seq, fr.p_min, fr.p_max + 1))
+            return fail(e, TOVA_ERR_STATE, "llama_memory_seq_rm refused the range");
+        e->stats[TOVA_STAT_CUTS] += 1;
+    }
     if (e->verify_cells) {
         std::string err;
         if (!st.check(err)) return fail(e, TOVA_ERR_STATE, err);
     }
     e->stats[TOVA_STAT_CUT_S] += tova::now_s() - t0;
-    e->stats[TOVA_STAT_CUTS] += 1;
     return TOVA_OK;
 }
 
-static int32_t check_decode_args(tova_engine * e, llama_context * ctx, const int32_t * tokens, int32_t n,
-                                 int32_t pos0) {
-    if (!ctx || !tokens) return fail(e, TOVA_ERR_ARG, "ctx and tokens must not be NULL");
-    if (n < 1) return fail(e, TOVA_ERR_ARG, "eval needs at least one token");
-    if (pos0 < 0 || (int64_t) pos0 + n > INT32_MAX) return fail(e, TOVA_ERR_ARG, "positions out of range");
-    if ((int64_t) llama_n_ctx(ctx) != e->st.n_cells())
-        return fail(e, TOVA_ERR_ARG,
-                    "the engine tracks " + std::to_string(e->st.n_cells()) + " cells but the context has " +
-                        std::to_string(llama_n_ctx(ctx)) + ": call tova_engine_set_cells(llama_n_ctx(ctx))");
-    if (e->policy == TOVA_POLICY_FULL && (int64_t) e->st.n_occupied() + n > e->memory)
-        return fail(e, TOVA_ERR_ARG,
-                    "policy 'full' holds every token: " + std::to_string(e->st.n_occupied()) + " + " +
-                        std::to_string(n) + " exceeds " + std::to_string(e->memory) + " cells");
+static int32_t check_tokens(tova_engine * e, llama_context * ctx, const int32_t * tokens, int32_t n) {
     const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx)));
     for (int32_t i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= n_vocab)
             return fail(e, TOVA_ERR_ARG,
                         "token ids must be in [0, " + std::to_string(n_vocab) + "), got " + std::to_string(tokens[i]));
     return TOVA_OK;
+}
+
+static int32_t check_cells(tova_engine * e, llama_context * ctx) {
+    if ((int64_t) llama_n_ctx(ctx) != e->st.n_cells())
+        return fail(e, TOVA_ERR_ARG,
+                    "the engine tracks " + std::to_string(e->st.n_cells()) + " cells but the context has " +
+                        std::to_string(llama_n_ctx(ctx)) + ": call tova_engine_set_cells(llama_n_ctx(ctx))");
+    return TOVA_OK;
+}
+
+static int32_t check_decode_args(tova_engine * e, llama_context * ctx, const int32_t * tokens, int32_t n,
+                                 int32_t pos0) {
+    if (!ctx || !tokens) return fail(e, TOVA_ERR_ARG, "ctx and tokens must not be NULL");
+    if (e->multi) return fail(e, TOVA_ERR_ARG, "this engine holds many sequences: use tova_engine_decode_batch");
+    if (n < 1) return fail(e, TOVA_ERR_ARG, "eval needs at least one token");
+    if (pos0 < 0 || (int64_t) pos0 + n > INT32_MAX) return fail(e, TOVA_ERR_ARG, "positions out of range");
+    if (int32_t rc = check_cells(e, ctx)) return rc;
+    if (e->policy == TOVA_POLICY_FULL && (int64_t) e->st.n_occupied() + n > e->memory)
+        return fail(e, TOVA_ERR_ARG,
+                    "policy 'full' holds every token: " + std::to_string(e->st.n_occupied()) + " + " +
+                        std::to_string(n) + " exceeds " + std::to_string(e->memory) + " cells");
+    return check_tokens(e, ctx, tokens, n);
 }
 
 extern "C" int32_t tova_engine_decode(tova_engine * e, llama_context * ctx, const int32_t * tokens, int32_t n,
@@ -419,36 +488,33 @@ extern "C" int32_t tova_engine_decode(tova_engine * e, llama_context * ctx, cons
     if (rc != TOVA_OK) return rc;
     rc = guarded(e, [&]() -> int32_t {
         const int32_t n_ub = (int32_t) std::min(llama_n_batch(ctx), llama_n_ubatch(ctx));
-        if (!e->batch || e->n_batch_alloc != n_ub) {
-            if (e->batch) {
-                llama_batch_free(*e->batch);
-                delete e->batch;
-                e->batch = nullptr;
-            }
-            e->batch = new llama_batch(llama_batch_init(n_ub, 0, 1));
-            e->n_batch_alloc = n_ub;
-        }
+        ensure_batch(e, n_ub);
         const int32_t n_vocab = logits ? llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx))) : 0;
+        const std::vector<int32_t> seq0(1, 0);
         int32_t done = 0;
+        ubatch_rows u;
         while (done < n) {
             // a piece: as many tokens as memory holds; it gets full causal attention, then one cut
             const int32_t room = e->memory - e->st.n_occupied();
             if (room < 1) return fail(e, TOVA_ERR_STATE, "no room left in memory (a cut was skipped)");
             const int32_t piece = std::min(room, n - done);
-            const bool cuts = cuts_at(e, e->st.n_occupied() + piece);
+            const bool cuts = cuts_at(e, 0, e->st.n_occupied() + piece);
             for (int32_t s = 0; s < piece; s += n_ub) {
                 const int32_t m = std::min(n_ub, piece - s);
                 const bool last = s + m >= piece;
                 started = true;
-                int32_t r =
-                    decode_ubatch(e, ctx, tokens + done + s, m, pos0 + done + s, logits != nullptr, last && cuts);
+                u = ubatch_rows();
+                for (int32_t j = 0; j < m; j++)
+                    u.add(tokens[done + s + j], pos0 + done + s + j, 0, logits != nullptr || j == m - 1);
+                u.rows.assign(1, m - 1);
+                int32_t r = decode_ubatch(e, ctx, u, last && cuts);
                 if (r != TOVA_OK) return r == TOVA_ERR_ARG ? TOVA_ERR_STATE : r;
                 if (logits) {
                     const float * lg = llama_get_logits(ctx);
                     if (!lg) return fail(e, TOVA_ERR_BACKEND, "llama_get_logits returned NULL");
                     memcpy(logits + (size_t) (done + s) * n_vocab, lg, (size_t) m * n_vocab * sizeof(float));
                 }
-                if (last && (r = cut(e, ctx)) != TOVA_OK) return r == TOVA_ERR_ARG ? TOVA_ERR_STATE : r;
+                if (last && (r = cut(e, ctx, seq0)) != TOVA_OK) return r == TOVA_ERR_ARG ? TOVA_ERR_STATE : r;
                 if (n_done) *n_done = done + s + m;
                 // a stop after the last ubatch stops nothing: the eval is complete
                 if (progress && !progress(done + s + m, n, user_data) && done + s + m < n) return TOVA_CANCELLED;
@@ -458,6 +524,221 @@ extern "C" int32_t tova_engine_decode(tova_engine * e, llama_context * ctx, cons
         return TOVA_OK;
     });
     return failed(rc);
+}
+
+// ---- many sequences (docs/ARCHITECTURE.md, section "Many sequences") ----------------------------------------
+
+static int32_t cells_reserved(const tova_engine * e) {
+    int64_t r = 0;
+    for (const auto & q : e->seqs)
+        if (q.active) r += q.memory;
+    return (int32_t) r;
+}
+
+extern "C" int32_t tova_engine_set_n_seq(tova_engine * e, int32_t n_seq_max) {
+    if (!e) return TOVA_ERR_ARG;
+    if (n_seq_max < 1 || n_seq_max > TOVA_MAX_SEQ)
+        return fail(e, TOVA_ERR_ARG,
+                    "n_seq_max must be in [1, " + std::to_string(TOVA_MAX_SEQ) + "], got " + std::to_string(n_seq_max));
+    if (e->st.n_occupied() != 0) return fail(e, TOVA_ERR_STATE, "set n_seq before the first decode");
+    return guarded(e, [&] {
+        e->multi = true;
+        e->seqs.assign(n_seq_max, tova_seq());
+        e->st.resize(e->n_layer, e->st.n_cells(), n_seq_max);
+        return TOVA_OK;
+    });
+}
+
+static int32_t check_seq(tova_engine * e, int32_t seq, bool want_active) {
+    if (!e->multi) return fail(e, TOVA_ERR_ARG, "the engine holds one sequence: call tova_engine_set_n_seq first");
+    if (seq < 0 || seq >= (int32_t) e->seqs.size())
+        return fail(e, TOVA_ERR_ARG,
+                    "sequence id " + std::to_string(seq) + " out of range [0, " + std::to_string(e->seqs.size()) + ")");
+    if (e->seqs[seq].active != want_active)
+        return fail(e, TOVA_ERR_ARG,
+                    "sequence " + std::to_string(seq) + (want_active ? " is not active" : " is already active"));
+    return TOVA_OK;
+}
+
+extern "C" int32_t tova_engine_seq_add(tova_engine * e, int32_t seq, int32_t budget, int32_t memory, int32_t keep,
+                                       int32_t evict_interval) {
+    if (!e) return TOVA_ERR_ARG;
+    if (int32_t rc = check_seq(e, seq, false)) return rc;
+    if (budget < 1 || memory < budget || keep < 0 || keep >= budget || evict_interval < 1 ||
+        (int64_t) budget + evict_interval > memory)
+        return fail(e, TOVA_ERR_ARG,
+                    "need 1 <= budget, 0 <= keep < budget, evict_interval >= 1 and budget + evict_interval <= memory "
+                    "(got budget=" +
+                        std::to_string(budget) + ", memory=" + std::to_string(memory) +
+                        ", keep=" + std::to_string(keep) + ", evict_interval=" + std::to_string(evict_interval) + ")");
+    if (e->policy == TOVA_POLICY_SINK && e->n_sink >= budget) return fail(e, TOVA_ERR_ARG, "n_sink must be < budget");
+    if ((int64_t) cells_reserved(e) + memory > e->st.n_cells())
+        return fail(e, TOVA_ERR_CAPACITY,
+                    "a sequence of " + std::to_string(memory) +
+                        " cells does not fit: " + std::to_string(cells_reserved(e)) + " of the context's " +
+                        std::to_string(e->st.n_cells()) + " cells are reserved by other sequences");
+    tova_seq & q = e->seqs[seq];
+    q = tova_seq();
+    q.active = true;
+    q.budget = budget;
+    q.memory = memory;
+    q.keep = keep;
+    q.evict_interval = evict_interval;
+    return TOVA_OK;
+}
+
+extern "C" int32_t tova_engine_cells_free(const tova_engine * e) {
+    if (!e || !e->multi) return TOVA_ERR_ARG;
+    return e->st.n_cells() - cells_reserved(e);
+}
+
+// Frees every cell of seq in llama.cpp and the engine.
+static int32_t clear_seq(tova_engine * e, llama_context * ctx, int32_t seq) {
+    const std::vector<int32_t> cells = e->st.occupied(seq);
+    if (!llama_memory_seq_rm(llama_get_memory(ctx), seq, -1, -1))
+        return fail(e, TOVA_ERR_STATE, "llama_memory_seq_rm refused to clear the sequence");
+    e->st.remove(cells);
+    e->seqs[seq].n_past = 0;
+    return TOVA_OK;
+}
+
+extern "C" int32_t tova_engine_seq_reset(tova_engine * e, llama_context * ctx, int32_t seq) {
+    if (!e) return TOVA_ERR_ARG;
+    if (!ctx) return fail(e, TOVA_ERR_ARG, "ctx must not be NULL");
+    if (int32_t rc = check_seq(e, seq, true)) return rc;
+    return guarded(e, [&] { return clear_seq(e, ctx, seq); });
+}
+
+extern "C" int32_t tova_engine_seq_remove(tova_engine * e, llama_context * ctx, int32_t seq) {
+    if (!e) return TOVA_ERR_ARG;
+    if (!ctx) return fail(e, TOVA_ERR_ARG, "ctx must not be NULL");
+    if (int32_t rc = check_seq(e, seq, true)) return rc;
+    return guarded(e, [&] {
+        const int32_t rc = clear_seq(e, ctx, seq);
+        e->seqs[seq].active = false;
+        return rc;
+    });
+}
+
+extern "C" int32_t tova_engine_seq_n_occupied(const tova_engine * e, int32_t seq) {
+    if (!e || !e->multi || seq < 0 || seq >= (int32_t) e->seqs.size() || !e->seqs[seq].active) return TOVA_ERR_ARG;
+    return e->st.n_occupied(seq);
+}
+
+extern "C" int32_t tova_engine_seq_n_past(const tova_engine * e, int32_t seq) {
+    if (!e || !e->multi || seq < 0 || seq >= (int32_t) e->seqs.size() || !e->seqs[seq].active) return TOVA_ERR_ARG;
+    return e->seqs[seq].n_past;
+}
+
+extern "C" int32_t tova_engine_cell_seqs(const tova_engine * e, int32_t * out, size_t n) {
+    if (!e || !out || n != e->st.all_seq().size()) return TOVA_ERR_ARG;
+    memcpy(out, e->st.all_seq().data(), n * sizeof(int32_t));
+    return TOVA_OK;
+}
+
+// Every active sequence back to empty (after a failure inside a batched step left the cache unsure).
+static void clear_all_seqs(tova_engine * e, llama_context * ctx) {
+    clear_all(e, ctx);
+    for (auto & q : e->seqs) q.n_past = 0;
+}
+
+extern "C" int32_t tova_engine_decode_batch(tova_engine * e, struct llama_context * ctx, const int32_t * seq_ids,
+                                            const int32_t * n_tokens, int32_t n_seqs, const int32_t * tokens,
+                                            float * logits) {
+    if (!e) return TOVA_ERR_ARG;
+    if (!ctx || !seq_ids || !n_tokens || !tokens) return fail(e, TOVA_ERR_ARG, "ctx and arrays must not be NULL");
+    if (!e->multi) return fail(e, TOVA_ERR_ARG, "the engine holds one sequence: use tova_engine_decode");
+    if (n_seqs < 1 || n_seqs > (int32_t) e->seqs.size())
+        return fail(e, TOVA_ERR_ARG, "a batch holds 1 to n_seq_max sequences, got " + std::to_string(n_seqs));
+    if (int32_t rc = check_cells(e, ctx)) return rc;
+    // cursors: one per sequence, single tokens (decodes) first so that prompts never delay them
+    struct cursor {
+        int32_t seq, n, off, pos0, done = 0, piece_left = 0, out = 0;
+    };
+    std::vector<cursor> cur;
+    std::vector<uint8_t> seen(e->seqs.size(), 0);
+    int64_t total = 0;
+    for (int32_t i = 0; i < n_seqs; i++) {
+        const int32_t s = seq_ids[i];
+        if (int32_t rc = check_seq(e, s, true)) return rc;
+        if (seen[s]) return fail(e, TOVA_ERR_ARG, "sequence " + std::to_string(s) + " appears twice in the batch");
+        seen[s] = 1;
+        if (n_tokens[i] < 1) return fail(e, TOVA_ERR_ARG, "each sequence needs at least one token");
+        const tova_seq & q = e->seqs[s];
+        if ((int64_t) q.n_past + n_tokens[i] > INT32_MAX) return fail(e, TOVA_ERR_ARG, "positions out of range");
+        if (e->policy == TOVA_POLICY_FULL && (int64_t) e->st.n_occupied(s) + n_tokens[i] > q.memory)
+            return fail(e, TOVA_ERR_ARG,
+                        "policy 'full' holds every token: sequence " + std::to_string(s) + " holds " +
+                            std::to_string(e->st.n_occupied(s)) + " + " + std::to_string(n_tokens[i]) + " exceeds " +
+                            std::to_string(q.memory) + " cells");
+        cursor c;
+        c.seq = s;
+        c.n = n_tokens[i];
+        c.off = (int32_t) total;
+        c.pos0 = q.n_past;
+        c.out = i;
+        cur.push_back(c);
+        total += n_tokens[i];
+        if (total > INT32_MAX) return fail(e, TOVA_ERR_ARG, "too many tokens in one batch");
+    }
+    if (int32_t rc = check_tokens(e, ctx, tokens, (int32_t) total)) return rc;
+    std::stable_sort(cur.begin(), cur.end(),
+                     [](const cursor & a, const cursor & b) { return (a.n == 1) > (b.n == 1); });
+
+    bool started = false;
+    const int32_t rc = guarded(e, [&]() -> int32_t {
+        const int32_t n_ub = (int32_t) std::min(llama_n_batch(ctx), llama_n_ubatch(ctx));
+        ensure_batch(e, n_ub);
+        const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx)));
+        ubatch_rows u;
+        std::vector<int32_t> ended, out_of;  // sequences whose piece ends in this ubatch; logits rows
+        size_t remaining = cur.size();
+        while (remaining > 0) {
+            u = ubatch_rows();
+            ended.clear();
+            out_of.assign(cur.size(), -1);
+            bool capture = false;  // a cut follows: score this decode
+            for (size_t i = 0; i < cur.size() && u.size() < n_ub; i++) {
+                cursor & c = cur[i];
+                if (c.done == c.n) continue;
+                tova_seq & q = e->seqs[c.seq];
+                if (c.piece_left == 0) {  // a piece: as many tokens as the sequence's memory holds, then a cut
+                    const int32_t room = q.memory - e->st.n_occupied(c.seq);
+                    if (room < 1) return fail(e, TOVA_ERR_STATE, "no room left in memory (a cut was skipped)");
+                    c.piece_left = std::min(room, c.n - c.done);
+                }
+                const int32_t m = std::min(c.piece_left, n_ub - u.size());
+                for (int32_t j = 0; j < m; j++) {
+                    const int32_t t = c.done + j;
+                    u.add(tokens[c.off + t], c.pos0 + t, c.seq, t == c.n - 1);
+                }
+                u.rows.push_back(u.size() - 1);
+                c.done += m;
+                c.piece_left -= m;
+                if (c.done == c.n) out_of[i] = u.size() - 1;
+                // a piece that ends here: its sequence holds occupied + m cells after the decode
+                if (c.piece_left == 0) {
+                    ended.push_back(c.seq);
+                    capture = capture || cuts_at(e, c.seq, e->st.n_occupied(c.seq) + m);
+                }
+            }
+            started = true;
+            int32_t r = decode_ubatch(e, ctx, u, capture);
+            if (r != TOVA_OK) return r == TOVA_ERR_ARG ? TOVA_ERR_STATE : r;
+            for (size_t i = 0; i < cur.size(); i++) {
+                if (out_of[i] < 0) continue;
+                const float * lg = llama_get_logits_ith(ctx, out_of[i]);
+                if (!lg) return fail(e, TOVA_ERR_BACKEND, "llama_get_logits_ith returned NULL");
+                if (logits) memcpy(logits + (size_t) cur[i].out * n_vocab, lg, (size_t) n_vocab * sizeof(float));
+                remaining--;
+            }
+            for (int32_t j = 0; j < u.size(); j++) e->seqs[u.seq[j]].n_past = u.pos[j] + 1;
+            if (!ended.empty() && (r = cut(e, ctx, ended)) != TOVA_OK) return r == TOVA_ERR_ARG ? TOVA_ERR_STATE : r;
+        }
+        return TOVA_OK;
+    });
+    if (started && rc < 0 && rc != TOVA_ERR_ARG) clear_all_seqs(e, ctx);
+    return rc;
 }
 
 extern "C" int32_t tova_engine_n_occupied(const tova_engine * e) { return e ? e->st.n_occupied() : TOVA_ERR_ARG; }
@@ -515,6 +796,7 @@ extern "C" int32_t tova_engine_state_size(const tova_engine * e, size_t * out) {
 
 extern "C" int32_t tova_engine_export_state(tova_engine * e, uint8_t * out, size_t n) {
     if (!e || !out) return TOVA_ERR_ARG;
+    if (e->multi) return fail(e, TOVA_ERR_ARG, "not available on an engine of many sequences");
     return guarded(e, [&]() -> int32_t {
         tova::state & st = e->st;
         const std::vector<int32_t> occ = st.occupied();
@@ -545,6 +827,7 @@ extern "C" int32_t tova_engine_export_state(tova_engine * e, uint8_t * out, size
 // Checks everything before changing anything: on error the engine is as it was.
 extern "C" int32_t tova_engine_import_state(tova_engine * e, const uint8_t * data, size_t n) {
     if (!e || !data) return TOVA_ERR_ARG;
+    if (e->multi) return fail(e, TOVA_ERR_ARG, "not available on an engine of many sequences");
     return guarded(e, [&]() -> int32_t {
         if (n < sizeof(int32_t) * TOVA_STATE_N_HEADER) return fail(e, TOVA_ERR_ARG, "engine state is truncated");
         int32_t h[TOVA_STATE_N_HEADER];
@@ -584,6 +867,7 @@ extern "C" int32_t tova_engine_import_state(tova_engine * e, const uint8_t * dat
 // others the oldest unprotected rows (no attention row of the new newest token exists).
 extern "C" int32_t tova_engine_truncate(tova_engine * e, llama_context * ctx, int32_t n_new) {
     if (!e || !ctx) return TOVA_ERR_ARG;
+    if (e->multi) return fail(e, TOVA_ERR_ARG, "not available on an engine of many sequences");
     return guarded(e, [&]() -> int32_t {
         tova::state & st = e->st;
         const std::vector<int32_t> occupied = st.occupied();

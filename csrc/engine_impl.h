@@ -15,9 +15,21 @@
 struct ggml_tensor;
 struct llama_batch;
 
+// One sequence's settings and progress (tova_engine_seq_add); the single-sequence API keeps seqs[0] equal to the
+// engine's own fields.
+struct tova_seq {
+    bool active = false;
+    int32_t budget = 0;
+    int32_t memory = 0;  // cells reserved: budget + max(chunk, evict_interval)
+    int32_t keep = 0;
+    int32_t evict_interval = 1;
+    int32_t n_past = 0;  // many-sequence mode: the next token's position
+};
+
 // What the eval callback must do during one llama_decode; set by the step before the decode.
 struct tova_armed {
     int32_t n_tokens = 0;        // 0: not inside a decode the engine drives; the callback wants nothing
+    std::vector<int32_t> rows;   // batch rows whose attention is captured (tova: each sequence's newest token)
     bool scores = false;         // capture this decode's attention (tova: the newest row; h2o: every row)
     bool read_cells = false;     // read attn_inp_k_idxs (host buffers: free, in the ask phase; a device: a sync)
     std::vector<int64_t> cells;  // what attn_inp_k_idxs held, when read
@@ -37,6 +49,8 @@ struct tova_engine {
     int32_t keep = 0;            // original positions < keep are never evicted
     int32_t n_sink = 4;          // TOVA_POLICY_SINK: original positions < n_sink are never evicted
     int32_t evict_interval = 1;  // cut only once budget + evict_interval cells are occupied
+    bool multi = false;          // tova_engine_set_n_seq: sequences are added one by one, seqs[s] holds settings
+    std::vector<tova_seq> seqs;  // [n_seq_max]
 
     tova::state st;
     std::vector<float> scores;    // [n_layer * n_cells] tova: newest query's head-averaged attention

@@ -30,7 +30,9 @@ scorer::~scorer() {
     if (buf_ctx_) ggml_free(buf_ctx_);
 }
 
-void scorer::begin(int32_t n_layer) {
+void scorer::begin(int32_t n_layer, const std::vector<int32_t> & rows) {
+    rows_ = rows;
+    span_ = rows.empty() ? 1 : rows.back() - rows.front() + 1;
     if ((int32_t) layers_.size() != n_layer) layers_.assign(n_layer, layer_view());
     for (auto & l : layers_) l.seen = false;
     mask_seen_ = false;
@@ -53,6 +55,15 @@ static void copy_bytes(const ggml_tensor * src, size_t src_off, const ggml_tenso
     s.data = (char *) src->data + src_off;
     d.data = (char *) dst->data + dst_off;
     ggml_backend_tensor_copy(&s, &d);
+}
+
+bool scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_t n_tokens,
+                     const std::vector<int32_t> & rows, int32_t n_cells, backends & devs, std::string & err) {
+    if (rows != rows_ || rows.empty() || rows.front() < 0 || rows.back() >= n_tokens) {
+        err = "flash-attention capture: the scored rows disagree with begin()";
+        return false;
+    }
+    return capture(fa, il, cache_k, n_tokens, n_cells, devs, err);
 }
 
 bool scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_t n_tokens, int32_t n_cells,
@@ -97,20 +108,28 @@ bool scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_
     }
     n_kv_ = k->ne[1];
     const int64_t q_len = head_dim_ * n_head_;
-    if (!ensure_buffers(cache_k, (int32_t) layers_.size(), q_len, n_cells, devs, err)) return false;
+    if (rows_.empty()) rows_.assign(1, n_tokens - 1);  // the single-sequence step scores the newest token
+    if (!ensure_buffers(cache_k, (int32_t) layers_.size(), q_len, n_cells, span_, devs, err)) return false;
 
-    // the newest query: row t of every head; heads are adjacent rows when Q is the usual permuted view
-    const int64_t t = q->ne[1] - 1;
-    const size_t dst = (size_t) il * q_->nb[1];
-    if (q->nb[2] == (size_t) head_dim_ * sizeof(float)) {
-        copy_bytes(q, t * q->nb[1], q_, dst, q_len * sizeof(float));
+    // the scored queries: rows t0..t0+span-1 of every head; one block when Q is the usual permuted view of a
+    // contiguous [head_dim, n_head, n_tokens] tensor
+    const int64_t t0 = rows_.front();
+    const size_t dst = (size_t) il * q_->nb[2];
+    if (q->nb[2] == (size_t) head_dim_ * sizeof(float) && q->nb[1] == (size_t) q_len * sizeof(float)) {
+        copy_bytes(q, t0 * q->nb[1], q_, dst, span_ * q_len * sizeof(float));
     } else {
-        for (int64_t h = 0; h < n_head_; h++)
-            copy_bytes(q, t * q->nb[1] + h * q->nb[2], q_, dst + h * head_dim_ * sizeof(float),
-                       head_dim_ * sizeof(float));
+        for (int64_t r : rows_)
+            for (int64_t h = 0; h < n_head_; h++)
+                copy_bytes(q, r * q->nb[1] + h * q->nb[2], q_,
+                           dst + (r - t0) * q_->nb[1] + h * head_dim_ * sizeof(float), head_dim_ * sizeof(float));
     }
-    if (!mask_seen_) {  // the mask reads metadata only: the same row for every layer
-        copy_bytes(mask, t * mask->nb[1], mask_, 0, n_kv_ * sizeof(uint16_t));
+    if (!mask_seen_) {  // the mask reads metadata only: the same rows for every layer
+        if (mask->nb[1] == (size_t) n_kv_ * sizeof(uint16_t) && span_ > 1) {
+            copy_bytes(mask, t0 * mask->nb[1], mask_, 0, span_ * n_kv_ * sizeof(uint16_t));
+        } else {
+            for (int64_t r : rows_)
+                copy_bytes(mask, r * mask->nb[1], mask_, (r - t0) * n_kv_ * sizeof(uint16_t), n_kv_ * sizeof(uint16_t));
+        }
         mask_seen_ = true;
     }
     layer_view & lv = layers_[il];
@@ -126,10 +145,13 @@ bool scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_
     return true;
 }
 
-bool scorer::ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t q_len, int64_t n_kv_max, backends & devs,
-                            std::string & err) {
-    if (buf_ && q_len_ == q_len && n_kv_max_ == n_kv_max && n_layer_ == n_layer && n_head_alloc_ == n_head_)
+bool scorer::ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t q_len, int64_t n_kv_max, int64_t span,
+                            backends & devs, std::string & err) {
+    if (buf_ && q_len_ == q_len && n_kv_max_ == n_kv_max && n_layer_ == n_layer && n_head_alloc_ == n_head_ &&
+        span <= span_cap_)
         return true;
+    int64_t span_cap = 1;
+    while (span_cap < span) span_cap *= 2;
     backend_ = devs.for_tensor(cache_k0, err);
     if (!backend_) return false;
     free_graph();
@@ -138,8 +160,10 @@ bool scorer::ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t q_l
     buf_ = nullptr;
     ggml_init_params ip = {8 * ggml_tensor_overhead(), nullptr, true};
     buf_ctx_ = ggml_init(ip);
-    q_ = ggml_new_tensor_2d(buf_ctx_, GGML_TYPE_F32, q_len, n_layer);
-    mask_ = ggml_new_tensor_1d(buf_ctx_, GGML_TYPE_F16, n_kv_max);
+    q_ = ggml_new_tensor_3d(buf_ctx_, GGML_TYPE_F32, q_len, span_cap, n_layer);
+    mask_ = ggml_new_tensor_2d(buf_ctx_, GGML_TYPE_F16, n_kv_max, span_cap);
+    idx_ = ggml_new_tensor_1d(buf_ctx_, GGML_TYPE_I32, span_cap);
+    ones_ = ggml_new_tensor_2d(buf_ctx_, GGML_TYPE_F32, 1, span_cap * n_head_);
     probs_ = ggml_new_tensor_3d(buf_ctx_, GGML_TYPE_F32, n_kv_max, n_head_, n_layer);
     out_ = ggml_new_tensor_1d(buf_ctx_, GGML_TYPE_F32, n_kv_max * n_layer);
     buf_ = ggml_backend_alloc_ctx_tensors_from_buft(buf_ctx_, ggml_backend_buffer_get_type(cache_k0->buffer));
@@ -147,6 +171,11 @@ bool scorer::ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t q_l
         err = "cannot allocate the flash-attention scoring buffers on the cache's device";
         return false;
     }
+    {
+        std::vector<float> ones(span_cap * n_head_, 1.0f);
+        ggml_backend_tensor_set(ones_, ones.data(), 0, ones.size() * sizeof(float));
+    }
+    span_cap_ = span_cap;
     q_len_ = q_len;
     n_kv_max_ = n_kv_max;
     n_layer_ = n_layer;
@@ -157,7 +186,7 @@ bool scorer::ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t q_l
 bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string & err) {
     free_graph();
     const int32_t n_layer = (int32_t) layers_.size();
-    const size_t n_tensors = 16 * (size_t) n_layer + 32;
+    const size_t n_tensors = 24 * (size_t) n_layer + 32;
     ggml_init_params ip = {ggml_tensor_overhead() * n_tensors + ggml_graph_overhead_custom(n_tensors, false), nullptr,
                            true};
     graph_ctx_ = ggml_init(ip);
@@ -165,6 +194,7 @@ bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string
         err = "ggml_init failed for the scoring graph";
         return false;
     }
+    if (rows_.size() > 1) return build_graph_rows(cache_k, err);
     ggml_context * ctx = graph_ctx_;
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
     ggml_tensor * mask = ggml_view_2d(ctx, mask_, n_kv_, 1, n_kv_ * ggml_element_size(mask_), 0);
@@ -173,7 +203,7 @@ bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string
         const layer_view & lv = layers_[l];
         if (!lv.seen) continue;
         ggml_tensor * k = ggml_view_3d(ctx, cache_k[l], lv.ne[0], lv.ne[1], lv.ne[2], lv.nb[1], lv.nb[2], lv.offs);
-        ggml_tensor * q = ggml_view_3d(ctx, q_, head_dim_, 1, n_head_, head_dim_ * fs, head_dim_ * fs, l * q_->nb[1]);
+        ggml_tensor * q = ggml_view_3d(ctx, q_, head_dim_, 1, n_head_, head_dim_ * fs, head_dim_ * fs, l * q_->nb[2]);
         // [n_kv, 1, n_head]; query head h reads KV head h / (n_head/n_head_kv)
         ggml_tensor * kq = ggml_mul_mat(ctx, k, q);
         ggml_prec_set_acc(kq, GGML_PREC_F32);
@@ -194,6 +224,46 @@ bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string
     ggml_tensor * out = ggml_view_1d(ctx, out_, n_kv_ * n_layer, 0);
     ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_1d(ctx, mean, n_kv_ * n_layer), out));
 
+    return finish_graph(gf, err);
+}
+
+// Many sequences: per layer one product of K with every scored row, softmax with each row's own mask row, and
+// the sum over rows and heads (out_prod with ones): a row is 0 outside its sequence's cells.
+bool scorer::build_graph_rows(const std::vector<ggml_tensor *> & cache_k, std::string & err) {
+    const int32_t n_layer = (int32_t) layers_.size();
+    const int64_t n_rows = (int64_t) rows_.size(), q_len = head_dim_ * n_head_;
+    ggml_context * ctx = graph_ctx_;
+    const size_t n_tensors = 24 * (size_t) n_layer + 32;
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
+    ggml_tensor * idx = ggml_view_1d(ctx, idx_, n_rows, 0);
+    ggml_tensor * mask_block = ggml_view_2d(ctx, mask_, n_kv_, span_, n_kv_ * ggml_element_size(mask_), 0);
+    ggml_tensor * mask = ggml_get_rows(ctx, mask_block, idx);  // F32 [n_kv, n_rows]
+    ggml_tensor * ones = ggml_view_2d(ctx, ones_, 1, n_rows * n_head_, ones_->nb[1], 0);
+    for (int32_t l = 0; l < n_layer; l++) {
+        const layer_view & lv = layers_[l];
+        if (!lv.seen) continue;
+        ggml_tensor * k = ggml_view_3d(ctx, cache_k[l], lv.ne[0], lv.ne[1], lv.ne[2], lv.nb[1], lv.nb[2], lv.offs);
+        ggml_tensor * qb = ggml_view_2d(ctx, q_, q_len, span_, q_->nb[1], l * q_->nb[2]);
+        ggml_tensor * q = ggml_reshape_3d(ctx, ggml_get_rows(ctx, qb, idx), head_dim_, n_head_, n_rows);
+        q = ggml_cont(ctx, ggml_permute(ctx, q, 0, 2, 1, 3));  // [head_dim, n_rows, n_head]
+        ggml_tensor * kq = ggml_mul_mat(ctx, k, q);            // [n_kv, n_rows, n_head]
+        ggml_prec_set_acc(kq, GGML_PREC_F32);
+        float sm_scale = lv.scale;
+        if (lv.softcap != 0.0f) {
+            kq = ggml_tanh(ctx, ggml_scale(ctx, kq, lv.scale / lv.softcap));
+            sm_scale = lv.softcap;
+        }
+        ggml_tensor * p = ggml_soft_max_ext(ctx, kq, mask, sm_scale, 0.0f);
+        if (lv.sinks) ggml_soft_max_add_sinks(p, lv.sinks);
+        ggml_tensor * sum = ggml_out_prod(ctx, ggml_reshape_2d(ctx, p, n_kv_, n_rows * n_head_), ones);  // [n_kv, 1]
+        ggml_tensor * mean = ggml_scale(ctx, sum, 1.0f / (float) n_head_);
+        ggml_tensor * dst = ggml_view_1d(ctx, out_, n_kv_, (size_t) l * n_kv_ * sizeof(float));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_1d(ctx, mean, n_kv_), dst));
+    }
+    return finish_graph(gf, err);
+}
+
+bool scorer::finish_graph(ggml_cgraph * gf, std::string & err) {
     for (int i = 0; i < ggml_graph_n_nodes(gf); i++) {
         ggml_tensor * node = ggml_graph_node(gf, i);
         if (!ggml_backend_supports_op(backend_, node)) {
@@ -212,6 +282,8 @@ bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string
     graph_ = gf;
     graph_layers_ = layers_;
     graph_n_kv_ = n_kv_;
+    graph_n_rows_ = (int64_t) rows_.size();
+    graph_span_ = span_;
     return true;
 }
 
@@ -222,8 +294,14 @@ bool scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scores,
         err = "no FLASH_ATTN_EXT node was captured (or n_kv exceeds the context)";
         return false;
     }
-    if (!graph_ || graph_n_kv_ != n_kv_ || !(graph_layers_ == layers_))
+    if (!graph_ || graph_n_kv_ != n_kv_ || !(graph_layers_ == layers_) || graph_n_rows_ != (int64_t) rows_.size() ||
+        graph_span_ != span_)
         if (!build_graph(cache_k, err)) return false;
+    if (rows_.size() > 1) {
+        std::vector<int32_t> rel(rows_.size());
+        for (size_t i = 0; i < rows_.size(); i++) rel[i] = rows_[i] - rows_.front();
+        ggml_backend_tensor_set(idx_, rel.data(), 0, rel.size() * sizeof(int32_t));
+    }
     if (ggml_backend_graph_compute(backend_, graph_) != GGML_STATUS_SUCCESS) {
         err = "the flash-attention scoring graph failed on the cache's backend";
         return false;

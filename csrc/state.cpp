@@ -6,10 +6,12 @@
 
 namespace tova {
 
-void state::resize(int32_t n_layer, int32_t n_cells) {
+void state::resize(int32_t n_layer, int32_t n_cells, int32_t n_seq) {
     n_layer_ = n_layer;
     n_cells_ = n_cells;
     meta_pos_.assign(n_cells, -1);
+    seq_.assign(n_cells, -1);
+    cells_.assign(n_seq, {});
     layer_pos_.assign((size_t) n_layer * n_cells, -1);
     acc_.assign((size_t) n_layer * n_cells, 0.0);
     n_occupied_ = 0;
@@ -19,6 +21,8 @@ void state::resize(int32_t n_layer, int32_t n_cells) {
 
 void state::clear() {
     std::fill(meta_pos_.begin(), meta_pos_.end(), -1);
+    std::fill(seq_.begin(), seq_.end(), -1);
+    for (auto & c : cells_) c.clear();
     std::fill(layer_pos_.begin(), layer_pos_.end(), -1);
     std::fill(acc_.begin(), acc_.end(), 0.0);
     n_occupied_ = 0;
@@ -50,17 +54,29 @@ bool state::predict(int32_t n, std::vector<int32_t> & cells) const {
 }
 
 bool state::place(const int32_t * cells, int32_t n, int32_t pos0, std::string & err) {
+    std::vector<int32_t> pos(n), seq(n, 0);
+    for (int32_t i = 0; i < n; i++) pos[i] = pos0 + i;
+    return place(cells, n, pos.data(), seq.data(), err);
+}
+
+bool state::place(const int32_t * cells, int32_t n, const int32_t * pos, const int32_t * seq, std::string & err) {
     for (int32_t i = 0; i < n; i++) {
         const int32_t c = cells[i];
         if (c < 0 || c >= n_cells_ || meta_pos_[c] != -1) {
             err = "llama.cpp placed a token in cell " + std::to_string(c) + " which the engine holds as occupied";
             return false;
         }
+        if (seq[i] < 0 || seq[i] >= (int32_t) cells_.size()) {
+            err = "sequence id " + std::to_string(seq[i]) + " out of range";
+            return false;
+        }
     }
     for (int32_t i = 0; i < n; i++) {
         const int32_t c = cells[i];
-        meta_pos_[c] = pos0 + i;
-        for (int32_t l = 0; l < n_layer_; l++) layer_pos_[(size_t) l * n_cells_ + c] = pos0 + i;
+        meta_pos_[c] = pos[i];
+        seq_[c] = seq[i];
+        cells_[seq[i]].push_back(c);
+        for (int32_t l = 0; l < n_layer_; l++) layer_pos_[(size_t) l * n_cells_ + c] = pos[i];
     }
     n_occupied_ += n;
     head_ = (uint32_t) cells[n - 1] + 1;  // llama_kv_cache::apply_ubatch
@@ -68,16 +84,14 @@ bool state::place(const int32_t * cells, int32_t n, int32_t pos0, std::string & 
     return true;
 }
 
-std::vector<int32_t> state::occupied() const {
-    std::vector<int32_t> out;
-    out.reserve(n_occupied_);
-    for (int32_t c = 0; c < n_cells_; c++)
-        if (meta_pos_[c] >= 0) out.push_back(c);
+std::vector<int32_t> state::occupied(int32_t seq) const {
+    std::vector<int32_t> out = cells_[seq];
+    std::sort(out.begin(), out.end());
     return out;
 }
 
-std::vector<int32_t> state::oldest_cells(int32_t k) const {
-    std::vector<int32_t> occ = occupied();
+std::vector<int32_t> state::oldest_cells(int32_t k, int32_t seq) const {
+    std::vector<int32_t> occ = occupied(seq);
     if (k > (int32_t) occ.size()) k = (int32_t) occ.size();
     if (k <= 0) return {};
     if (k == 1) {  // the per-token decode: one linear pass
@@ -103,6 +117,9 @@ void state::remove(const std::vector<int32_t> & freed) {
     for (int32_t c : freed) {
         if (meta_pos_[c] < 0) continue;
         meta_pos_[c] = -1;
+        std::vector<int32_t> & owned = cells_[seq_[c]];
+        owned.erase(std::find(owned.begin(), owned.end(), c));
+        seq_[c] = -1;
         for (int32_t l = 0; l < n_layer_; l++) {
             layer_pos_[(size_t) l * n_cells_ + c] = -1;
             acc_[(size_t) l * n_cells_ + c] = 0.0;
@@ -151,6 +168,8 @@ bool state::restore(const std::vector<int32_t> & cells, const std::vector<int32_
     for (int32_t i = 0; i < n; i++) {
         const int32_t c = cells[i];
         meta_pos_[c] = meta[i];
+        seq_[c] = 0;
+        cells_[0].push_back(c);
         for (int32_t l = 0; l < n_layer_; l++) {
             layer_pos_[(size_t) l * n_cells_ + c] = lpos[(size_t) l * n + i];
             acc_[(size_t) l * n_cells_ + c] = acc[(size_t) l * n + i];
@@ -165,9 +184,14 @@ bool state::restore(const std::vector<int32_t> & cells, const std::vector<int32_
 }
 
 bool state::check(std::string & err) const {
-    int32_t n = 0, p_min = INT32_MAX, p_max = -1;
+    int32_t n = 0;
+    std::vector<int32_t> lo(cells_.size(), INT32_MAX), hi(cells_.size(), -1), count(cells_.size(), 0);
     for (int32_t c = 0; c < n_cells_; c++) {
         const int32_t p = meta_pos_[c];
+        if ((p < 0) != (seq_[c] < 0)) {
+            err = "cell " + std::to_string(c) + " has a position without a sequence or the reverse";
+            return false;
+        }
         if (p < 0) {
             for (int32_t l = 0; l < n_layer_; l++)
                 if (layer_pos_[(size_t) l * n_cells_ + c] != -1) {
@@ -177,19 +201,28 @@ bool state::check(std::string & err) const {
             continue;
         }
         n++;
-        p_min = std::min(p_min, p);
-        p_max = std::max(p_max, p);
+        const int32_t s = seq_[c];
+        lo[s] = std::min(lo[s], p);
+        hi[s] = std::max(hi[s], p);
+        count[s]++;
     }
     if (n != n_occupied_) {
         err = "occupied count " + std::to_string(n_occupied_) + " disagrees with the cells (" + std::to_string(n) + ")";
         return false;
     }
-    if (n > 0 && p_max - p_min + 1 != n) {
-        err = "metadata positions are not a contiguous window";
-        return false;
+    for (size_t s = 0; s < cells_.size(); s++) {
+        if (count[s] != (int32_t) cells_[s].size()) {
+            err = "sequence " + std::to_string(s) + " cell list disagrees with the cells";
+            return false;
+        }
+        if (count[s] > 0 && hi[s] - lo[s] + 1 != count[s]) {
+            err = "metadata positions of sequence " + std::to_string(s) + " are not a contiguous window";
+            return false;
+        }
     }
     for (int32_t c = 0; c < n_cells_; c++) {
         if (meta_pos_[c] < 0) continue;
+        const int32_t p_max = hi[seq_[c]];
         for (int32_t l = 0; l < n_layer_; l++) {
             const int32_t p = layer_pos_[(size_t) l * n_cells_ + c];
             if (p < 0 || p > p_max) {

@@ -5,8 +5,8 @@
 // decode needs no read of attn_inp_k_idxs (on a GPU that read is a graph split and a sync).
 // Invariants (check()): occupied cells hold unique metadata positions forming one contiguous window; each
 // layer holds a position exactly in the occupied cells; n_occupied counts them.
-// Multi-sequence: today one sequence (seq 0) owns the stream; a later multi-sequence state keeps one of these
-// per sequence (its own budget) over disjoint cells, and the slot mirror becomes the stream's.
+// Many sequences (docs/ARCHITECTURE.md, section "Many sequences"): one unified stream, each cell owned by at most
+// one sequence; the invariants hold per sequence (its own contiguous window), the slot mirror is the stream's.
 #pragma once
 
 #include <cstdint>
@@ -17,15 +17,19 @@ namespace tova {
 
 class state {
 public:
-    // n_cells: llama_n_ctx (the stream's cell count). Clears everything.
-    void resize(int32_t n_layer, int32_t n_cells);
+    // n_cells: llama_n_ctx (the stream's cell count); n_seq: sequence ids [0, n_seq). Clears everything.
+    void resize(int32_t n_layer, int32_t n_cells, int32_t n_seq = 1);
     // after llama_memory_clear
     void clear();
 
     int32_t n_layer() const { return n_layer_; }
     int32_t n_cells() const { return n_cells_; }
+    int32_t n_seq() const { return (int32_t) cells_.size(); }
     int32_t n_occupied() const { return n_occupied_; }
+    int32_t n_occupied(int32_t seq) const { return (int32_t) cells_[seq].size(); }
     int32_t meta_pos(int32_t cell) const { return meta_pos_[cell]; }
+    int32_t seq_of(int32_t cell) const { return seq_[cell]; }  // -1: free
+    const std::vector<int32_t> & all_seq() const { return seq_; }
     int32_t * layer_pos(int32_t il) { return &layer_pos_[(size_t) il * n_cells_]; }
     const std::vector<int32_t> & all_layer_pos() const { return layer_pos_; }
     double * acc(int32_t il) { return &acc_[(size_t) il * n_cells_]; }
@@ -36,11 +40,13 @@ public:
     // After a successful decode: n tokens at positions pos0.. now sit in cells[0..n), every layer alike.
     // Returns false (and fills err) when a cell is out of range or already occupied.
     bool place(const int32_t * cells, int32_t n, int32_t pos0, std::string & err);
-    // The k occupied cells with the smallest metadata positions (llama.cpp frees exactly these on seq_rm of
-    // that position range). O(n_cells): call only when cutting.
-    std::vector<int32_t> oldest_cells(int32_t k) const;
-    // Occupied cells in index order. O(n_cells): call only when cutting.
-    std::vector<int32_t> occupied() const;
+    // The same for a ubatch of several sequences: token i at position pos[i] of sequence seq[i].
+    bool place(const int32_t * cells, int32_t n, const int32_t * pos, const int32_t * seq, std::string & err);
+    // The k cells of `seq` with the smallest metadata positions (llama.cpp frees exactly these on seq_rm of
+    // that position range). O(cells of seq).
+    std::vector<int32_t> oldest_cells(int32_t k, int32_t seq = 0) const;
+    // Occupied cells of `seq` in index order. O(cells of seq log).
+    std::vector<int32_t> occupied(int32_t seq = 0) const;
     // Layer il's content moves from cell src to cell dst (the mover copied its K/V rows).
     void move(int32_t il, int32_t src, int32_t dst);
     // llama_memory_seq_rm of the freed cells' positions: frees them in every layer and updates the slot
@@ -48,8 +54,8 @@ public:
     void remove(const std::vector<int32_t> & freed);
     // The slot mirror cannot be trusted: the next decode reads the cells (needs the eval callback).
     void forget_head() { head_known_ = false; }
-    // Replaces everything with a saved layout (Session.load_state): n = cells.size() occupied cells, ascending,
-    // with metadata positions meta[i] and per-layer positions lpos[l * n + i], accumulators acc[l * n + i].
+    // Replaces everything with a saved layout of sequence 0 (Session.load_state): n = cells.size() occupied cells,
+    // ascending, with metadata positions meta[i] and per-layer positions lpos[l * n + i], accumulators acc[l * n + i].
     // Checks the invariants first (on error nothing changed). Call only after llama.cpp's rows were restored into
     // exactly these cells by llama_state_seq_set_data into an empty cache and its filler cells were removed: its
     // search head then sits at the lowest free cell (apply_ubatch leaves it after the last cell, seq_rm of the
@@ -63,10 +69,12 @@ public:
 private:
     int32_t n_layer_ = 0, n_cells_ = 0;
     int32_t n_occupied_ = 0;
-    std::vector<int32_t> meta_pos_;   // [n_cells] metadata position llama.cpp holds in the cell, -1 if free
-    std::vector<int32_t> layer_pos_;  // [n_layer * n_cells] original position each layer holds, -1 if empty
-    std::vector<double> acc_;         // [n_layer * n_cells] h2o: accumulated attention; travels with its row
-    uint32_t head_ = 0;               // llama.cpp's v_heads[0]: where its next slot search starts
+    std::vector<int32_t> meta_pos_;            // [n_cells] metadata position llama.cpp holds in the cell, -1 if free
+    std::vector<int32_t> seq_;                 // [n_cells] the sequence owning the cell, -1 if free
+    std::vector<std::vector<int32_t>> cells_;  // [n_seq] cells each sequence occupies (unordered)
+    std::vector<int32_t> layer_pos_;           // [n_layer * n_cells] original position each layer holds, -1 if empty
+    std::vector<double> acc_;                  // [n_layer * n_cells] h2o: accumulated attention; travels with its row
+    uint32_t head_ = 0;                        // llama.cpp's v_heads[0]: where its next slot search starts
     bool head_known_ = true;
 };
 

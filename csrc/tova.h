@@ -29,11 +29,16 @@ enum tova_policy {
 enum tova_status {
     TOVA_CANCELLED = 1,  // tova_engine_decode: the progress callback asked to stop; the session is consistent
     TOVA_OK = 0,
-    TOVA_ERR_ARG = -1,      // invalid argument; nothing was changed
-    TOVA_ERR_CAPTURE = -2,  // the expected graph nodes were not seen during llama_decode
-    TOVA_ERR_STATE = -3,    // engine bookkeeping disagrees with llama.cpp
-    TOVA_ERR_BACKEND = -4,  // llama_decode or a backend operation failed
-    TOVA_ERR_MEMORY = -5,   // an allocation failed
+    TOVA_ERR_ARG = -1,       // invalid argument; nothing was changed
+    TOVA_ERR_CAPTURE = -2,   // the expected graph nodes were not seen during llama_decode
+    TOVA_ERR_STATE = -3,     // engine bookkeeping disagrees with llama.cpp
+    TOVA_ERR_BACKEND = -4,   // llama_decode or a backend operation failed
+    TOVA_ERR_MEMORY = -5,    // an allocation failed
+    TOVA_ERR_CAPACITY = -6,  // tova_engine_seq_add: the sequence's cells do not fit beside the others; nothing changed
+};
+
+enum {
+    TOVA_MAX_SEQ = 256,  // llama.cpp's LLAMA_MAX_SEQ: sequence ids of one context
 };
 
 // SHA-256 (hex) of the tova.h the engine was built from.
@@ -90,11 +95,46 @@ typedef bool (*tova_progress_fn)(int32_t n_done, int32_t n_total, void * user_da
 // Returns TOVA_OK; TOVA_CANCELLED when progress returned false (*n_done tokens stay in the cache, consistent:
 // llama.cpp's positions are pos0..pos0+*n_done-1); TOVA_ERR_ARG before any decode, nothing changed; any other
 // error clears the whole cache (llama_memory_clear and the engine), *n_done = 0.
-// Multi-sequence: a later version takes a seq id per token and a budget per sequence; this one is seq 0.
+// Refused (TOVA_ERR_ARG) on an engine in many-sequence mode (tova_engine_set_n_seq).
 int32_t tova_engine_decode(tova_engine * e, struct llama_context * ctx, const int32_t * tokens, int32_t n, int32_t pos0,
                            float * logits, tova_progress_fn progress, void * user_data, int32_t * n_done);
-// Forget everything (after llama_memory_clear).
+// Forget everything (after llama_memory_clear); sequences stay added, their positions restart at 0.
 void tova_engine_reset(tova_engine * e);
+
+// ---- many sequences in one context (docs/ARCHITECTURE.md, section "Many sequences") ----
+// The context must use a unified KV cache (llama_context_params.kv_unified = true, n_seq_max = n_seq_max): one
+// stream of cells shared by every sequence, each cell owned by one sequence. Each sequence reserves `memory`
+// cells (its budget + max(chunk, evict_interval)); the reservations of the active sequences never exceed the
+// context's cells, so every decode finds its cells. The engine's policy and n_sink apply to every sequence;
+// budget, keep and evict_interval are per sequence. Call once, after tova_engine_set_cells, before any decode:
+// afterwards tova_engine_decode is refused and sequences are added one by one.
+int32_t tova_engine_set_n_seq(tova_engine * e, int32_t n_seq_max);
+// Activates sequence `seq` (in [0, n_seq_max), not active) with its settings (1 <= budget, 0 <= keep < budget,
+// budget + evict_interval <= memory). TOVA_ERR_CAPACITY when memory exceeds tova_engine_cells_free; any other
+// refusal TOVA_ERR_ARG; nothing changed on error.
+int32_t tova_engine_seq_add(tova_engine * e, int32_t seq, int32_t budget, int32_t memory, int32_t keep,
+                            int32_t evict_interval);
+// Cells not reserved by an active sequence.
+int32_t tova_engine_cells_free(const tova_engine * e);
+// Frees every cell of an active sequence (llama.cpp's and the engine's); it stays active, positions restart at 0.
+int32_t tova_engine_seq_reset(tova_engine * e, struct llama_context * ctx, int32_t seq);
+// Frees its cells and its reservation; the id can be added again.
+int32_t tova_engine_seq_remove(tova_engine * e, struct llama_context * ctx, int32_t seq);
+// Cells an active sequence occupies, and its next position (tokens seen); TOVA_ERR_ARG for an inactive id.
+int32_t tova_engine_seq_n_occupied(const tova_engine * e, int32_t seq);
+int32_t tova_engine_seq_n_past(const tova_engine * e, int32_t seq);
+// out: [n_cells] the sequence owning each cell, -1 where free (with tova_engine_cell_positions: a sequence's
+// per-layer positions).
+int32_t tova_engine_cell_seqs(const tova_engine * e, int32_t * out, size_t n);
+// One batched step: sequence seq_ids[i] (active, distinct) evaluates its next n_tokens[i] tokens, taken in order
+// from `tokens` (sum of n_tokens), at its own next positions. Every llama_decode carries tokens of several
+// sequences (single tokens first, then prompt pieces, up to llama_n_ubatch tokens); each sequence is split into
+// pieces that fit its memory and cut to its budget after each piece by its own newest token's attention, over
+// its own cells only. logits: NULL or room for n_seqs * n_vocab floats: row i = the logits of sequence
+// seq_ids[i]'s last token. TOVA_ERR_ARG before any decode, nothing changed; any other error clears every
+// sequence (they stay active, at position 0).
+int32_t tova_engine_decode_batch(tova_engine * e, struct llama_context * ctx, const int32_t * seq_ids,
+                                 const int32_t * n_tokens, int32_t n_seqs, const int32_t * tokens, float * logits);
 
 int32_t tova_engine_n_occupied(const tova_engine * e);
 // out: [n_layer * n_cells] original position held by each layer's cell, -1 where empty.

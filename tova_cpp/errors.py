@@ -44,3 +44,12 @@ class SessionBusyError(TovaError, RuntimeError):
 
 class TokenizerError(TovaError, ValueError):
     """The model has no tokenizer (its GGUF says tokenizer.ggml.model "none"), or the text cannot be tokenized."""
+
+
+class CapacityError(TovaError, ValueError):
+    """A new sequence does not fit in a BatchSession: its cells exceed those the other sequences leave free, or
+    every sequence id is in use. Nothing changed; remove a sequence or wait (a server queues the request)."""
+
+
+class UnknownSequenceError(TovaError, ValueError):
+    """A BatchSession was given a sequence id that is not active (never added, or removed)."""
