@@ -103,7 +103,7 @@ class Client:
                 first = first or now
                 times.append(now)
                 text += piece
-        itl = [b - a for a, b in zip(times, times[1:])]
+        itl = [b - a for a, b in zip(times, times[1:], strict=False)]
         rec = {
             "ttft": (first or time.perf_counter()) - t0,
             "itl": itl,
@@ -185,7 +185,8 @@ def level(url: str, args, n: int) -> dict:
         "total_tps": (prompt - sum(r["reused"] for r in recs) + gen) / wall,
         "ttft_p50": pct([r["ttft"] for r in recs], 0.5),
         "ttft_p95": pct([r["ttft"] for r in recs], 0.95),
-        "itl_p50_ms": 1e3 * (statistics.median([x for r in recs for x in r["itl"]]) if recs else float("nan")),
+        "itl_p50_ms": 1e3
+        * (statistics.median([x for r in recs for x in r["itl"]]) if recs else float("nan")),
         "rss_before_mib": rss0 / 2**20,
         "rss_after_mib": metric(url, "process_resident_memory_bytes") / 2**20,
     }

@@ -350,16 +350,32 @@ def test_load_32_concurrent_conversations(smollm2_path):
         # flat memory: once every slot holds a full cache, growth stays within a few MiB
         settled = rss[len(rss) // 3 :]
         assert max(settled) - settled[0] < 32 * 2**20, [round(x / 2**20) for x in rss]
-        # alone: the same conversations one at a time, on the same server
+        # alone: the same conversations one at a time, on the same server. llama.cpp's arithmetic depends on
+        # which cells a sequence occupies (scripts/kv_layout_check.py: up to 1.8% of the largest logit on
+        # SmolLM2 with no eviction at all), so a stream may part from its run alone, at a near tie only
+        identical = 0
         for i in range(0, n_clients, 4):
             alone = run_conversation(url, convs[i], max_tokens)
             for t, (got, want) in enumerate(zip(results[i], alone, strict=True)):
                 k = first_divergence(got["tops"], want["tops"])
+                shared = min(len(got["tops"]), len(want["tops"])) if k is None else k
+                for (_, g), (_, w) in zip(got["tops"][:shared], want["tops"][:shared], strict=True):
+                    assert abs(g[0][1] - w[0][1]) < 0.5, (i, t, g, w)  # the same token, about as likely
                 if k is None:
                     assert got["text"] == want["text"]
+                    identical += 1
                     continue
-                # only where batched arithmetic differs: a near tie between the two most likely tokens;
+                # the concurrent run took the alone run's second choice, which was within noise of its first;
                 # the rest of the conversation then differs by construction
-                top2 = want["tops"][k][1]
-                assert len(top2) == 2 and abs(top2[0][1] - top2[1][1]) < 0.05, (i, t, k, want["tops"][k])
+                (a, lp_a), (b, lp_b) = want["tops"][k][1]
+                assert got["tops"][k][0] == b and lp_a - lp_b < 1.0, (
+                    i,
+                    t,
+                    k,
+                    got["tops"][k],
+                    want["tops"][k],
+                )
                 break
+        print(
+            f"\n{identical} of {n_turns * len(range(0, n_clients, 4))} turns identical to the turn run alone"
+        )

@@ -347,8 +347,6 @@ def cmd_serve(args) -> int:
 
     if args.grammar is not None:
         raise _UsageError("--grammar applies per request in tova serve: send it as the request's 'grammar'")
-    if args.n_sink is not None:
-        raise _UsageError("--n-sink is not supported by tova serve (policy sink keeps its first 4 positions)")
     model = args.model or str(default_model_path())
     defaults = dict(
         temperature=args.temp,
@@ -374,6 +372,7 @@ def cmd_serve(args) -> int:
         flash_attn=_flash(args.flash_attn),
         type_k=args.cache_type_k,
         type_v=args.cache_type_v,
+        n_sink=args.n_sink,
         chat_format=args.chat_format,
         max_tokens_limit=args.max_tokens_limit,
         max_queue=args.max_queue,

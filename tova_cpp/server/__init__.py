@@ -26,6 +26,7 @@ def build(
     flash_attn: bool = False,
     type_k: str = "f16",
     type_v: str = "f16",
+    n_sink: int | None = None,
     chat_format: str | None = None,
     max_tokens_limit: int = 4096,
     max_queue: int = 256,
@@ -38,14 +39,15 @@ def build(
     verbose: bool = False,
 ):
     """The FastAPI app, its engine loaded and its engine thread started (closed by the app's shutdown)."""
-    from ._dev_engine import SequentialSessions
+    from ..batch import BatchSession
     from .app import create_app
     from .protocol import Limits
     from .scheduler import Scheduler
     from .vocab import Vocab
 
     vocab = Vocab(model_path, chat_format=chat_format, verbose=verbose)
-    engine = SequentialSessions(
+    # one context, --slots sequences: concurrent requests share every batched decode
+    engine = BatchSession(
         model_path,
         n_seq_max=n_slots,
         budget=budget,
@@ -59,6 +61,7 @@ def build(
         flash_attn=flash_attn,
         type_k=type_k,
         type_v=type_v,
+        n_sink=n_sink,
         verbose=verbose,
     )
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import codecs
 import collections
-import ctypes
 import sys
 import threading
 import time
@@ -25,13 +24,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import llama_cpp
 import numpy as np
 
+from ..batch import sample_logits
 from ..generate import Sampler, _stop_hold
-
-# llama_token_data {int32 id; float logit; float p}: a NumPy view the sampler chain can work on in place
-_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
 class QueueFull(Exception):
@@ -118,24 +114,6 @@ class Stats:
     finished: collections.Counter = field(default_factory=collections.Counter)
 
 
-def sample_logits(sampler: Sampler, logits: np.ndarray, ids: np.ndarray) -> int:
-    """Run a llama.cpp sampler chain on a row of logits (what llama_sampler_sample does on a context's
-    logits) and accept the token."""
-    data = np.empty(logits.size, dtype=_TOKEN_DATA)
-    data["id"] = ids
-    data["logit"] = logits
-    data["p"] = 0.0
-    cur = llama_cpp.llama_token_data_array(
-        data=data.ctypes.data_as(llama_cpp.llama_token_data_p), size=logits.size, selected=-1, sorted=False
-    )
-    llama_cpp.llama_sampler_apply(sampler.chain, ctypes.byref(cur))
-    if not 0 <= cur.selected < cur.size:
-        raise RuntimeError("the sampler chain selected no token")
-    token = int(cur.data[cur.selected].id)
-    llama_cpp.llama_sampler_accept(sampler.chain, token)
-    return token
-
-
 class Scheduler:
     """Owns the engine (a tova_cpp.batch.BatchSession or anything with its interface) on one thread."""
 
@@ -156,7 +134,6 @@ class Scheduler:
         self.max_batch_tokens = max(max_batch_tokens, chunk)
         self.max_queue = max_queue
         self.stats = Stats()
-        self._ids = np.arange(vocab.n_vocab, dtype=np.int32)
         self._eog = np.array([t for t in range(vocab.n_vocab) if vocab.is_eog(t)], dtype=np.int64)
         self.slots = [Slot(i, engine.add(), budget, keep) for i in range(n_slots)]
         self._inbox: collections.deque[Job] = collections.deque()
@@ -347,7 +324,7 @@ class Scheduler:
         if job.usage.completion_tokens < r.min_tokens and self._eog.size:
             logits = logits.copy()
             logits[self._eog] = -np.inf
-        tok = sample_logits(r.sampler, logits, self._ids)
+        tok = sample_logits(r.sampler, logits)
         event = {"token": tok, "text": ""}
         if r.logprobs is not None:
             lse = float(np.logaddexp.reduce(logits.astype(np.float64)))
