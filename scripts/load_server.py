@@ -1,22 +1,23 @@
 """Load test of `tova serve`: aggregate tokens/s and latency against the number of concurrent clients.
 
-For each concurrency level C it starts a fresh server with C slots (or uses --url), runs C clients at once
-and reports, llama-bench style: requests, prompt and generated tokens, wall time, aggregate generated
-tokens/s, time to first token (p50 / p95), inter-token latency (p50), requests that failed, and the
-server's resident memory before and after. With a chat model every client holds a multi-turn
-conversation (each turn --words random words, a follow-up that reuses its slot); with --synthetic (a
-random-weight model without a tokenizer) every client streams one completion of --prompt-tokens random
-token ids.
+For each concurrency level C it starts a fresh server with C slots (or uses --url, or one server of --slots
+slots for every level), runs C clients at once and reports, llama-bench style: requests, prompt and generated
+tokens, wall time, aggregate generated tokens/s, time to first token (p50 / p95), inter-token latency (p50),
+requests that failed, and the server's resident memory before and after. With a chat model every client
+holds a multi-turn conversation (each turn --words random words, a follow-up that reuses its slot); with
+--synthetic (a random-weight model without a tokenizer) every client streams one completion of
+--prompt-tokens random token ids.
 
     python scripts/load_server.py --clients 1,4,16,32 --turns 4 --words 500 --max-tokens 32 -t 2
-    python scripts/load_server.py --synthetic 8b --clients 64 --prompt-tokens 512 --max-tokens 128 \\
-        --server-args "-ngl 99 -fa on --budget 1024"
+    python scripts/load_server.py --synthetic 8b --slots 64 --clients 1,8,64 --prompt-tokens 512 \\
+        --max-tokens 128 --server-args "-ngl 99 -fa on --budget 256"
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import random
 import shlex
@@ -55,6 +56,7 @@ def server(model: str, slots: int, extra: list[str], log):
     port = free_port()
     cmd = [sys.executable, "-m", "tova_cpp", "serve", "-m", model, "--port", str(port), "--slots", str(slots)]
     proc = subprocess.Popen(cmd + extra, stdout=log, stderr=subprocess.STDOUT)
+    Path(log.name).with_name("server.pid").write_text(str(proc.pid))  # for a caller that must clean up
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
@@ -76,81 +78,87 @@ def server(model: str, slots: int, extra: list[str], log):
             proc.kill()
 
 
+def sse(url: str, path: str, body: dict):
+    """POST `body` and yield the decoded JSON of each server-sent event until [DONE] (standard library only:
+    the GPU machine has no openai client)."""
+    host = url.removeprefix("http://")
+    conn = http.client.HTTPConnection(host, timeout=3600)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            event = json.loads(data)
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            yield event
+        raise RuntimeError("the stream ended without [DONE]")
+    finally:
+        conn.close()
+
+
 class Client:
     """One client's requests; records per request the time to first token, the token times and usage."""
 
     def __init__(self, url: str, args, seed: int) -> None:
-        import openai
-
-        self.c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
-        self.args, self.rng = args, random.Random(seed)
+        self.url, self.args, self.rng = url, args, random.Random(seed)
         self.records: list[dict] = []
         self.failed = 0
 
-    def _consume(self, stream, t0: float) -> tuple[str, dict]:
-        first, times, text, usage, reason = None, [], "", None, None
-        for ch in stream:
-            if ch.usage is not None:
-                usage = ch.usage
-            if not ch.choices:
+    def _request(self, path: str, body: dict) -> str:
+        body.update(temperature=0, stream=True, stream_options={"include_usage": True})
+        t0 = time.perf_counter()
+        times, text, usage, reason = [], "", None, None
+        for ev in sse(self.url, path, body):
+            if ev.get("usage"):
+                usage = ev["usage"]
+            if not ev.get("choices"):
                 continue
-            c0 = ch.choices[0]
-            piece = c0.delta.content if hasattr(c0, "delta") else c0.text
-            if c0.finish_reason:
-                reason = c0.finish_reason
-            elif piece is not None:
-                now = time.perf_counter()
-                first = first or now
-                times.append(now)
+            c0 = ev["choices"][0]
+            if c0.get("finish_reason"):
+                reason = c0["finish_reason"]
+                continue
+            piece = c0["delta"].get("content") if "delta" in c0 else c0.get("text")
+            if piece is not None and not ("delta" in c0 and "role" in c0["delta"]):
+                times.append(time.perf_counter())
                 text += piece
-        itl = [b - a for a, b in zip(times, times[1:], strict=False)]
-        rec = {
-            "ttft": (first or time.perf_counter()) - t0,
-            "itl": itl,
-            "prompt_tokens": usage.prompt_tokens if usage else 0,
-            "reused": getattr(usage, "reused_prompt_tokens", 0) if usage else 0,
-            "completion_tokens": usage.completion_tokens if usage else 0,
-            "complete": reason is not None and usage is not None,
-        }
-        return text, rec
+        self.records.append(
+            {
+                "ttft": (times[0] if times else time.perf_counter()) - t0,
+                "itl": [b - a for a, b in zip(times, times[1:], strict=False)],
+                "prompt_tokens": usage["prompt_tokens"] if usage else 0,
+                "reused": usage.get("reused_prompt_tokens", 0) if usage else 0,
+                "completion_tokens": usage["completion_tokens"] if usage else 0,
+                "complete": reason is not None and usage is not None,
+            }
+        )
+        return text
 
     def run(self) -> None:
         a = self.args
         try:
             if a.synthetic:
                 prompt = [self.rng.randrange(1, 1000) for _ in range(a.prompt_tokens)]
-                t0 = time.perf_counter()
-                s = self.c.completions.create(
-                    model="x",
-                    prompt=prompt,
-                    max_tokens=a.max_tokens,
-                    temperature=0,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                )
-                self.records.append(self._consume(s, t0)[1])
+                self._request("/v1/completions", {"prompt": prompt, "max_tokens": a.max_tokens})
                 return
             messages = [{"role": "system", "content": "You are a terse assistant."}]
             for turn in range(a.turns):
                 words = " ".join(self.rng.choice(WORDS) for _ in range(a.words))
                 messages.append({"role": "user", "content": f"{words}. Summarize part {turn + 1}."})
-                t0 = time.perf_counter()
-                s = self.c.chat.completions.create(
-                    model="x",
-                    messages=messages,
-                    max_tokens=a.max_tokens,
-                    temperature=0,
-                    stream=True,
-                    stream_options={"include_usage": True},
+                text = self._request(
+                    "/v1/chat/completions", {"messages": list(messages), "max_tokens": a.max_tokens}
                 )
-                text, rec = self._consume(s, t0)
-                self.records.append(rec)
                 messages.append({"role": "assistant", "content": text})
         except Exception as e:  # counted: the table reports failed requests
             print(f"client error: {e!r}", file=sys.stderr)
             self.failed += 1
-        finally:
-            self.c.close()
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -205,6 +213,7 @@ def main() -> int:
     p.add_argument("-t", "--threads", type=int, default=None, help="server threads")
     p.add_argument("--server-args", default="--budget 256", help="more `tova serve` flags (quoted)")
     p.add_argument("--url", default=None, help="an already running server (its slots are its own)")
+    p.add_argument("--slots", type=int, default=None, help="one server with this many slots for every level")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,15 +230,18 @@ def main() -> int:
         args.model = str(default_model_path())
     extra = shlex.split(args.server_args) + (["-t", str(args.threads)] if args.threads else [])
     rows = []
-    with open(out / "server.log", "w") as log:
-        for n in [int(x) for x in args.clients.split(",")]:
-            if args.url:
-                rows.append(level(args.url, args, n))
+    levels = [int(x) for x in args.clients.split(",")]
+    with open(out / "server.log", "w") as log, contextlib.ExitStack() as stack:
+        url = args.url
+        if url is None and args.slots:
+            url = stack.enter_context(server(args.model, args.slots, extra, log))
+        for n in levels:
+            if url is not None:
+                rows.append(level(url, args, n))
             else:
-                with server(args.model, n, extra, log) as url:
-                    rows.append(level(url, args, n))
-            r = rows[-1]
-            print(json.dumps(r), file=sys.stderr)
+                with server(args.model, n, extra, log) as one:
+                    rows.append(level(one, args, n))
+            print(json.dumps(rows[-1]), file=sys.stderr)
     print(f"model {Path(args.model).name}; server flags: {' '.join(extra)}")
     print(
         "| clients | requests | failed | prompt tok (reused) | gen tok | wall s | gen t/s | prompt+gen t/s "

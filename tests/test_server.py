@@ -185,6 +185,36 @@ def test_follow_up_reuses_the_slot(server):
     assert second.usage.prompt_tokens - reused < 20  # only the new turn was evaluated
 
 
+def test_concurrent_requests_share_decodes(server):
+    """6 requests on 3 slots at once: 3 wait in the queue, all finish, and the decode steps are far fewer
+    than the tokens generated (the slots decode together, one batched step for all)."""
+    steps0 = _metric(server, "tova_decode_steps_total")
+    gen0 = _metric(server, "tova_generated_tokens_total")
+    out: list = []
+
+    def one(i: int) -> None:
+        c = _client(server)
+        out.append(
+            c.completions.create(
+                model="x",
+                prompt=f"List {i}: apples,",
+                max_tokens=12,
+                temperature=0,
+                extra_body={"min_tokens": 12},
+            )
+        )
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == 6 and all(r.usage.completion_tokens == 12 for r in out)
+    generated = _metric(server, "tova_generated_tokens_total") - gen0
+    steps = _metric(server, "tova_decode_steps_total") - steps0
+    assert generated == 72 and steps < 0.75 * generated, (steps, generated)
+
+
 def test_errors_have_openai_shape(server):
     c = _client(server)
     msg = [{"role": "user", "content": "hi"}]
@@ -319,9 +349,17 @@ def first_divergence(a: list, b: list) -> int | None:
 def test_load_32_concurrent_conversations(smollm2_path):
     """32 clients, each a 3-turn conversation far beyond the budget, streamed at once through 32 slots: no
     request fails, every stream ends with a finish reason and usage, the server's resident memory stays
-    flat, and greedy streams equal the same conversations run alone (checked for a quarter of them)."""
-    n_clients, n_turns, words, max_tokens = 32, 3, 110, 8
-    args = ["--slots", str(n_clients), "--budget", "64", "--chunk", "64", "-b", "256", "--api-key", KEY]
+    flat, and greedy streams equal the same conversations run alone (checked for a quarter of them).
+
+    Policy window here: its kept sets depend on positions only, so a served conversation differs from its
+    run alone by llama.cpp's arithmetic alone (scripts/kv_layout_check.py: the cells a sequence occupies
+    move SmolLM2's logits by up to 1.8% of the largest one), which can only turn a near tie. TOVA's kept
+    sets follow the scores, so such a difference may also flip an eviction and the streams then drift
+    apart further (docs/SERVER.md, "Batched arithmetic"); tests/test_batch.py checks TOVA's per-layer
+    sets in a batch against the same sequence alone on models without near ties."""
+    n_clients, n_turns, words, max_tokens = 32, 3, 80, 8
+    args = ["--slots", str(n_clients), "--budget", "32", "--chunk", "32", "-b", "256", "--api-key", KEY]
+    args += ["--policy", "window"]
     convs = [conversation_turns(i, n_turns, words) for i in range(n_clients)]
     with run_server(smollm2_path, *args) as (url, proc):
         results: dict[int, list] = {}
@@ -346,13 +384,11 @@ def test_load_32_concurrent_conversations(smollm2_path):
             assert len(turns) == n_turns
             for t in turns:
                 assert t["reason"] in ("stop", "length") and t["usage"] is not None, (i, t)
-            assert turns[-1]["usage"].prompt_tokens > 300 and turns[-1]["usage"].reused_prompt_tokens > 0
+            assert turns[-1]["usage"].prompt_tokens > 250 and turns[-1]["usage"].reused_prompt_tokens > 0
         # flat memory: once every slot holds a full cache, growth stays within a few MiB
         settled = rss[len(rss) // 3 :]
         assert max(settled) - settled[0] < 32 * 2**20, [round(x / 2**20) for x in rss]
-        # alone: the same conversations one at a time, on the same server. llama.cpp's arithmetic depends on
-        # which cells a sequence occupies (scripts/kv_layout_check.py: up to 1.8% of the largest logit on
-        # SmolLM2 with no eviction at all), so a stream may part from its run alone, at a near tie only
+        # alone: the same conversations one at a time, on the same server; they may part at a near tie only
         identical = 0
         for i in range(0, n_clients, 4):
             alone = run_conversation(url, convs[i], max_tokens)
@@ -360,7 +396,7 @@ def test_load_32_concurrent_conversations(smollm2_path):
                 k = first_divergence(got["tops"], want["tops"])
                 shared = min(len(got["tops"]), len(want["tops"])) if k is None else k
                 for (_, g), (_, w) in zip(got["tops"][:shared], want["tops"][:shared], strict=True):
-                    assert abs(g[0][1] - w[0][1]) < 0.5, (i, t, g, w)  # the same token, about as likely
+                    assert abs(g[0][1] - w[0][1]) < 0.3, (i, t, g, w)  # the same token, about as likely
                 if k is None:
                     assert got["text"] == want["text"]
                     identical += 1
@@ -379,3 +415,14 @@ def test_load_32_concurrent_conversations(smollm2_path):
         print(
             f"\n{identical} of {n_turns * len(range(0, n_clients, 4))} turns identical to the turn run alone"
         )
+
+
+def test_cli_flags():
+    """`tova serve` takes llama.cpp server's -np / --parallel / -cb; `tova generate` still refuses them."""
+    from tova_cpp.cli import _unsupported, build_parser, main
+
+    assert _unsupported(["serve", "-np", "2", "-cb"]) is None
+    assert "not supported" in _unsupported(["generate", "-np", "2"])
+    args = build_parser().parse_args(["serve", "-np", "6", "--port", "0", "-c", "512"])
+    assert (args.slots, args.port, args.budget, args.host, args.api_key) == (6, 0, 512, "127.0.0.1", None)
+    assert main(["serve", "--grammar", "root ::= x"]) == 1  # per request only

@@ -389,6 +389,11 @@ def cmd_serve(args) -> int:
         f"{args.policy}) on http://{args.host}:{args.port}" + ("" if args.api_key else " (no API key)"),
         file=sys.stderr,
     )
+    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"tova serve: warning: {args.host} is reachable from other machines and no --api-key is set",
+            file=sys.stderr,
+        )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
 
