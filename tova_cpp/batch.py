@@ -507,6 +507,10 @@ def stream_generate_batch(
     with seed + i, so results do not depend on how prompts were grouped."""
     max_tokens = check_max_tokens(max_tokens)
     stops = check_stops(stop)
+    # a model without a tokenizer generates token ids only (llama.cpp aborts rendering their text)
+    has_text = llama_cpp.llama_vocab_type(bs._vocab) != llama_cpp.LLAMA_VOCAB_TYPE_NONE
+    if stops and not has_text:
+        bs._require_tokenizer()
     todo = []
     for p in prompts:
         toks = bs.tokenize(p, add_special=True, parse_special=True) if isinstance(p, str) else list(p)
@@ -544,7 +548,8 @@ def stream_generate_batch(
                     text = st["text"][st["emitted"] :]
                 else:
                     st["n"] += 1
-                    st["text"] += st["decoder"].decode(token_piece(bs._vocab, tok))
+                    if has_text:
+                        st["text"] += st["decoder"].decode(token_piece(bs._vocab, tok))
                     hit = min((j for j in (st["text"].find(x) for x in stops) if j >= 0), default=-1)
                     if hit >= 0:
                         reason, text = "stop", st["text"][st["emitted"] : hit]
