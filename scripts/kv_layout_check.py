@@ -1,8 +1,9 @@
 """llama.cpp alone (no tova_cpp engine, no eviction): does one sequence's output depend on which cells of a
 unified KV cache it occupies? It decodes the same prompt into sequence 0 of a fresh context twice, once on an
 empty cache and once after three other sequences took the first cells, and prints how far the last logits
-move. This is why `tova serve`'s greedy streams may part from the same conversation run alone
-(docs/SERVER.md, "Batched arithmetic").
+move; then it changes what the other sequences hold (same cells): 0 means nothing leaks between sequences,
+only the layout moves the arithmetic. This is why `tova serve`'s greedy streams may part from the same
+conversation run alone (docs/SERVER.md, "Batched arithmetic").
 
     python scripts/kv_layout_check.py [-m MODEL.gguf]
 """
@@ -31,7 +32,7 @@ def decode(ctx, n_vocab: int, tokens: list[int], seq: int, pos0: int) -> np.ndar
         llama_cpp.llama_batch_free(b)
 
 
-def last_logits(model, n_vocab: int, others: int, flash_attn: bool) -> np.ndarray:
+def last_logits(model, n_vocab: int, others: int, flash_attn: bool, first: int = 100) -> np.ndarray:
     cp = llama_cpp.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = 1024, 64, 64, 4, True
     cp.n_threads = cp.n_threads_batch = 1
@@ -41,7 +42,7 @@ def last_logits(model, n_vocab: int, others: int, flash_attn: bool) -> np.ndarra
     ctx = llama_cpp.llama_init_from_model(model, cp)
     try:
         for seq in range(1, others + 1):
-            decode(ctx, n_vocab, list(range(100, 150)), seq, 0)
+            decode(ctx, n_vocab, list(range(first, first + 50)), seq, 0)
         prompt = list(range(1000, 1180))
         for i in range(0, len(prompt), 64):
             out = decode(ctx, n_vocab, prompt[i : i + 64], 0, i)
@@ -65,9 +66,11 @@ def main() -> None:
     for fa in (False, True):
         a = last_logits(model, n_vocab, 0, fa)
         b = last_logits(model, n_vocab, 3, fa)
+        c = last_logits(model, n_vocab, 3, fa, first=500)  # the same cells taken, by other tokens
         print(
             f"flash_attn={fa}: same prompt, same positions, other cells: max |dlogit| / max |logit| = "
-            f"{np.abs(a - b).max() / np.abs(a).max():.2e}; greedy token {int(a.argmax())} vs {int(b.argmax())}"
+            f"{np.abs(a - b).max() / np.abs(a).max():.2e}; greedy token {int(a.argmax())} vs {int(b.argmax())}; "
+            f"same cells, other sequences' tokens changed: {np.abs(b - c).max() / np.abs(a).max():.2e}"
         )
     llama_cpp.llama_model_free(model)
 

@@ -312,7 +312,7 @@ def conversation_turns(seed: int, n_turns: int, words_per_turn: int) -> list[str
 
 def run_conversation(url: str, turns: list[str], max_tokens: int) -> list[dict]:
     """One client's multi-turn conversation, streamed; per turn its text, finish reason, usage and the
-    top-2 logprobs of every token."""
+    top-5 logprobs of every token."""
     c = _client(url)
     messages, out = [{"role": "system", "content": "You are a terse assistant."}], []
     for turn in turns:
@@ -324,7 +324,7 @@ def run_conversation(url: str, turns: list[str], max_tokens: int) -> list[dict]:
             temperature=0,
             stream=True,
             logprobs=True,
-            top_logprobs=2,
+            top_logprobs=5,
             stream_options={"include_usage": True},
         )
         text, reason, usage, tops = "", None, None, []
@@ -349,17 +349,14 @@ def first_divergence(a: list, b: list) -> int | None:
 def test_load_32_concurrent_conversations(smollm2_path):
     """32 clients, each a 3-turn conversation far beyond the budget, streamed at once through 32 slots: no
     request fails, every stream ends with a finish reason and usage, the server's resident memory stays
-    flat, and greedy streams equal the same conversations run alone (checked for a quarter of them).
-
-    Policy window here: its kept sets depend on positions only, so a served conversation differs from its
-    run alone by llama.cpp's arithmetic alone (scripts/kv_layout_check.py: the cells a sequence occupies
-    move SmolLM2's logits by up to 1.8% of the largest one), which can only turn a near tie. TOVA's kept
-    sets follow the scores, so such a difference may also flip an eviction and the streams then drift
-    apart further (docs/SERVER.md, "Batched arithmetic"); tests/test_batch.py checks TOVA's per-layer
-    sets in a batch against the same sequence alone on models without near ties."""
+    flat, and greedy streams equal the same conversations run alone (checked for a quarter of them), except
+    from a point where llama.cpp's arithmetic differs between the two runs: the cells a sequence occupies
+    move SmolLM2's logits by up to 1.8% of the largest one (scripts/kv_layout_check.py, which also shows
+    that the other sequences' contents do not), and with TOVA a close score may then evict another token
+    (docs/SERVER.md, "Batched arithmetic"). There, each run's token must be among the other's 5 most
+    likely, and the scheduler must have fed both runs the same prompts (usage) up to that turn."""
     n_clients, n_turns, words, max_tokens = 32, 3, 80, 8
     args = ["--slots", str(n_clients), "--budget", "32", "--chunk", "32", "-b", "256", "--api-key", KEY]
-    args += ["--policy", "window"]
     convs = [conversation_turns(i, n_turns, words) for i in range(n_clients)]
     with run_server(smollm2_path, *args) as (url, proc):
         results: dict[int, list] = {}
@@ -388,28 +385,27 @@ def test_load_32_concurrent_conversations(smollm2_path):
         # flat memory: once every slot holds a full cache, growth stays within a few MiB
         settled = rss[len(rss) // 3 :]
         assert max(settled) - settled[0] < 32 * 2**20, [round(x / 2**20) for x in rss]
-        # alone: the same conversations one at a time, on the same server; they may part at a near tie only
+        # alone: the same conversations one at a time, on the same server
         identical = 0
         for i in range(0, n_clients, 4):
             alone = run_conversation(url, convs[i], max_tokens)
             for t, (got, want) in enumerate(zip(results[i], alone, strict=True)):
+                for field in ("prompt_tokens", "reused_prompt_tokens"):
+                    assert getattr(got["usage"], field) == getattr(want["usage"], field), (i, t, field)
                 k = first_divergence(got["tops"], want["tops"])
-                shared = min(len(got["tops"]), len(want["tops"])) if k is None else k
-                for (_, g), (_, w) in zip(got["tops"][:shared], want["tops"][:shared], strict=True):
-                    assert abs(g[0][1] - w[0][1]) < 0.3, (i, t, g, w)  # the same token, about as likely
                 if k is None:
                     assert got["text"] == want["text"]
                     identical += 1
                     continue
-                # the concurrent run took the alone run's second choice, which was within noise of its first;
-                # the rest of the conversation then differs by construction
-                (a, lp_a), (b, lp_b) = want["tops"][k][1]
-                assert got["tops"][k][0] == b and lp_a - lp_b < 1.0, (
+                # the rest of the conversation differs by construction
+                g_tok, g_top = got["tops"][k]
+                w_tok, w_top = want["tops"][k]
+                assert g_tok in [x for x, _ in w_top] and w_tok in [x for x, _ in g_top], (
                     i,
                     t,
                     k,
-                    got["tops"][k],
-                    want["tops"][k],
+                    g_top,
+                    w_top,
                 )
                 break
         print(
