@@ -255,7 +255,10 @@ bool scorer::build_graph_rows(const std::vector<ggml_tensor *> & cache_k, std::s
         }
         ggml_tensor * p = ggml_soft_max_ext(ctx, kq, mask, sm_scale, 0.0f);
         if (lv.sinks) ggml_soft_max_add_sinks(p, lv.sinks);
-        ggml_tensor * sum = ggml_out_prod(ctx, ggml_reshape_2d(ctx, p, n_kv_, n_rows * n_head_), ones);  // [n_kv, 1]
+        ggml_tensor * p2 = ggml_reshape_2d(ctx, p, n_kv_, n_rows * n_head_);
+        ggml_tensor * sum = ggml_out_prod(ctx, p2, ones);  // [n_kv, 1]
+        if (!ggml_backend_supports_op(backend_, sum))      // a backend without out_prod: transpose, then sum rows
+            sum = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_transpose(ctx, p2)));  // [1, n_kv]
         ggml_tensor * mean = ggml_scale(ctx, sum, 1.0f / (float) n_head_);
         ggml_tensor * dst = ggml_view_1d(ctx, out_, n_kv_, (size_t) l * n_kv_ * sizeof(float));
         ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_1d(ctx, mean, n_kv_), dst));

@@ -47,8 +47,9 @@ def tiny(tmp_path_factory):
     return path, write_tiny_llama(path)
 
 
-def run_batch(path, policy, flash_attn, n_vocab, n_ctx=None):
+def run_batch(path, policy, flash_attn, n_vocab, n_ctx=None, **kw):
     """Runs PLAN in one BatchSession; returns per name: the token stream, and per step (kept, logits)."""
+    kw = {"type_k": "f32", "type_v": "f32", "n_threads": 2, **kw}
     rng = np.random.default_rng(7)
     streams = {name: rng.integers(0, n_vocab, size=n + STEPS).tolist() for name, n, *_ in PLAN}
     got = {name: [] for name, *_ in PLAN}
@@ -60,9 +61,7 @@ def run_batch(path, policy, flash_attn, n_vocab, n_ctx=None):
         chunk=CHUNK,
         policy=policy,
         flash_attn=flash_attn,
-        type_k="f32",
-        type_v="f32",
-        n_threads=2,
+        **kw,
     ) as bs:
         ids, fed = {}, {}
         for t in range(STEPS):
@@ -86,6 +85,30 @@ def run_batch(path, policy, flash_attn, n_vocab, n_ctx=None):
                 got[name].append((bs.kept_positions(seq), out[seq]))
         assert sorted(ids.values()) == bs.sequences
     return streams, got
+
+
+def replay_against_reference(model, name, streams, got, policy, rtol, max_ties=0, tie_rtol=5e-2):
+    """The oracle run alone on sequence `name`'s tokens, compared with what the batch recorded at every step
+    (test_reference.first_mismatch's rule: up to max_ties near-tie cuts may differ, the oracle follows).
+    Returns None or the first mismatch."""
+    _, n, kw, start, stop = next(p for p in PLAN if p[0] == name)
+    ref = Reference(
+        model, kw["budget"], CHUNK, policy, keep=kw.get("keep", 0), evict_interval=kw.get("evict_interval", 1)
+    )
+    ties = 0
+    for i, (kept, logits) in enumerate(got[name]):
+        ref.eval(streams[name][:n] if i == 0 else [streams[name][n + i - 1]])
+        want = ref.kept_positions()
+        if kept.shape != want.shape or not np.array_equal(kept, want):
+            if max_ties == 0 or ref.before_cut is None:
+                return f"{name} step {i}: kept positions differ"
+            ties += ref.follow(kept, rtol=tie_rtol)
+            if ties > max_ties:
+                return f"{name} step {i}: more than {max_ties} near-tie cuts differ"
+        tol = rtol * np.abs(ref.last_logits).max()
+        if not np.allclose(logits, ref.last_logits, rtol=rtol, atol=tol):
+            return f"{name} step {i}: logits differ by {np.abs(logits - ref.last_logits).max()}"
+    return None
 
 
 def alone(path, model, name, streams, policy, flash_attn):

@@ -341,3 +341,39 @@ def test_bench_without_the_bench_extra_says_which_extra(monkeypatch, capsys):
     assert cli.main(["bench", "speed", "-d", "64"]) == 1
     err = capsys.readouterr().err
     assert "pip install 'tova_cpp[bench]'" in err and "tqdm" in err
+
+
+def test_batch_command(tiny, tmp_path, capsys):
+    """`tova bench batch` on the tiny model: how many sequences fit in the memory of 4 full ones, their rates,
+    the speedup column against the full cache, and the result files."""
+    out = tmp_path / "batch"
+    argv = [
+        "batch",
+        "-m",
+        str(tiny),
+        "--context",
+        "128",
+        "--full-seqs",
+        "4",
+        "--budgets",
+        "16,48",
+        "--chunk",
+        "8",
+    ]
+    argv += ["-n", "2", "-r", "1", "--evict-interval", "4", "-t", "1", "--in-process", "-o", str(out)]
+    assert main(argv) == 0
+    rows = _rows(out / "batch.csv")
+    assert [(r["policy"], int(r["budget"]), int(r["n_seqs"])) for r in rows] == [
+        ("full", 128, 4),  # 512 cells / 128
+        ("tova", 16, 21),  # 512 // (16 + 8)
+        ("tova", 48, 9),  # 512 // (48 + 8)
+    ]
+    assert all(int(r["kv_cells"]) == 512 for r in rows)
+    assert float(rows[0]["speedup"]) == 1.0 and all(float(r["tg_tps"]) > 0 for r in rows)
+    assert json.loads((out / "batch.json").read_text())["meta"]["kv_cells"] == 512
+    assert (out / "batch.png").stat().st_size > 1000
+    assert "| tova B=16 | 21 |" in capsys.readouterr().out
+    # fixed counts instead of "as many as fit"; a count that does not fit is a clear error
+    assert main([*argv[:-1], str(tmp_path / "seqs"), "--policies", "tova", "--seqs", "1,3"]) == 0
+    assert [int(r["n_seqs"]) for r in _rows(tmp_path / "seqs" / "batch.csv")] == [1, 3, 1, 3]
+    assert main([*argv[:-1], str(tmp_path / "big"), "--policies", "tova", "--seqs", "50"]) == 2

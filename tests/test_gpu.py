@@ -150,3 +150,21 @@ def test_offloaded_unscored_decodes_read_no_node(tiny, policy, m):
             assert observed.count(0) >= len(observed) - len(observed) // m - 1
         else:
             assert observed == [0] * len(observed)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+@pytest.mark.parametrize("check_cells", ["0", "1"], ids=["predicted-cells", "read-cells"])
+def test_offloaded_many_sequences_match_reference(tiny, flash_attn, check_cells, monkeypatch):
+    """tests/test_batch.py's plan (5 sequences, different prompts, budgets, keep, evict_interval, start times,
+    one removed) in one BatchSession on the GPU: each sequence against the oracle run alone, GPU bounds. With
+    flash attention the scores come from the batched scoring graph (one row per sequence)."""
+    from test_batch import PLAN, replay_against_reference, run_batch
+
+    monkeypatch.setenv("TOVA_CHECK_CELLS", check_cells)
+    path, model = tiny
+    streams, got = run_batch(path, "tova", flash_attn, model.n_vocab, n_gpu_layers=-1)
+    for name, *_ in PLAN:
+        msg = replay_against_reference(
+            model, name, streams, got, "tova", GPU_RTOL, max_ties=GPU_MAX_TIES, tie_rtol=GPU_TIE_RTOL
+        )
+        assert msg is None

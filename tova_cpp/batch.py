@@ -359,9 +359,8 @@ class BatchSession:
             self._last.clear()
             raise EngineError(f"tova engine error {rc}: {self._error()}; every sequence was emptied")
         result = {}
-        for i, seq in enumerate(seqs):
-            self._last[seq] = out[i]
-            result[seq] = out[i].copy()
+        for i, seq in enumerate(seqs):  # rows of this call's own array: nothing later writes them
+            self._last[seq] = result[seq] = out[i]
         return result
 
     def eval(self, seq: int, tokens: Sequence[int]) -> np.ndarray:
