@@ -24,7 +24,7 @@ EXAMPLES = int(os.environ.get("TOVA_FUZZ_EXAMPLES", "40"))
 # With F16 arithmetic (flash attention casts K, V and Q to F16; an F16 cache) a layer may keep another set than
 # the float64 oracle when the swapped cells' oracle scores are within TIE_RTOL of each other. Measured: an
 # F16-emulating oracle (Reference with type f16) flipped 136 of 41,937 tova cuts against the float64 one,
-# the swapped cells at most 7.3% apart (median 0.6%); docs/RELIABILITY.md, "Fuzzing against the oracle".
+# the swapped cells at most 7.3% apart (median 0.6%; scripts/tie_flips.py); docs/RELIABILITY.md, section Fuzzing.
 TIE_RTOL = 0.10
 
 
