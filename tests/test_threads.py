@@ -12,7 +12,7 @@ from tiny_gguf import write_tiny_llama
 
 from tova_cpp import Session
 from tova_cpp import threads as threads_mod
-from tova_cpp.threads import CLK_TCK, FreeCores, read_cpu_ticks
+from tova_cpp.threads import CLK_TCK, FreeCores, busy_ticks, read_cpu_ticks
 
 
 class FakeProc:
@@ -91,15 +91,30 @@ def test_unreadable_proc_keeps_the_given_count():
     assert fc.poll() == 2
 
 
-def test_real_proc_counts_this_process_busy_time():
+STAT = """cpu  1000 500 300 9000 10 7 3 2 0 0
+cpu0 100 50 30 900 1 1 1 1 0 0
+cpu1 200 60 40 800 2 2 2 2 0 0
+cpu2 400 70 50 700 3 3 3 3 0 0
+intr 12345
+"""
+
+
+def test_busy_ticks_counts_the_allowed_cpus_and_niced_time_only_when_asked():
+    assert busy_ticks(STAT, {0, 1}, count_niced=False) == (100 + 30 + 1 + 1 + 1) + (200 + 40 + 2 + 2 + 2)
+    assert busy_ticks(STAT, {0, 1}, count_niced=True) == busy_ticks(STAT, {0, 1}, False) + 50 + 60
+    assert busy_ticks(STAT, {2}, count_niced=False) == 400 + 50 + 3 + 3 + 3
+
+
+def test_real_proc_reads_this_process_cpu_time():
     cpus = threads_mod.allowed_cpus()
     busy0, own0 = read_cpu_ticks(cpus)
     start = time.process_time()
     while time.process_time() - start < 0.3:
         pass
+    spent = time.process_time() - start
     busy1, own1 = read_cpu_ticks(cpus)
-    assert own1 - own0 >= 0.2 * CLK_TCK
-    assert busy1 - busy0 >= (own1 - own0) - 0.05 * CLK_TCK  # our own time is part of the CPUs' busy time
+    assert 0.5 * spent * CLK_TCK <= own1 - own0 <= 1.5 * spent * CLK_TCK + 2  # utime + stime, this process
+    assert busy1 >= busy0
 
 
 @pytest.fixture(scope="module")
