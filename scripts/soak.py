@@ -6,7 +6,8 @@ and checks the invariants at every sample: occupied cells == budget, llama.cpp's
 ending at n_past - 1, every layer's kept positions unique, <= newest, and the same count; logits finite.
 Passes when the resident set after the warm-up stays within --rss-tol (1%) of its first sample.
 With --csv every sample is appended (and flushed) as it is taken, so a long run can be watched and a run
-stopped early (--max-seconds, or killed) still leaves its samples; --plot draws them (needs matplotlib).
+stopped early (--max-seconds, or killed) still leaves its samples; --summarize prints the table from CSVs
+and --plot draws them (needs matplotlib).
 
     python scripts/soak.py --tokens 100000 --csv soak.csv    # the full soak (not in CI)
     python scripts/soak.py --tokens 5000 --every 500         # a short proof run
@@ -84,16 +85,43 @@ def soak(path: Path, policy: str, args, csv, stop_at: float) -> dict:
     }
 
 
-def plot(csv_path: Path, png: Path) -> None:
+def read_csv(paths: list[Path]) -> list[list[str]]:
+    return [line.split(",") for path in paths for line in path.read_text().splitlines()[1:]]
+
+
+def summarize(samples: list[list[str]], rss_tol: float) -> list[dict]:
+    """The table's rows from CSV samples (a run that was stopped or killed still has them)."""
+    rows = []
+    for policy in dict.fromkeys(r[0] for r in samples):
+        pts = [r for r in samples if r[0] == policy]
+        after = [float(r[2]) for r in pts if r[4] == "1"]
+        base = after[0] if after else float("nan")
+        drift = max(abs(m - base) for m in after) / base if after else float("nan")
+        tokens, seconds = int(pts[-1][1]), float(pts[-1][3])
+        rows.append(
+            {
+                "policy": policy,
+                "tokens": tokens,
+                "checks": len(pts),
+                "rss_first_mib": round(base, 1),
+                "rss_last_mib": round(after[-1], 1) if after else None,
+                "rss_max_drift": drift,
+                "tok_s": tokens / seconds,
+                "ok": drift <= rss_tol,
+            }
+        )
+    return rows
+
+
+def plot(samples: list[list[str]], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [line.split(",") for line in csv_path.read_text().splitlines()[1:]]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for policy in dict.fromkeys(r[0] for r in rows):
-        pts = [(int(r[1]), float(r[2])) for r in rows if r[0] == policy]
+    for policy in dict.fromkeys(r[0] for r in samples):
+        pts = [(int(r[1]), float(r[2])) for r in samples if r[0] == policy]
         ax.plot([t for t, _ in pts], [m for _, m in pts], marker=".", label=policy)
     ax.set_xlabel("tokens decoded")
     ax.set_ylabel("resident memory (MiB)")
@@ -117,7 +145,22 @@ def main() -> int:
     p.add_argument("--csv", default=None, help="append every sample here as it is taken")
     p.add_argument("--plot", default=None, help="PNG of the CSV's samples (needs --csv and matplotlib)")
     p.add_argument("--max-seconds", type=float, default=None, help="stop (and report partial) after this")
+    p.add_argument(
+        "--summarize", default=None, help="comma list of CSVs: print their table (and --plot), run nothing"
+    )
     args = p.parse_args()
+    if args.summarize:
+        samples = read_csv([Path(x) for x in args.summarize.split(",")])
+        print("| policy | tokens | checks | RSS first MiB | RSS last MiB | max drift | t/s | ok |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        for r in summarize(samples, args.rss_tol):
+            print(
+                f"| {r['policy']} | {r['tokens']} | {r['checks']} | {r['rss_first_mib']} | {r['rss_last_mib']} | "
+                f"{r['rss_max_drift']:.2%} | {r['tok_s']:.1f} | {'yes' if r['ok'] else 'NO'} |"
+            )
+        if args.plot:
+            plot(samples, Path(args.plot))
+        return 0
     stop_at = time.time() + args.max_seconds if args.max_seconds else float("inf")
     csv = None
     if args.csv:
@@ -142,7 +185,7 @@ def main() -> int:
     if csv is not None:
         csv.close()
         if args.plot:
-            plot(Path(args.csv), Path(args.plot))
+            plot(read_csv([Path(args.csv)]), Path(args.plot))
     if args.out:
         Path(args.out).write_text(
             json.dumps({"command": " ".join(sys.argv), "results": rows}, indent=1) + "\n"
