@@ -99,10 +99,9 @@ intr 12345
 """
 
 
-def test_busy_ticks_counts_the_allowed_cpus_and_niced_time_only_when_asked():
-    assert busy_ticks(STAT, {0, 1}, count_niced=False) == (100 + 30 + 1 + 1 + 1) + (200 + 40 + 2 + 2 + 2)
-    assert busy_ticks(STAT, {0, 1}, count_niced=True) == busy_ticks(STAT, {0, 1}, False) + 50 + 60
-    assert busy_ticks(STAT, {2}, count_niced=False) == 400 + 50 + 3 + 3 + 3
+def test_busy_ticks_counts_the_allowed_cpus_niced_time_included():
+    assert busy_ticks(STAT, {0, 1}) == (100 + 50 + 30 + 1 + 1 + 1) + (200 + 60 + 40 + 2 + 2 + 2)
+    assert busy_ticks(STAT, {2}) == 400 + 70 + 50 + 3 + 3 + 3
 
 
 def test_real_proc_reads_this_process_cpu_time():

@@ -10,8 +10,8 @@ used by an OpenMP build, so the thread count is the knob that remains.
 
 Free cores are measured, not guessed: between two readings at least PERIOD seconds apart, the busy time of
 the CPUs this process may run on (/proc/stat) minus this process's own CPU time (/proc/self/stat) is what
-others used; niced processes count only when this one is niced too (read_cpu_ticks). A given n_threads
-(Session(n_threads=...), `tova -t`) is never changed.
+others used, niced processes included (busy_ticks says why). A given n_threads (Session(n_threads=...),
+`tova -t`) is never changed.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ def allowed_cpus() -> set[int]:
     )
 
 
-def busy_ticks(stat: str, cpus: set[int], count_niced: bool) -> int:
-    """Busy ticks of the given CPUs in a /proc/stat text: user, system, irq, softirq, steal, and the nice
-    column (time of processes with nice > 0) only when count_niced."""
+def busy_ticks(stat: str, cpus: set[int]) -> int:
+    """Busy ticks of the given CPUs in a /proc/stat text: user, nice, system, irq, softirq, steal. Niced
+    processes count in full: a team that spins at its barriers collapses beside them too (a nice-5 process
+    still has a third of a normal one's CFS weight), and /proc/stat does not say how niced they are."""
     busy = 0
     for line in stat.splitlines():
         if not line.startswith("cpu") or line.startswith("cpu "):
@@ -40,18 +41,14 @@ def busy_ticks(stat: str, cpus: set[int], count_niced: bool) -> int:
         name, *fields = line.split()
         if int(name[3:]) in cpus:
             user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-            busy += user + system + irq + softirq + steal + (nice if count_niced else 0)
+            busy += user + nice + system + irq + softirq + steal
     return busy
 
 
 def read_cpu_ticks(cpus: set[int]) -> tuple[int, int]:
-    """(busy ticks of the given CPUs that compete with this process, this process's user+system ticks), in
-    CLK_TCK units. A process at normal priority barely competes with niced ones (CFS weight 1024 against 15
-    at nice 10), so their time counts only when this process is niced itself (then its own time is in the
-    nice column too)."""
-    niced = hasattr(os, "getpriority") and os.getpriority(os.PRIO_PROCESS, 0) > 0
+    """(busy ticks of the given CPUs, this process's user+system ticks), in CLK_TCK units."""
     with open("/proc/stat") as f:
-        busy = busy_ticks(f.read(), cpus, niced)
+        busy = busy_ticks(f.read(), cpus)
     with open("/proc/self/stat") as f:
         stat = f.read()
     fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3 onwards
