@@ -11,6 +11,20 @@ ggml_backend_device * device_of(const ggml_tensor * t) {
     return dev;
 }
 
+// CPU backends take their thread count from ggml_backend_set_n_threads, found through the registry.
+static void apply_threads(ggml_backend_device * dev, ggml_backend * b, int n_threads) {
+    if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) return;
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+    auto set_threads =
+        (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
+    if (set_threads) set_threads(b, n_threads);
+}
+
+void backends::set_threads(int n) {
+    n_threads_ = n > 0 ? n : 1;
+    for (auto & s : started_) apply_threads(s.first, s.second, n_threads_);
+}
+
 backends::~backends() {
     for (auto & s : started_) ggml_backend_free(s.second);
 }
@@ -28,12 +42,7 @@ ggml_backend * backends::for_tensor(const ggml_tensor * t, std::string & err) {
         err = std::string("cannot start a backend for device ") + ggml_backend_dev_name(dev);
         return nullptr;
     }
-    if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
-        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
-        auto set_threads =
-            (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
-        if (set_threads) set_threads(b, n_threads_);
-    }
+    apply_threads(dev, b, n_threads_);
     started_.emplace_back(dev, b);
     return b;
 }

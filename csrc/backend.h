@@ -22,8 +22,9 @@ public:
     backends() = default;
     backends(const backends &) = delete;
     backends & operator=(const backends &) = delete;
-    // CPU threads of the CPU backend (the flash-attention scores on a host cache).
-    void set_threads(int n) { n_threads_ = n > 0 ? n : 1; }
+    // CPU threads of the CPU backend (the flash-attention scores on a host cache), started or not: the session
+    // may change it between decodes (tova_cpp/threads.py follows the cores other processes leave free).
+    void set_threads(int n);
     // The backend for t's device; NULL and err filled when there is none.
     ggml_backend * for_tensor(const ggml_tensor * t, std::string & err);
 

@@ -66,7 +66,7 @@ int32_t tova_engine_set_cells(tova_engine * e, int32_t n_cells);
 // Cut only once budget + m cells are occupied (evicting m or more at once, by the newest query's scores);
 // m = 1 is the paper's per-token TOVA. Needs budget + m <= memory.
 int32_t tova_engine_set_evict_interval(tova_engine * e, int32_t m);
-// CPU threads for the flash-attention scoring graph when the cache is in host memory.
+// CPU threads for the flash-attention scoring graph when the cache is in host memory; may change between decodes.
 void tova_engine_set_threads(tova_engine * e, int32_t n_threads);
 // Force the ggml-graph mover even for host buffers (tests).
 void tova_engine_set_force_graph_mover(tova_engine * e, bool force);

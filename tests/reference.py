@@ -234,10 +234,14 @@ class Reference:
             self.last_logits = h @ w["output.weight"].T
         return rows
 
+    def _protect_below(self) -> int:
+        """Positions below this are never evicted (keep; sink's first n_sink)."""
+        return max(self.keep, self.n_sink) if self.policy == "sink" else self.keep
+
     def _kept(self, il, row):
         """Indices (into this layer's keys) of the `budget` keys the layer keeps."""
         pos, budget = self.pos[il], self.budget
-        protect_below = max(self.keep, self.n_sink) if self.policy == "sink" else self.keep
+        protect_below = self._protect_below()
         protected = [i for i in range(len(pos)) if pos[i] < protect_below]
         rest = [i for i in range(len(pos)) if pos[i] >= protect_below]
         room = budget - len(protected)  # cells left for the unprotected keys
@@ -289,12 +293,18 @@ class Reference:
 
     def follow(self, kept, rtol: float) -> int:
         """Redo the last cut with another engine's per-layer kept positions (`kept`: [managed layers, width],
-        -1 padded)
-        when that choice is TOVA's up to a near tie: every kept key scores at least every evicted key / (1+rtol)
-        by this reference's scores. Returns the number of layers whose set changed; raises AssertionError when
-        the other choice is not a near-tie (a real disagreement) or there was no cut."""
+        -1 padded) when that choice is TOVA's up to a near tie: every protected key is kept, and every kept
+        unprotected key scores at least every evicted key / (1+rtol) by this reference's scores. Protected keys
+        are left out of the comparison (they are kept whatever they score). Only for score-ranked policies
+        (tova and its wrong variants): window, sink and h2o never choose by the last row, so a difference
+        there is never a tie. Returns the number of layers whose set changed; raises AssertionError when the
+        other choice is not a near tie (a real disagreement) or there was no cut."""
         assert self.before_cut is not None, "no cut in the last step to follow"
+        assert self.policy in ("tova", "shared", "protect_newest", "no_sink_scores"), (
+            f"{self.policy} does not rank by the last row's scores: no near tie to follow"
+        )
         ks, vs, ps, accs, rows = self.before_cut
+        protect_below = self._protect_below()
         changed = 0
         for il, row in zip(self.managed, kept, strict=True):
             want = np.sort(row[row >= 0])
@@ -304,7 +314,9 @@ class Reference:
             assert set(want) <= set(held) and len(want) == len(self.pos[il]), f"layer {il}: not a subset"
             keep = np.array([held.index(p) for p in want])
             drop = np.setdiff1d(np.arange(len(held)), keep)
-            lo, hi = rows[il][keep].min(), rows[il][drop].max()
+            assert (ps[il][drop] >= protect_below).all(), f"layer {il}: a protected position was evicted"
+            ranked = keep[ps[il][keep] >= protect_below]  # the kept keys that won by their score
+            lo, hi = rows[il][ranked].min(), rows[il][drop].max()
             assert hi <= lo * (1 + rtol), (
                 f"layer {il}: evicted score {hi:.6g} > kept {lo:.6g} beyond a near tie"
             )

@@ -21,6 +21,11 @@ from tiny_gguf import write_tiny_llama
 from tova_cpp import Session
 
 EXAMPLES = int(os.environ.get("TOVA_FUZZ_EXAMPLES", "40"))
+# With F16 arithmetic (flash attention casts K, V and Q to F16; an F16 cache) a layer may keep another set than
+# the float64 oracle when the swapped cells' oracle scores are within TIE_RTOL of each other. Measured: an
+# F16-emulating oracle (Reference with type f16) flipped 136 of 41,937 tova cuts against the float64 one,
+# the swapped cells at most 7.3% apart (median 0.6%; scripts/tie_flips.py); docs/RELIABILITY.md, section Fuzzing.
+TIE_RTOL = 0.10
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +86,7 @@ def compare(s: Session, ref: Reference, exact: bool) -> str | None:
         if exact or ref.before_cut is None:
             return f"kept positions differ\nengine {kept}\nreference {want}"
         try:
-            ref.follow(kept, rtol=5e-2)
+            ref.follow(kept, rtol=TIE_RTOL)
         except AssertionError as e:
             return f"kept positions differ beyond a near tie ({e})\nengine {kept}\nreference {want}"
     rtol = 1e-4 if exact else 2e-2
@@ -118,6 +123,21 @@ def compare(s: Session, ref: Reference, exact: bool) -> str | None:
     ops=[("eval", 1), ("eval", 34)],
     seed=1,
 )
+# found by a long run: layer 2 keeps position 18 where the oracle keeps 2 (oracle scores 0.002111 vs 0.002162, a
+# 2.4% near tie that F16 arithmetic reverses); the tie rule then compared against a protected key's score
+@example(
+    kw={
+        "policy": "tova",
+        "budget": 8,
+        "chunk": 1,
+        "keep": 2,
+        "evict_interval": 1,
+        "flash_attn": True,
+        "cache": "f32",
+    },
+    ops=[("decode", 12), ("decode", 11)],
+    seed=13,
+)
 def test_random_operation_sequences_match_the_reference(tiny, kw, ops, seed):
     path, model = tiny
     rng = np.random.default_rng(seed)
@@ -146,3 +166,52 @@ def test_random_operation_sequences_match_the_reference(tiny, kw, ops, seed):
                 ref.eval(piece)
                 msg = compare(s, ref, exact)
                 assert msg is None, f"{kw} op {step} {op} {n} (ops {ops}): {msg}"
+
+
+def near_tie_case(model):
+    """The long run's finding, on the oracle alone: tova, budget 8, keep 2, 23 tokens one at a time. At the
+    last cut layer 2 keeps position 2 (score 0.002162) over 18 (0.002111); position 1 (protected) scores
+    0.001284."""
+    ref = Reference(model, 8, 1, "tova", keep=2)
+    for t in np.random.default_rng(13).integers(0, 64, 23).tolist():
+        ref.eval([t])
+    kept = ref.kept_positions()
+    assert 2 in kept[2] and 18 not in kept[2] and ref.before_cut is not None
+    return ref, kept
+
+
+def swapped(kept, layer, out, into):
+    kept = kept.copy()
+    row = kept[layer]
+    row[row == out] = into
+    kept[layer] = np.sort(row)
+    return kept
+
+
+def test_follow_judges_a_near_tie_by_unprotected_scores_only(tiny):
+    ref, kept = near_tie_case(tiny[1])
+    assert ref.follow(swapped(kept, 2, 2, 18), rtol=TIE_RTOL) == 1  # 2.4% apart: followed
+    assert 18 in ref.kept_positions()[2] and 2 not in ref.kept_positions()[2]
+
+
+@pytest.mark.parametrize(
+    "out, into, match",
+    [
+        (1, 18, "protected position was evicted"),  # a protected key is never a tie
+        (0, 18, "protected position was evicted"),
+        (21, 18, "beyond a near tie"),  # 0.288 vs 0.0021
+    ],
+)
+def test_follow_refuses_what_is_not_a_near_tie(tiny, out, into, match):
+    ref, kept = near_tie_case(tiny[1])
+    with pytest.raises(AssertionError, match=match):
+        ref.follow(swapped(kept, 2, out, into), rtol=TIE_RTOL)
+
+
+def test_follow_refuses_policies_that_do_not_rank_by_scores(tiny):
+    model = tiny[1]
+    ref = Reference(model, 4, 1, "window")
+    for t in range(6):
+        ref.eval([t])
+    with pytest.raises(AssertionError, match="no near tie"):
+        ref.follow(ref.kept_positions(), rtol=TIE_RTOL)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_gguf import write_tiny_llama
+from tiny_gguf import SPECIALS, write_tiny_llama
 
 from tova_cpp import Cancelled, Session, SessionBusyError
 
@@ -402,3 +402,24 @@ def test_bench_outputs_replace_a_planted_symlink_instead_of_following_it(tmp_pat
     assert (out / "ppl.csv").read_text().splitlines() == ["a", "1"]
     assert (out / "ppl.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in out.iterdir()) == ["ppl.csv", "ppl.json", "ppl.png"]  # no temporary left
+
+
+def test_more_logprobs_than_the_vocabulary_returns_all_of_it(byte_model):
+    """logprobs=10**9 raised numpy's "kth out of bounds"; llama-cpp-python returns every token's."""
+    from tova_cpp import Llama
+
+    with Llama(str(byte_model), n_ctx=16, n_threads=1, verbose=False) as llm:
+        out = llm("ab", max_tokens=2, logprobs=10**9, temperature=0.0)
+        top = out["choices"][0]["logprobs"]["top_logprobs"]
+        # keyed by piece text, as llama-cpp-python: the invalid single bytes all read "\ufffd"
+        assert len(top) == 2 and all(128 < len(t) <= len(SPECIALS) + 256 for t in top)
+
+
+@pytest.mark.parametrize("role", [5, None, b"user"])
+def test_a_message_role_that_is_not_a_str_is_refused_clearly(byte_model, role):
+    """It reached the chat template and came back as jinja's "can only concatenate str" TypeError."""
+    from tova_cpp import Llama
+
+    with Llama(str(byte_model), n_ctx=16, n_threads=1, verbose=False) as llm:
+        with pytest.raises(ValueError, match="str 'role'"):
+            llm.create_chat_completion([{"role": role, "content": "hi"}], max_tokens=1)

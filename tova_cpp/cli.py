@@ -179,7 +179,11 @@ def _model_args(p: argparse.ArgumentParser, *, session: bool = True) -> None:
         help="cut every m tokens, holding budget + m cells (default 1, the paper)",
     )
     g.add_argument(
-        "-t", "--threads", type=_int_at_least(1), default=None, help="threads (default: all cores)"
+        "-t",
+        "--threads",
+        type=_int_at_least(1),
+        default=None,
+        help="threads (default: the cores other processes leave free, re-measured as it runs)",
     )
     g.add_argument(
         "-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU (-1: all)"

@@ -200,7 +200,8 @@ def generate_step(
         lse = float(np.logaddexp.reduce(logits.astype(np.float64)))
         top = None
         if top_logprobs:
-            idx = np.argpartition(-logits, top_logprobs - 1)[:top_logprobs]
+            k = min(top_logprobs, logits.size)  # more than the vocabulary: all of it, as llama-cpp-python
+            idx = np.argpartition(-logits, k - 1)[:k]
             idx = idx[np.argsort(-logits[idx], kind="stable")]
             top = [(int(i), float(logits[i]) - lse) for i in idx]
         yield tok, float(logits[tok]) - lse, top

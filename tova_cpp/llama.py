@@ -808,8 +808,8 @@ def _check_messages(messages) -> None:
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for m in messages:
-        if not isinstance(m, dict) or "role" not in m:
-            raise ValueError(f"bad message {m!r}: need a dict with 'role' and 'content'")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"bad message {m!r}: need a dict with a str 'role' and 'content'")
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise ValueError(f"bad message {m!r}: 'content' must be a str, a list of parts or None")

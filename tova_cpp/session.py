@@ -69,6 +69,7 @@ from .errors import (
     TokenizerError,
     UnsupportedModelError,
 )
+from .threads import FreeCores
 
 POLICIES = {"full": 0, "tova": 1, "window": 2, "sink": 3, "h2o": 4}
 DEFAULT_N_SINK = 4
@@ -226,6 +227,8 @@ class Session:
     memory = budget + max(chunk, evict_interval) cells (< 2**31); on the CPU (n_gpu_layers=0) those cells'
     KV rows, the engine's bookkeeping and one ubatch's attention matrix must fit in the machine's physical
     memory; n_ubatch is clamped to `memory` (no piece is larger); n_threads is 1..512 (ggml's limit).
+    n_threads=None: every core this process may use, minus those other processes keep busy, re-measured
+    between evals at most every 0.25 s (tova_cpp/threads.py); a given n_threads is kept as it is.
     A session serves one thread at a time (another thread gets SessionBusyError); after close() every method
     raises SessionClosedError. An exception inside `eval` (KeyboardInterrupt included) resets the cache.
     """
@@ -340,7 +343,9 @@ class Session:
         cparams.n_ctx = self.memory
         cparams.n_batch = cparams.n_ubatch = n_ubatch
         cparams.n_seq_max = 1
-        n_threads = n_threads or default_threads()
+        # no n_threads given: the team follows the cores other processes leave free (tova_cpp/threads.py)
+        self._free_cores = FreeCores(default_threads()) if n_threads is None else None
+        n_threads = self.n_threads = n_threads or default_threads()
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -450,6 +455,8 @@ class Session:
                 error=False,
                 onerror=on_error,
             )
+        if self._free_cores is not None:
+            self._set_threads(self._free_cores.poll())
         pos0, rc = self.n_past, None
         self._n_done[0] = 0
         try:
@@ -567,6 +574,12 @@ class Session:
     def reset(self) -> None:
         """Clear the whole cache: the only way back, since an evicted cache cannot be rolled back."""
         self._reset()
+
+    def _set_threads(self, n: int) -> None:
+        if n != self.n_threads:
+            llama_cpp.llama_set_n_threads(self._ctx, n, n)
+            lib.tova_engine_set_threads(self._engine, n)
+            self.n_threads = n
 
     def _reset(self) -> None:
         if self._ctx:
