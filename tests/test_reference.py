@@ -5,10 +5,11 @@ fail the same comparison. (GPU: test_gpu.py.)"""
 
 from __future__ import annotations
 
+import llama_cpp
 import numpy as np
 import pytest
 from reference import Reference
-from tiny_gguf import write_tiny_llama
+from tiny_gguf import write_tiny_llama, write_tiny_recurrent
 
 from tova_cpp import Session
 
@@ -292,4 +293,22 @@ def test_alibi_and_mla_metadata_are_refused(tmp_path, key, value, match):
     path = tmp_path / "tiny.gguf"
     write_tiny_llama(path, extra={key: value})
     with pytest.raises(UnsupportedModelError, match=match):
+        Session(path, budget=8)
+
+
+@pytest.mark.parametrize("arch, kind", [("mamba", "recurrent"), ("jamba", "hybrid")])
+def test_recurrent_and_hybrid_memories_are_refused(tmp_path, arch, kind):
+    """llama.cpp loads both (its own llama_model_is_recurrent / is_hybrid say which); the session refuses them."""
+    from tova_cpp import UnsupportedModelError
+
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_tiny_recurrent(path, arch)
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+    assert model
+    try:
+        assert llama_cpp.llama_model_is_recurrent(model) == (kind == "recurrent")
+        assert llama_cpp.llama_model_is_hybrid(model) == (kind == "hybrid")
+    finally:
+        llama_cpp.llama_model_free(model)
+    with pytest.raises(UnsupportedModelError, match=rf"recurrent or hybrid memory \({arch}\)"):
         Session(path, budget=8)

@@ -297,6 +297,65 @@ def write_tiny_gpt_oss(path: Path, *, seed: int = 0, **shape) -> TinyGptOss:
     return m
 
 
+def write_tiny_recurrent(path: Path, arch: str, *, seed: int = 0) -> None:
+    """Writes a tiny random Mamba (recurrent memory: every layer a state-space block) or Jamba (hybrid: layer 0
+    a Mamba block, layer 1 attention, each with a SwiGLU FFN) GGUF, F32, token ids only; for refusals only."""
+    import gguf
+
+    assert arch in ("mamba", "jamba")
+    n_layer, d, n_vocab, n_ff = 2, 16, 64, 32
+    d_inner, d_conv, d_state, dt_rank = 2 * d, 4, 8, 2  # jamba needs d_inner = 2 * n_embd
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape):
+        return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+
+    w = {"token_embd.weight": rand(n_vocab, d)}
+    head_count_kv = []
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        w[p + "attn_norm.weight"] = np.ones(d, dtype=np.float32)
+        attention = arch == "jamba" and il == 1
+        head_count_kv.append(2 if attention else 0)
+        if attention:
+            w[p + "attn_q.weight"], w[p + "attn_output.weight"] = rand(d, d), rand(d, d)
+            w[p + "attn_k.weight"], w[p + "attn_v.weight"] = rand(d // 2, d), rand(d // 2, d)
+        else:
+            w[p + "ssm_in.weight"] = rand(2 * d_inner, d)
+            w[p + "ssm_conv1d.weight"], w[p + "ssm_conv1d.bias"] = rand(d_inner, d_conv), rand(d_inner)
+            w[p + "ssm_x.weight"] = rand(dt_rank + 2 * d_state, d_inner)
+            w[p + "ssm_dt.weight"], w[p + "ssm_dt.bias"] = rand(d_inner, dt_rank), rand(d_inner)
+            w[p + "ssm_a"] = -np.abs(rand(d_inner, d_state))
+            w[p + "ssm_d"] = np.ones(d_inner, dtype=np.float32)
+            w[p + "ssm_out.weight"] = rand(d, d_inner)
+            if arch == "jamba":
+                w[p + "ssm_dt_norm.weight"] = np.ones(dt_rank, dtype=np.float32)
+                w[p + "ssm_b_norm.weight"] = np.ones(d_state, dtype=np.float32)
+                w[p + "ssm_c_norm.weight"] = np.ones(d_state, dtype=np.float32)
+        if arch == "jamba":
+            w[p + "ffn_norm.weight"] = np.ones(d, dtype=np.float32)
+            w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"] = rand(n_ff, d), rand(n_ff, d)
+            w[p + "ffn_down.weight"] = rand(d, n_ff)
+    w["output_norm.weight"] = np.ones(d, dtype=np.float32)
+    w["output.weight"] = rand(n_vocab, d)
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(4096)
+    writer.add_embedding_length(d)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff if arch == "jamba" else 0)
+    writer.add_head_count(4 if arch == "jamba" else 0)
+    writer.add_head_count_kv(head_count_kv)
+    writer.add_ssm_conv_kernel(d_conv)
+    writer.add_ssm_inner_size(d_inner)
+    writer.add_ssm_state_size(d_state)
+    writer.add_ssm_time_step_rank(dt_rank)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(n_vocab)
+    writer.add_tokenizer_model("none")
+    _write(writer, w)
+
+
 def _write(writer, tensors: dict) -> None:
     """Adds the tensors and writes the file (header, metadata, data)."""
     for name, arr in tensors.items():
