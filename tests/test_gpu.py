@@ -171,12 +171,16 @@ ISWA_GPU_CASES = [
 
 @pytest.fixture(scope="module")
 def tiny_iswa(tmp_path_factory):
-    """test_swa.py's gemma3, gemma2 (softcaps) and gpt-oss (sinks) with head_dim 64 (CUDA's flash attention)."""
+    """test_swa.py's gemma3, gemma2 (softcaps) and gpt-oss (sinks) with head_dim 64 (CUDA's flash attention).
+    gpt-oss routes to all 4 experts: with top-2 routing flash attention's F16 rounding flips a routing choice
+    now and then and moves that step's logits by ~25% (seen on the CPU too), a discontinuity of the router,
+    not of the attention this file checks."""
     out = {}
     folder = tmp_path_factory.mktemp("tiny-iswa-gpu")
     for arch, kw in GEMMA_CASES.items():
         out[arch] = (folder / f"{arch}.gguf", write_tiny_gemma(folder / f"{arch}.gguf", head_dim=64, **kw))
-    out["gpt-oss"] = (folder / "gpt-oss.gguf", write_tiny_gpt_oss(folder / "gpt-oss.gguf", head_dim=64))
+    path = folder / "gpt-oss.gguf"
+    out["gpt-oss"] = (path, write_tiny_gpt_oss(path, head_dim=64, n_expert_used=4))
     return out
 
 
@@ -223,13 +227,17 @@ def test_offloaded_iswa_matches_reference(tiny_iswa, arch, policy, flash_attn, p
     path, model = tiny_iswa[arch]
     msg, buffer = iswa_mismatch(path, model, policy, flash_attn, prompt_len)
     assert msg is None
-    assert buffer and not buffer.startswith("CPU"), f"the KV cache is in {buffer!r}, not on the GPU"
+    # the engine learns the cache's buffer where it reads or moves rows; full and window never touch it
+    assert buffer if policy in ("tova", "sink", "h2o") else buffer == ""
+    assert not buffer.startswith("CPU"), f"the KV cache is in {buffer!r}, not on the GPU"
 
 
+@pytest.mark.parametrize("arch, variant", [("gpt-oss", "no_sink_scores"), ("gemma2", "no_softcap_scores")])
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
-def test_offloaded_iswa_without_the_sink_fails_the_gpu_bounds(tiny_iswa, flash_attn):
-    """The GPU bounds still see the sinks: an oracle that leaves them out of tova's scores disagrees."""
-    path, model = tiny_iswa["gpt-oss"]
+def test_offloaded_iswa_wrong_scores_fail_the_gpu_bounds(tiny_iswa, arch, variant, flash_attn):
+    """The GPU bounds still see the sinks and the softcap: an oracle that leaves either out of tova's scores
+    disagrees with the engine (softmax rows with flash attention off, the scoring graph with it on)."""
+    path, model = tiny_iswa[arch]
     tokens = np.random.default_rng(50).integers(0, model.n_vocab, size=50 + SWA_STEPS).tolist()
     with Session(
         path,
@@ -240,7 +248,7 @@ def test_offloaded_iswa_without_the_sink_fails_the_gpu_bounds(tiny_iswa, flash_a
         type_v="f32",
         n_gpu_layers=-1,
     ) as s:
-        ref = Reference(model, SWA_BUDGET, SWA_CHUNK, "no_sink_scores")
+        ref = Reference(model, SWA_BUDGET, SWA_CHUNK, variant)
         msg = swa_compare(
             s, ref, tokens[:50], tokens[50:], rtol=GPU_RTOL, max_ties=GPU_MAX_TIES, tie_rtol=GPU_TIE_RTOL
         )
