@@ -6,7 +6,7 @@ C++ code."""
 from __future__ import annotations
 
 import numpy as np
-from tiny_gguf import TinyGemma, TinyGptOss, TinyLlama
+from tiny_gguf import TinyGemma, TinyGptOss, TinyIswa, TinyLlama
 
 
 def rms_norm(x, w, eps):
@@ -133,7 +133,7 @@ class Reference:
         self.last_logits = None
         # the layers the policy manages: all of a llama, the full-attention layers of an iSWA model (its
         # sliding-window layers keep llama.cpp's window)
-        self.managed = m.full_layers if isinstance(m, (TinyGemma, TinyGptOss)) else list(range(m.n_layer))
+        self.managed = m.full_layers if isinstance(m, TinyIswa) else list(range(m.n_layer))
 
     def _piece(self, tokens):
         m, w = self.m, self.w

@@ -14,7 +14,7 @@ from test_swa import CHUNK as SWA_CHUNK
 from test_swa import GEMMA_CASES
 from test_swa import STEPS as SWA_STEPS
 from test_swa import compare as swa_compare
-from tiny_gguf import write_tiny_gemma, write_tiny_gpt_oss, write_tiny_llama
+from tiny_gguf import write_tiny_iswa, write_tiny_llama
 
 from tova_cpp import Session
 
@@ -178,9 +178,9 @@ def tiny_iswa(tmp_path_factory):
     out = {}
     folder = tmp_path_factory.mktemp("tiny-iswa-gpu")
     for arch, kw in GEMMA_CASES.items():
-        out[arch] = (folder / f"{arch}.gguf", write_tiny_gemma(folder / f"{arch}.gguf", head_dim=64, **kw))
+        out[arch] = (folder / f"{arch}.gguf", write_tiny_iswa(folder / f"{arch}.gguf", head_dim=64, **kw))
     path = folder / "gpt-oss.gguf"
-    out["gpt-oss"] = (path, write_tiny_gpt_oss(path, head_dim=64, n_expert_used=4))
+    out["gpt-oss"] = (path, write_tiny_iswa(path, "gpt-oss", head_dim=64, n_expert_used=4))
     return out
 
 

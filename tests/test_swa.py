@@ -11,7 +11,7 @@ import llama_cpp
 import numpy as np
 import pytest
 from reference import Reference
-from tiny_gguf import write_tiny_gemma, write_tiny_gpt_oss
+from tiny_gguf import write_tiny_iswa
 
 from tova_cpp import Session
 from tova_cpp._ffi import lib
@@ -33,9 +33,9 @@ def gemmas(tmp_path_factory):
     out = {}
     for arch, kw in GEMMA_CASES.items():
         path = tmp_path_factory.mktemp("tiny-gemma") / f"tiny-{arch}-f32.gguf"
-        out[arch] = (path, write_tiny_gemma(path, **kw))
+        out[arch] = (path, write_tiny_iswa(path, **kw))
     path = tmp_path_factory.mktemp("tiny-gpt-oss") / "tiny-gpt-oss-f32.gguf"
-    out["gpt-oss"] = (path, write_tiny_gpt_oss(path))
+    out["gpt-oss"] = (path, write_tiny_iswa(path, "gpt-oss"))
     return out
 
 
@@ -231,7 +231,7 @@ def test_unmanageable_swa_models_are_refused(tmp_path, monkeypatch, kw, match):
     # an architecture whose default pattern tova_cpp does not know: gemma2 with its entry removed
     monkeypatch.delitem(tova_cpp.session.SWA_PATTERNS, "gemma2")
     path = tmp_path / "tiny.gguf"
-    write_tiny_gemma(path, write_pattern=kw["arch"] == "gemma3", **kw)
+    write_tiny_iswa(path, write_pattern=kw["arch"] == "gemma3", **kw)
     with pytest.raises(UnsupportedModelError, match=match):
         Session(path, budget=16)
 
@@ -240,7 +240,7 @@ def test_pattern_array_is_read(tmp_path):
     """{arch}.attention.sliding_window_pattern as one bool per layer (which llama.cpp's metadata API does not
     return) decides the managed layers, as it decides llama.cpp's."""
     path = tmp_path / "tiny.gguf"
-    model = write_tiny_gemma(path, pattern_array=True)  # layers 1 and 3 full; gemma3's default would be none
+    model = write_tiny_iswa(path, pattern_array=True)  # layers 1 and 3 full; gemma3's default would be none
     tokens = np.random.default_rng(2).integers(0, model.n_vocab, size=40).tolist()
     with tiny_session(path, policy="tova") as s:
         assert s.managed_layers == [1, 3]
@@ -254,7 +254,7 @@ def test_wrong_layer_pattern_is_caught(tmp_path, monkeypatch):
     from tova_cpp import EngineError
 
     path = tmp_path / "tiny.gguf"
-    write_tiny_gemma(path, n_layer=6, write_pattern=False)  # llama.cpp's gemma3 default: only layer 5 full
+    write_tiny_iswa(path, n_layer=6, write_pattern=False)  # llama.cpp's gemma3 default: only layer 5 full
     monkeypatch.setitem(tova_cpp.session.SWA_PATTERNS, "gemma3", 2)  # we would manage 1, 3, 5
     with tiny_session(path) as s:
         assert s.managed_layers == [1, 3, 5]
