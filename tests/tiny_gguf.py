@@ -248,8 +248,12 @@ def write_tiny_iswa(
     writer.add_rope_freq_base(m.rope_base)
     writer.add_sliding_window(m.n_swa)
     if write_pattern if write_pattern is not None else not oss:
-        pattern = [m.is_swa(il) for il in range(m.n_layer)] if pattern_array else m.swa_pattern
-        writer.add_sliding_window_pattern(pattern)
+        # spelled out: gguf < 0.19 has no add_sliding_window_pattern (the same key and types)
+        key = f"{m.arch}.attention.sliding_window_pattern"
+        if pattern_array:
+            writer.add_array(key, [m.is_swa(il) for il in range(m.n_layer)])
+        else:
+            writer.add_uint32(key, m.swa_pattern)
     if not oss and m.attn_softcap:
         writer.add_attn_logit_softcapping(m.attn_softcap)
     if not oss and m.final_softcap:
