@@ -6,7 +6,7 @@ C++ code."""
 from __future__ import annotations
 
 import numpy as np
-from tiny_gguf import TinyGemma, TinyGptOss, TinyLlama
+from tiny_gguf import TinyGemma, TinyGptOss, TinyIswa, TinyLlama
 
 
 def rms_norm(x, w, eps):
@@ -92,7 +92,7 @@ POLICIES = ("tova", "window", "sink", "h2o")
 # wrong policies the comparison must reject: one eviction set for all layers (the cheaper policy, not TOVA);
 # the newest token never evicted; h2o accumulating only the last query row of a prompt piece; tova scores of a
 # model with attention sinks computed without the sink in the denominator
-WRONG_VARIANTS = ("shared", "protect_newest", "h2o_last_row", "no_sink_scores")
+WRONG_VARIANTS = ("shared", "protect_newest", "h2o_last_row", "no_sink_scores", "no_softcap_scores")
 
 
 class Reference:
@@ -133,7 +133,7 @@ class Reference:
         self.last_logits = None
         # the layers the policy manages: all of a llama, the full-attention layers of an iSWA model (its
         # sliding-window layers keep llama.cpp's window)
-        self.managed = m.full_layers if isinstance(m, (TinyGemma, TinyGptOss)) else list(range(m.n_layer))
+        self.managed = m.full_layers if isinstance(m, TinyIswa) else list(range(m.n_layer))
 
     def _piece(self, tokens):
         m, w = self.m, self.w
@@ -183,7 +183,7 @@ class Reference:
             probs_last = np.zeros(len(K))
             probs_all = np.zeros(len(K))
             for hq in range(m.n_head):
-                s = q[:, hq] @ K[:, hq // r].T / np.sqrt(m.head_dim)
+                s = raw = q[:, hq] @ K[:, hq // r].T / np.sqrt(m.head_dim)
                 if softcap:
                     s = softcap * np.tanh(s / softcap)
                 s = s + mask
@@ -198,6 +198,9 @@ class Reference:
                 out[:, hq] = s @ V[:, hq // r]
                 # the wrong variant scores as if the sink were not in the denominator
                 probs_last += s[-1] / s[-1].sum() if self.policy == "no_sink_scores" else s[-1]
+                if self.policy == "no_softcap_scores":  # the wrong variant scores the logits before the cap
+                    z = np.exp(raw[-1] + mask[-1] - (raw[-1] + mask[-1]).max())
+                    probs_last += z / z.sum() - s[-1]
                 probs_all += s.sum(0)
             rows.append(probs_last / m.n_head)
             sums.append(probs_all / m.n_head)
@@ -293,16 +296,14 @@ class Reference:
 
     def follow(self, kept, rtol: float) -> int:
         """Redo the last cut with another engine's per-layer kept positions (`kept`: [managed layers, width],
-        -1 padded) when that choice is TOVA's up to a near tie: every protected key is kept, and every kept
-        unprotected key scores at least every evicted key / (1+rtol) by this reference's scores. Protected keys
-        are left out of the comparison (they are kept whatever they score). Only for score-ranked policies
-        (tova and its wrong variants): window, sink and h2o never choose by the last row, so a difference
-        there is never a tie. Returns the number of layers whose set changed; raises AssertionError when the
-        other choice is not a near tie (a real disagreement) or there was no cut."""
+        -1 padded) when that choice is the policy's up to a near tie: every protected key is kept, and every kept
+        unprotected key scores at least every evicted key / (1+rtol) by this reference's scores (h2o: the
+        accumulated attention of the keys outside its recent half). Protected keys are left out of the
+        comparison (they are kept whatever they score). window and sink choose by position: a difference there is
+        never a tie. Returns the number of layers whose set changed; raises AssertionError when the other choice
+        is not a near tie (a real disagreement) or there was no cut."""
         assert self.before_cut is not None, "no cut in the last step to follow"
-        assert self.policy in ("tova", "shared", "protect_newest", "no_sink_scores"), (
-            f"{self.policy} does not rank by the last row's scores: no near tie to follow"
-        )
+        assert self.policy not in ("window", "sink"), f"{self.policy} chooses by position: it has no near tie"
         ks, vs, ps, accs, rows = self.before_cut
         protect_below = self._protect_below()
         changed = 0
@@ -315,8 +316,14 @@ class Reference:
             keep = np.array([held.index(p) for p in want])
             drop = np.setdiff1d(np.arange(len(held)), keep)
             assert (ps[il][drop] >= protect_below).all(), f"layer {il}: a protected position was evicted"
-            ranked = keep[ps[il][keep] >= protect_below]  # the kept keys that won by their score
-            lo, hi = rows[il][ranked].min(), rows[il][drop].max()
+            score, judged = rows[il], keep[ps[il][keep] >= protect_below]  # the kept keys that won by score
+            if self.policy == "h2o":  # the recent half is kept by position, the rest by accumulated attention
+                unprotected = [i for i in np.argsort(-ps[il]) if ps[il][i] >= protect_below]
+                room = self.budget - (len(held) - len(unprotected))
+                recent = unprotected[: room - room // 2]
+                assert np.isin(recent, keep).all(), f"layer {il}: a recent key was evicted"
+                score, judged = accs[il], np.setdiff1d(judged, recent)
+            lo, hi = score[judged].min(), score[drop].max()
             assert hi <= lo * (1 + rtol), (
                 f"layer {il}: evicted score {hi:.6g} > kept {lo:.6g} beyond a near tie"
             )

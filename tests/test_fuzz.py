@@ -45,8 +45,8 @@ def configs(draw):
         "keep": draw(st.integers(0, min(budget - 1, 6))),
         "evict_interval": draw(st.integers(1, 4)),
         "flash_attn": False if policy == "h2o" else draw(st.booleans()),
-        # h2o only with F32: Reference.follow judges near ties by TOVA's last-row scores, and a 1,000-example
-        # run found an h2o + F16 cut decided by a 2e-4 relative tie in the accumulated attention
+        # h2o only with F32: a 1,000-example run found an h2o + F16 cut decided by a 2e-4 relative tie in the
+        # accumulated attention
         "cache": "f32" if policy == "h2o" else draw(st.sampled_from(["f32", "f16"])),
     }
     if policy == "sink":

@@ -5,10 +5,11 @@ fail the same comparison. (GPU: test_gpu.py.)"""
 
 from __future__ import annotations
 
+import llama_cpp
 import numpy as np
 import pytest
 from reference import Reference
-from tiny_gguf import write_tiny_llama
+from tiny_gguf import write_tiny_llama, write_tiny_recurrent
 
 from tova_cpp import Session
 
@@ -293,3 +294,55 @@ def test_alibi_and_mla_metadata_are_refused(tmp_path, key, value, match):
     write_tiny_llama(path, extra={key: value})
     with pytest.raises(UnsupportedModelError, match=match):
         Session(path, budget=8)
+
+
+@pytest.mark.parametrize("arch, kind", [("mamba", "recurrent"), ("jamba", "hybrid")])
+def test_recurrent_and_hybrid_memories_are_refused(tmp_path, arch, kind):
+    """llama.cpp loads both (its own llama_model_is_recurrent / is_hybrid say which); the session refuses them."""
+    from tova_cpp import UnsupportedModelError
+
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_tiny_recurrent(path, arch)
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+    assert model
+    try:
+        assert llama_cpp.llama_model_is_recurrent(model) == (kind == "recurrent")
+        assert llama_cpp.llama_model_is_hybrid(model) == (kind == "hybrid")
+    finally:
+        llama_cpp.llama_model_free(model)
+    with pytest.raises(UnsupportedModelError, match=rf"recurrent or hybrid memory \({arch}\)"):
+        Session(path, budget=8)
+
+
+@pytest.mark.parametrize("keep", [0, 3])
+def test_reference_follows_h2o_near_ties_by_accumulated_attention(tiny, keep):
+    """Reference.follow (the flash-attention and GPU comparisons) judges an h2o cut by h2o's own score: swapping
+    the weakest kept heavy key for the evicted one is followed within that near tie and refused below it;
+    evicting one of the recent half is always refused."""
+    import copy
+
+    _, model = tiny
+    ref = Reference(model, BUDGET, CHUNK, "h2o", keep=keep)
+    tokens = np.random.default_rng(9).integers(0, model.n_vocab, size=BUDGET + 1).tolist()
+    ref.eval(tokens[:BUDGET])
+    ref.eval(tokens[BUDGET:])  # budget + 1 keys: one cut
+    _, _, ps, accs, _ = ref.before_cut
+    pos, acc, kept = ps[0], accs[0], ref.kept_positions()
+    evicted = int(np.setdiff1d(pos, kept[0])[0])
+    unprotected = np.sort(pos[pos >= keep])[::-1]
+    room = BUDGET - int((pos < keep).sum())
+    recent, heavy = unprotected[: room - room // 2], np.setdiff1d(unprotected[room - room // 2 :], [evicted])
+    weakest = int(heavy[np.argmin([acc[pos == p][0] for p in heavy])])
+    ratio = acc[pos == weakest][0] / acc[pos == evicted][0]
+    assert ratio > 1
+
+    def swapped(out_pos):
+        other = kept.copy()
+        other[0] = np.sort(np.where(kept[0] == out_pos, evicted, kept[0]))
+        return other
+
+    assert copy.deepcopy(ref).follow(swapped(weakest), rtol=(ratio - 1) * 1.01) == 1
+    with pytest.raises(AssertionError, match="beyond a near tie"):
+        copy.deepcopy(ref).follow(swapped(weakest), rtol=(ratio - 1) * 0.5)
+    with pytest.raises(AssertionError, match="recent key"):
+        copy.deepcopy(ref).follow(swapped(int(recent[-1])), rtol=1e9)
