@@ -130,6 +130,16 @@ def test_batched_prefix_matches_token_by_token_smollm2(smollm2_path):
         assert ppl.perplexity(a)[0] == pytest.approx(ppl.perplexity(b)[0], rel=0.1)
 
 
+def test_checkpoints_hold_the_final_losses(tiny, monkeypatch):
+    monkeypatch.setattr(ppl, "CHECKPOINT_EVERY", 10)
+    toks = (np.arange(40) * 5 + 1) % 64
+    seen = []
+    nll, _ = ppl.run_one(tiny, "tova", 8, [toks, toks], threads=1, quiet=True, checkpoint=seen.append)
+    assert [x.size for x in seen] == [10, 20, 30, 39 + 10, 39 + 20, 39 + 30]
+    for x in seen:
+        assert np.array_equal(x, nll[: x.size])  # a loss depends only on the tokens before it
+
+
 def test_ppl_settings_grid():
     args = build_parser().parse_args(
         [

@@ -123,10 +123,15 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 PREFIX_BLOCK = 256  # tokens per batched call: bounds the logits array (block x n_vocab floats)
 
 
-def window_nll(s: Session, tokens, bar=None, *, prefix: int = 0) -> np.ndarray:
+CHECKPOINT_EVERY = 256  # tokens between calls of window_nll's `checkpoint`
+
+
+def window_nll(s: Session, tokens, bar=None, *, prefix: int = 0, checkpoint=None) -> np.ndarray:
     """Per-token NLL of tokens[1:], each predicted from the cache after feeding tokens[:i] one at a time.
     The first `prefix` tokens (at most the session's budget: nothing is evicted before it is exceeded) are fed
-    in batches of PREFIX_BLOCK with every position's logits; the same cache, a different summation order."""
+    in batches of PREFIX_BLOCK with every position's logits; the same cache, a different summation order.
+    checkpoint: None or a callable given the NLLs so far every CHECKPOINT_EVERY tokens (a loss at position i
+    depends only on tokens <= i, so an interrupted run's first losses are final)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     s.reset()
     out = np.empty(tokens.size - 1, dtype=np.float64)
@@ -143,6 +148,8 @@ def window_nll(s: Session, tokens, bar=None, *, prefix: int = 0) -> np.ndarray:
         out[i] = _nll(s.logits(), tokens[i + 1 : i + 2])[0]
         if bar is not None:
             bar.update(1)
+        if checkpoint is not None and (i + 1) % CHECKPOINT_EVERY == 0:
+            checkpoint(out[: i + 1])
     return out
 
 
@@ -204,9 +211,10 @@ def run_one(
     verbose=False,
     quiet=False,
     info: dict | None = None,
+    checkpoint=None,
 ) -> tuple[np.ndarray, float]:
     """Concatenated NLL over all windows and the seconds it took. `info`, when given, receives kv_mib (the most
-    KV bytes held at once, MiB)."""
+    KV bytes held at once, MiB); `checkpoint` gets the NLLs so far (all windows) every CHECKPOINT_EVERY tokens."""
     ctx = windows[0].size
     session_budget = ctx if policy == "full" else budget
     nlls = []
@@ -231,7 +239,15 @@ def run_one(
         with common.progress(len(windows) * (ctx - 1), label, disable=quiet) as bar:
             t0 = time.perf_counter()
             for win in windows:
-                nlls.append(window_nll(s, win, bar, prefix=session_budget if prefix_batch else 0))
+                done = list(nlls)
+                partial = (
+                    None
+                    if checkpoint is None
+                    else lambda x, done=done: checkpoint(np.concatenate([*done, x]))
+                )
+                nlls.append(
+                    window_nll(s, win, bar, prefix=session_budget if prefix_batch else 0, checkpoint=partial)
+                )
             seconds = time.perf_counter() - t0
     return np.concatenate(nlls), seconds
 
@@ -426,6 +442,14 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
             info: dict = {}
+            slug = _slug(PplResult(path.name, text_name, st.policy, st.budget, args.ctx, 0, 0, 0, 0, 0, 0, 0,
+                                   st.evict_interval, st.type_k, st.type_v, int(st.flash_attn)))  # fmt: skip
+            partial_file = out / f"nll-{slug}.partial.npy"
+
+            def keep_partial(x: np.ndarray, f: Path = partial_file) -> None:
+                with common.replacing(f) as tmp, tmp.open("wb") as fh:
+                    np.save(fh, x.astype(np.float32))
+
             nll, seconds = run_one(
                 path,
                 st.policy,
@@ -439,6 +463,7 @@ def run(args: argparse.Namespace) -> int:
                 prefix_batch=not args.no_prefix_batch,
                 verbose=args.verbose,
                 info=info,
+                checkpoint=keep_partial,
             )
             ppl, err = perplexity(nll)
             print(final_estimate(ppl, err), flush=True)
@@ -463,7 +488,8 @@ def run(args: argparse.Namespace) -> int:
             )
             results.append(r)
             # per-token losses, for comparing policies position by position (docs/RESULTS.md)
-            np.save(out / f"nll-{_slug(r)}.npy", nll.astype(np.float32))
+            np.save(out / f"nll-{slug}.npy", nll.astype(np.float32))
+            partial_file.unlink(missing_ok=True)
             # after every run, so an interrupted sweep keeps what it measured
             save(sorted(results, key=_order), out, meta)
     except TovaError as e:
