@@ -1,5 +1,6 @@
-"""`tova bench ppl|niah|speed|retention`: the evaluation suite (perplexity vs budget, needle retrieval, speed
-and memory vs depth, which tokens each layer keeps). Each command prints a table and writes CSV/JSON/PNG."""
+"""`tova bench ppl|ruler|niah|speed|retention`: the evaluation suite (perplexity vs budget, RULER tasks vs
+compression, needle retrieval vs depth, speed and memory vs depth, which tokens each layer keeps). Each command
+prints a table and writes CSV/JSON/PNG."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 import functools
 import importlib.util
 
-from . import niah, ppl, retention, speed
+from . import niah, ppl, retention, ruler, speed
 
 BENCH_EXTRA = ("matplotlib", "tqdm")
 
@@ -28,9 +29,11 @@ def _needs_bench_extra(run):
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
-    """Adds the four benchmark commands to `parser`; each sets `func=run(args) -> int`."""
-    sub = parser.add_subparsers(dest="bench_command", metavar="{ppl,niah,speed,retention}", required=True)
-    for module in (ppl, niah, speed, retention):
+    """Adds the benchmark commands to `parser`; each sets `func=run(args) -> int`."""
+    sub = parser.add_subparsers(
+        dest="bench_command", metavar="{ppl,ruler,niah,speed,retention}", required=True
+    )
+    for module in (ppl, ruler, niah, speed, retention):
         module.add_parser(sub)
     for command in sub.choices.values():
         command.set_defaults(func=_needs_bench_extra(command.get_default("func")))
@@ -38,7 +41,9 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Adds `bench` to a CLI's subparsers (from `ArgumentParser.add_subparsers()`)."""
-    p = subparsers.add_parser("bench", help="benchmarks: ppl, niah, speed, retention", description=__doc__)
+    p = subparsers.add_parser(
+        "bench", help="benchmarks: ppl, ruler, niah, speed, retention", description=__doc__
+    )
     add_commands(p)
     return p
 
