@@ -452,3 +452,18 @@ def test_bench_without_the_bench_extra_says_which_extra(monkeypatch, capsys):
     assert cli.main(["bench", "speed", "-d", "64"]) == 1
     err = capsys.readouterr().err
     assert "pip install 'tova_cpp[bench]'" in err and "tqdm" in err
+
+
+def test_compare_nll_script(tmp_path, capsys):
+    import runpy
+
+    compare = runpy.run_path("scripts/compare_nll.py")["main"]
+    a = np.full(10, 1.0, dtype=np.float32)
+    b = np.concatenate([np.full(6, 1.5), np.full(4, 0.5)]).astype(np.float32)
+    np.save(tmp_path / "nll-a.npy", a)
+    np.save(tmp_path / "nll-b.partial.npy", b[:8])  # a partial run: compared on the positions both hold
+    assert compare([str(tmp_path / "nll-a.npy"), str(tmp_path / "nll-b.partial.npy"), "--block", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "positions 0..7 (8 predicted tokens)" in out
+    assert "a - b.partial: mean loss -0.25000" in out  # (6 x -0.5 + 2 x +0.5) / 8
+    assert "| 0-3 |" in out and "| 4-7 |" in out
