@@ -321,6 +321,11 @@ def add_parser(sub) -> None:
     p.add_argument("--chunk", type=common._positive, default=256, help="stream mode: tokens per prompt piece")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the answers already in the output folder's ruler-samples.csv and run only the rest",
+    )
+    p.add_argument(
         "--combine",
         nargs="+",
         metavar="CSV",
@@ -418,6 +423,9 @@ def run(args: argparse.Namespace) -> int:
             args, path, threads, tasks=tasks, length=args.length, n_samples=args.n_samples, chunk=args.chunk
         )
         samples: list[SampleResult] = []
+        if args.resume and (out / "ruler-samples.csv").is_file():
+            samples = [r for r in read_samples([str(out / "ruler-samples.csv")]) if r.model == path.name]
+        done = {(r.task, r.index, r.mode, r.policy, r.compression) for r in samples}
         seconds: dict[tuple, float] = {}
         total = len(tasks) * args.n_samples * len(settings)
         with common.progress(total, "ruler", disable=False) as bar:
@@ -426,6 +434,9 @@ def run(args: argparse.Namespace) -> int:
                 for t in tasks:
                     d, kind = data[t][i], configs[t]["kind"]
                     for policy, comp, mode in settings:
+                        if (t, i, mode, policy, comp) in done:
+                            bar.update(1)
+                            continue
                         t0 = time.perf_counter()
                         pred, budget = answer(
                             path,
