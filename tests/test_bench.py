@@ -98,6 +98,80 @@ def test_budget_at_least_window_equals_full_exactly(tiny, policy):
     assert not np.array_equal(small, full)  # the test can fail: a small budget does change the prediction
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_batched_prefix_matches_token_by_token_tiny(tiny, policy):
+    """Nothing is evicted before the budget is exceeded, so batching the first `budget` tokens changes only the
+    summation order. Measured on the tiny F32 model (budget 24, 200 tokens): PPL within 1.5e-5 relative, per-token
+    NLL within 2e-3 (full: the whole window batched)."""
+    toks = (np.arange(200) * 7 + 3) % 64
+    a, _ = ppl.run_one(tiny, policy, 24, [toks], threads=1, quiet=True, prefix_batch=True)
+    b, _ = ppl.run_one(tiny, policy, 24, [toks], threads=1, quiet=True, prefix_batch=False)
+    assert np.abs(a - b).max() < 1e-2
+    assert ppl.perplexity(a)[0] == pytest.approx(ppl.perplexity(b)[0], rel=1e-4)
+    with Session(tiny, budget=8, policy="tova", chunk=1, n_ubatch=8, n_threads=1) as s:
+        with pytest.raises(ValueError, match="exceeds the budget"):
+            ppl.window_nll(s, toks, prefix=9)
+
+
+def test_batched_prefix_matches_token_by_token_smollm2(smollm2_path):
+    """Not exact on a quantized model: llama.cpp's CPU kernels give batched and one-token decodes different logits
+    (plain llama_cpp.Llama, n_ubatch 64 vs 1: identical for positions 0-7, then up to ~1 logit apart for SmolLM2
+    Q4_1), so the prefix tokens' K/V differ too and each policy carries that through its cache. Measured: on a
+    256-token PG window, budget 64, PPL within 0.8% for tova/h2o/sink and the mean NLL of the batched tokens
+    +0.003; on this repetitive 128-token text, budget 32, 5.3% (tova). Every bounded policy gets the same
+    batched prefix, so comparisons between them are like for like."""
+    toks = np.asarray(
+        Session(smollm2_path, budget=1, policy="full", chunk=1, n_threads=1).tokenize(TEXT, add_special=False)
+    )[:128]
+    for policy in ("tova", "sink"):
+        a, _ = ppl.run_one(smollm2_path, policy, 32, [toks], threads=1, quiet=True, prefix_batch=True)
+        b, _ = ppl.run_one(smollm2_path, policy, 32, [toks], threads=1, quiet=True, prefix_batch=False)
+        assert np.array_equal(a[:8], b[:8])  # the first positions agree bit for bit
+        assert ppl.perplexity(a)[0] == pytest.approx(ppl.perplexity(b)[0], rel=0.1)
+
+
+def test_checkpoints_hold_the_final_losses(tiny, monkeypatch):
+    monkeypatch.setattr(ppl, "CHECKPOINT_EVERY", 10)
+    toks = (np.arange(40) * 5 + 1) % 64
+    seen = []
+    nll, _ = ppl.run_one(tiny, "tova", 8, [toks, toks], threads=1, quiet=True, checkpoint=seen.append)
+    assert [x.size for x in seen] == [10, 20, 30, 39 + 10, 39 + 20, 39 + 30]
+    for x in seen:
+        assert np.array_equal(x, nll[: x.size])  # a loss depends only on the tokens before it
+
+
+def test_ppl_settings_grid():
+    args = build_parser().parse_args(
+        [
+            "ppl",
+            "--budgets",
+            "64,512",
+            "--evict-interval",
+            "1,8",
+            "-ctk",
+            "f16,q8_0",
+            "-ctv",
+            "f16,q8_0",
+            "-fa",
+        ]
+    )
+    grid = ppl.settings(args, list(POLICIES))
+    assert not any(st.policy == "h2o" for st in grid)  # h2o needs every attention row: no flash attention
+    assert [(st.budget, st.evict_interval) for st in grid if st.policy == "tova" and st.type_k == "q8_0"] == [
+        (64, 1),
+        (64, 8),
+        (512, 1),
+        (512, 8),
+    ]
+    assert {st.evict_interval for st in grid if st.policy != "tova"} == {1}
+    assert sum(st.policy == "full" for st in grid) == 2  # once per cache type
+    bad = build_parser().parse_args(["ppl", "-ctk", "q8_0", "-ctv", "q4_0"])
+    with pytest.raises(common.BenchError, match="needs flash attention"):
+        ppl.settings(bad, ["tova"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ppl", "-ctk", "q5_9"])
+
+
 # -- input errors --------------------------------------------------------------------------------------------
 def test_missing_text_file_is_a_clear_cli_error(tmp_path, capsys):
     from tova_cpp import cli
@@ -195,20 +269,22 @@ def test_ppl_command(smollm2_path, text_file, tmp_path, capsys):
     assert len(FINAL.findall(stdout)) == 3
     rows = _rows(out / "ppl.csv")
     assert list(rows[0]) == ppl.COLUMNS
-    assert [(r["policy"], r["budget"]) for r in rows] == [("tova", "8"), ("tova", "48"), ("full", "48")]
+    assert [(r["policy"], r["budget"]) for r in rows] == [("full", "48"), ("tova", "8"), ("tova", "48")]
     assert all(r["n_tokens"] == "47" for r in rows)
     by = {(r["policy"], r["budget"]): float(r["ppl"]) for r in rows}
     assert by[("tova", "48")] == by[("full", "48")]  # budget >= window: exactly the full cache
     assert by[("tova", "8")] != by[("full", "48")]
     data = json.loads((out / "ppl.json").read_text())
-    assert data["meta"]["protocol"] == "token-by-token" and data["meta"]["command"].startswith(
+    assert data["meta"]["protocol"].startswith("token-by-token") and data["meta"]["command"].startswith(
         "tova bench ppl"
     )
-    assert (out / "ppl.png").stat().st_size > 1000
+    assert (out / "ppl.png").stat().st_size > 1000 and (out / "ppl-kv.png").stat().st_size > 1000
+    assert np.load(out / "nll-text.txt-tova-8-f16-f16.npy").shape == (47,)
 
     # --combine merges earlier runs (a later file's row replaces an earlier one's) without running anything
     other = tmp_path / "other.csv"
-    changed = [{**rows[0], "ppl": "99.5"}, {**rows[0], "policy": "window", "ppl": "123.0"}]
+    t8 = next(r for r in rows if (r["policy"], r["budget"]) == ("tova", "8"))
+    changed = [{**t8, "ppl": "99.5"}, {**t8, "policy": "window", "ppl": "123.0"}]
     with open(other, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=ppl.COLUMNS)
         w.writeheader()
@@ -216,8 +292,43 @@ def test_ppl_command(smollm2_path, text_file, tmp_path, capsys):
     assert main(["ppl", "--combine", str(out / "ppl.csv"), str(other), "-o", str(tmp_path / "both")]) == 0
     both = {(r["policy"], r["budget"]): float(r["ppl"]) for r in _rows(tmp_path / "both" / "ppl.csv")}
     assert both == {**by, ("tova", "8"): 99.5, ("window", "8"): 123.0}
+    # a CSV written before the interval and cache columns existed still reads (defaults: m=1, f16, no fa)
+    old = tmp_path / "old.csv"
+    with open(old, "w", newline="") as f:
+        old_columns = ppl.COLUMNS[: ppl.COLUMNS.index("evict_interval")]
+        w = csv.DictWriter(f, fieldnames=old_columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (r0,) = [r for r in ppl.read_csv([str(old)]) if r.policy == "tova" and r.budget == 8]
+    assert (r0.evict_interval, r0.cache, math.isnan(r0.kv_mib)) == (1, ("f16", "f16", 0), True)
     assert (tmp_path / "both" / "ppl.png").is_file()
     assert main(["ppl", "--combine", str(text_file), "-o", str(tmp_path / "bad")]) == 2
+
+
+def test_ppl_command_intervals_and_cache_types(smollm2_path, text_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    argv = ["ppl", "-m", str(smollm2_path), "--texts", str(text_file), "--ctx", "48", "--budgets", "8"]
+    argv += ["--policies", "full,tova,h2o", "--evict-interval", "1,4", "-ctk", "f16,q8_0", "-ctv", "f16,q8_0"]
+    argv += ["-fa", "-t", "1", "-o", str(out), "--no-plot"]
+    assert main(argv) == 0
+    rows = _rows(out / "ppl.csv")
+    got = [(r["type_k"], r["policy"], r["evict_interval"]) for r in rows]
+    assert got == [
+        (t, p, m) for t in ("f16", "q8_0") for p, m in (("full", "1"), ("tova", "1"), ("tova", "4"))
+    ]
+    kv = {(r["type_k"], r["policy"], r["evict_interval"]): float(r["kv_mib"]) for r in rows}
+    row = 30 * 2 * 3 * 64 * 2 / 2**20  # SmolLM2: 30 layers, K+V, 3 KV heads x 64, f16
+    assert kv[("f16", "full", "1")] == pytest.approx(48 * row)
+    assert kv[("f16", "tova", "1")] == pytest.approx(9 * row)  # budget + one new token
+    assert kv[("f16", "tova", "4")] == pytest.approx(12 * row)
+    assert kv[("q8_0", "tova", "1")] == pytest.approx(9 * row * 34 / 64)  # 34 bytes per 32 values
+    assert all(r["flash_attn"] == "1" for r in rows)
+    table = capsys.readouterr().out
+    assert "q8_0/q8_0 fa" in table and "KV MiB" in table
+    # --resume: nothing left to run, the rows stay
+    assert main([*argv, "--resume"]) == 0
+    assert "already (--resume)" in capsys.readouterr().out
+    assert _rows(out / "ppl.csv") == rows
 
 
 def test_niah_command(smollm2_path, pg_installed, tmp_path):
@@ -379,3 +490,18 @@ def test_batch_command(tiny, tmp_path, capsys):
     assert main([*argv[:-1], str(tmp_path / "seqs"), "--policies", "tova", "--seqs", "1,3"]) == 0
     assert [int(r["n_seqs"]) for r in _rows(tmp_path / "seqs" / "batch.csv")] == [1, 3, 1, 3]
     assert main([*argv[:-1], str(tmp_path / "big"), "--policies", "tova", "--seqs", "50"]) == 2
+
+
+def test_compare_nll_script(tmp_path, capsys):
+    import runpy
+
+    compare = runpy.run_path("scripts/compare_nll.py")["main"]
+    a = np.full(10, 1.0, dtype=np.float32)
+    b = np.concatenate([np.full(6, 1.5), np.full(4, 0.5)]).astype(np.float32)
+    np.save(tmp_path / "nll-a.npy", a)
+    np.save(tmp_path / "nll-b.partial.npy", b[:8])  # a partial run: compared on the positions both hold
+    assert compare([str(tmp_path / "nll-a.npy"), str(tmp_path / "nll-b.partial.npy"), "--block", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "positions 0..7 (8 predicted tokens)" in out
+    assert "a - b.partial: mean loss -0.25000" in out  # (6 x -0.5 + 2 x +0.5) / 8
+    assert "| 0-3 |" in out and "| 4-7 |" in out

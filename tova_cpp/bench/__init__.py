@@ -1,5 +1,6 @@
-"""`tova bench ppl|niah|speed|retention|batch`: the evaluation suite (perplexity vs budget, needle retrieval,
-speed and memory vs depth, which tokens each layer keeps, sequences served in a fixed memory). Each command
+"""`tova bench ppl|ruler|niah|speed|retention|batch`: the evaluation suite (perplexity vs budget, RULER tasks vs
+compression, needle retrieval vs depth, speed and memory vs depth, which tokens each layer keeps, sequences served
+in a fixed memory). Each command
 prints a table and writes CSV/JSON/PNG."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import argparse
 import functools
 import importlib.util
 
-from . import batch, niah, ppl, retention, speed
+from . import batch, niah, ppl, retention, ruler, speed
 
 BENCH_EXTRA = ("matplotlib", "tqdm")
 
@@ -31,9 +32,9 @@ def _needs_bench_extra(run):
 def add_commands(parser: argparse.ArgumentParser) -> None:
     """Adds the benchmark commands to `parser`; each sets `func=run(args) -> int`."""
     sub = parser.add_subparsers(
-        dest="bench_command", metavar="{ppl,niah,speed,retention,batch}", required=True
+        dest="bench_command", metavar="{ppl,ruler,niah,speed,retention,batch}", required=True
     )
-    for module in (ppl, niah, speed, retention, batch):
+    for module in (ppl, ruler, niah, speed, retention, batch):
         module.add_parser(sub)
     for command in sub.choices.values():
         command.set_defaults(func=_needs_bench_extra(command.get_default("func")))
@@ -42,7 +43,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Adds `bench` to a CLI's subparsers (from `ArgumentParser.add_subparsers()`)."""
     p = subparsers.add_parser(
-        "bench", help="benchmarks: ppl, niah, speed, retention, batch", description=__doc__
+        "bench", help="benchmarks: ppl, ruler, niah, speed, retention, batch", description=__doc__
     )
     add_commands(p)
     return p

