@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
-import llama_cpp._logger
 import numpy as np
 
 from ._ffi import ffi, lib
@@ -50,13 +49,12 @@ from .session import (
     POLICIES,
     Session,
     _cache_type,
-    _check_gguf_file,
-    _ensure_backend,
     _exclusive,
     _physical_memory,
     _refusal,
     _token_ids,
     default_threads,
+    load_model,
     swa_layers,
 )
 
@@ -134,17 +132,8 @@ class BatchSession:
         n_ubatch = max(chunk, n_seq_max) if n_ubatch is None else _int("n_ubatch", n_ubatch, 1)
         n_ubatch = min(n_ubatch, n_ctx)
         path = Path(model_path)
-        _check_gguf_file(path)
         self.model_path = str(path)
-
-        llama_cpp._logger.set_verbose(verbose)
-        _ensure_backend()
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
-        if not model:
-            raise ModelLoadError(f"llama.cpp could not load {path} (truncated or unsupported GGUF?)")
-        self._model = model
+        self._model = model = load_model(path, n_gpu_layers, verbose)
         why = _refusal(model, path)
         if why is None and any(s for s in swa_layers(model, path) if s is True):
             why = (

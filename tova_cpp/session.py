@@ -109,6 +109,23 @@ def _meta(model, key: str) -> str | None:
 SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "gpt-oss": 2}
 
 
+def load_model(path: Path, n_gpu_layers: int, verbose: bool, *, vocab_only: bool = False):
+    """Checks the file and loads it (or only its vocabulary) into llama.cpp: the model handle, or
+    ModelLoadError when it cannot."""
+    _check_gguf_file(path)
+    llama_cpp._logger.set_verbose(verbose)
+    _ensure_backend()
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = n_gpu_layers
+    mparams.vocab_only = vocab_only
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        if vocab_only:
+            raise ModelLoadError(f"llama.cpp could not load the vocabulary of {path}")
+        raise ModelLoadError(f"llama.cpp could not load {path} (truncated or unsupported GGUF?)")
+    return model
+
+
 def swa_min_budget(n_swa: int) -> int:
     """The smallest budget an evicting policy may use on a model with a window of n_swa (docs/SWA.md): the cell
     trick frees the smallest metadata position in every layer, the sliding-window layers' too, and after a cut
@@ -291,17 +308,8 @@ class Session:
         if tv not in (CACHE_TYPES["f32"], CACHE_TYPES["f16"], CACHE_TYPES["bf16"]) and not flash_attn:
             raise ValueError(f"a quantized V cache ({type_v}) needs flash attention in llama.cpp")
         path = Path(model_path)
-        _check_gguf_file(path)
         self.model_path = str(path)
-
-        llama_cpp._logger.set_verbose(verbose)
-        _ensure_backend()
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
-        if not model:
-            raise ModelLoadError(f"llama.cpp could not load {path} (truncated or unsupported GGUF?)")
-        self._model = model
+        self._model = model = load_model(path, n_gpu_layers, verbose)
         why = _refusal(model, path)
         if why:
             self.close()

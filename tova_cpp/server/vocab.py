@@ -12,13 +12,12 @@ import threading
 from pathlib import Path
 
 import llama_cpp
-import llama_cpp._logger
 from llama_cpp import llama_chat_format
 
-from ..errors import ModelLoadError, TokenizerError
+from ..errors import TokenizerError
 from ..generate import detokenize, token_piece
 from ..llama import _continuation
-from ..session import _check_gguf_file, _ensure_backend
+from ..session import load_model
 
 
 class Vocab:
@@ -27,15 +26,7 @@ class Vocab:
     def __init__(
         self, model_path: str | Path, *, chat_format: str | None = None, verbose: bool = False
     ) -> None:
-        path = Path(model_path)
-        _check_gguf_file(path)
-        llama_cpp._logger.set_verbose(verbose)
-        _ensure_backend()
-        params = llama_cpp.llama_model_default_params()
-        params.vocab_only = True
-        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-        if not self._model:
-            raise ModelLoadError(f"llama.cpp could not load the vocabulary of {path}")
+        self._model = load_model(Path(model_path), 0, verbose, vocab_only=True)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         # a vocabulary of type "none" (synthetic models): llama.cpp aborts on its pieces and attributes
