@@ -199,14 +199,20 @@ ISWA_GPU_CASES = [
 
 @pytest.fixture(scope="module")
 def tiny_iswa(tmp_path_factory):
-    """test_swa.py's gemma3, gemma2 (softcaps) and gpt-oss (sinks) with head_dim 64 (CUDA's flash attention).
+    """test_swa.py's gemma3, gemma2 (softcaps) and gpt-oss (sinks) with head_dim 64 (CUDA's flash attention);
+    gemma2 with head_dim 128: llama.cpp's CUDA flash-attention kernels with a logit softcap exist only for head
+    sizes 128 and 256 (real Gemma 2 models), and any other size aborts inside ggml, with or without tova.
     gpt-oss routes to all 4 experts: with top-2 routing flash attention's F16 rounding flips a routing choice
     now and then and moves that step's logits by ~25% (seen on the CPU too), a discontinuity of the router,
     not of the attention this file checks."""
     out = {}
     folder = tmp_path_factory.mktemp("tiny-iswa-gpu")
     for arch, kw in GEMMA_CASES.items():
-        out[arch] = (folder / f"{arch}.gguf", write_tiny_iswa(folder / f"{arch}.gguf", head_dim=64, **kw))
+        head_dim = 128 if kw.get("attn_softcap") else 64
+        out[arch] = (
+            folder / f"{arch}.gguf",
+            write_tiny_iswa(folder / f"{arch}.gguf", head_dim=head_dim, **kw),
+        )
     path = folder / "gpt-oss.gguf"
     out["gpt-oss"] = (path, write_tiny_iswa(path, "gpt-oss", head_dim=64, n_expert_used=4))
     return out
