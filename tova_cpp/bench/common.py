@@ -13,6 +13,7 @@ import platform
 import shlex
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,31 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Non
 def write_json(path: Path, meta_: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     with replacing(path) as tmp:
         tmp.write_text(json.dumps({"meta": meta_, "results": rows}, indent=1) + "\n")
+
+
+def write_results(
+    out: Path, name: str, rows: list[dict[str, Any]], columns: list[str], meta_: dict[str, Any]
+) -> None:
+    """out/NAME.csv (the columns) and out/NAME.json ({"meta", "results"}) of one bench's rows."""
+    write_csv(out / f"{name}.csv", rows, columns)
+    write_json(out / f"{name}.json", meta_, rows)
+
+
+def read_combined(args: Any, read: Callable[[list[str]], list]) -> list | None:
+    """read(args.combine) for a --combine run; None (the error printed) when it fails or holds no results."""
+    try:
+        results = read(args.combine)
+    except TovaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    if not results:
+        print("error: the CSV files hold no results", file=sys.stderr)
+        return None
+    return results
+
+
+def combined_meta(args: Any) -> dict[str, Any]:
+    return {"command": command_line(args), "sources": args.combine}
 
 
 def save_figure(fig, path: Path, **kwargs: Any) -> None:

@@ -152,21 +152,13 @@ def read_csv(paths: list[str]) -> list[NiahResult]:
 
 
 def combine(args: argparse.Namespace) -> int:
-    try:
-        results = read_csv(args.combine)
-        if not results:
-            raise common.BenchError("the CSV files hold no results")
-    except TovaError as e:
-        print(f"error: {e}", file=sys.stderr)
+    results = common.read_combined(args, read_csv)
+    if results is None:
         return 2
     contexts = sorted({r.context for r in results})
     depths = sorted({r.depth for r in results})
     out = common.out_dir(args)
-    rows = [asdict(r) for r in results]
-    common.write_csv(out / "niah.csv", rows, COLUMNS)
-    common.write_json(
-        out / "niah.json", {"command": common.command_line(args), "sources": args.combine}, rows
-    )
+    common.write_results(out, "niah", [asdict(r) for r in results], COLUMNS, common.combined_meta(args))
     print(table(results, contexts))
     if not args.no_plot:
         heatmap(results, contexts, depths, out / "niah.png")
@@ -233,11 +225,12 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = [asdict(r) for r in results]
     out = common.out_dir(args)
-    common.write_csv(out / "niah.csv", rows, COLUMNS)
-    common.write_json(
-        out / "niah.json",
+    common.write_results(
+        out,
+        "niah",
+        [asdict(r) for r in results],
+        COLUMNS,
         common.meta(
             args,
             path,
@@ -248,7 +241,6 @@ def run(args: argparse.Namespace) -> int:
             chunk=args.chunk,
             question=QUESTION,
         ),
-        rows,
     )
     print()
     print(table(results, args.contexts))

@@ -516,24 +516,15 @@ def _slug(r: PplResult) -> str:
 
 
 def save(results: list[PplResult], out: Path, meta: dict) -> None:
-    rows = [asdict(r) for r in results]
-    common.write_csv(out / "ppl.csv", rows, COLUMNS)
-    common.write_json(out / "ppl.json", meta, rows)
+    common.write_results(out, "ppl", [asdict(r) for r in results], COLUMNS, meta)
 
 
 def combine(args: argparse.Namespace) -> int:
-    try:
-        results = read_csv(args.combine)
-    except TovaError as e:
-        print(f"error: {e}", file=sys.stderr)
+    results = common.read_combined(args, read_csv)
+    if results is None:
         return 2
-    if not results:
-        print("error: the CSV files hold no results", file=sys.stderr)
-        return 2
-    rows = [asdict(r) for r in results]
     out = common.out_dir(args)
-    common.write_csv(out / "ppl.csv", rows, COLUMNS)
-    common.write_json(out / "ppl.json", {"command": common.command_line(args), "sources": args.combine}, rows)
+    save(results, out, common.combined_meta(args))
     print(table(results))
     if not args.no_plot:
         plot(results, out / "ppl.png")

@@ -476,9 +476,7 @@ def run(args: argparse.Namespace) -> int:
 
 def save(samples: list[SampleResult], summary: list[Summary], out: Path, meta: dict) -> None:
     common.write_csv(out / "ruler-samples.csv", [asdict(r) for r in samples], SAMPLE_COLUMNS)
-    rows = [asdict(s) for s in summary]
-    common.write_csv(out / "ruler.csv", rows, COLUMNS)
-    common.write_json(out / "ruler.json", meta, rows)
+    common.write_results(out, "ruler", [asdict(s) for s in summary], COLUMNS, meta)
 
 
 def read_samples(paths: list[str]) -> list[SampleResult]:
@@ -500,17 +498,12 @@ def read_samples(paths: list[str]) -> list[SampleResult]:
 
 
 def combine(args: argparse.Namespace) -> int:
-    try:
-        samples = read_samples(args.combine)
-    except TovaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not samples:
-        print("error: the CSV files hold no results", file=sys.stderr)
+    samples = common.read_combined(args, read_samples)
+    if samples is None:
         return 2
     out = common.out_dir(args)
     summary = summarize(samples)
-    save(samples, summary, out, {"command": common.command_line(args), "sources": args.combine})
+    save(samples, summary, out, common.combined_meta(args))
     print(table(summary))
     if not args.no_plot:
         plot(summary, out / "ruler.png")

@@ -375,13 +375,13 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = [asdict(r) for r in results]
     out = common.out_dir(args)
-    common.write_csv(out / "speed.csv", rows, COLUMNS)
-    common.write_json(
-        out / "speed.json",
+    common.write_results(
+        out,
+        "speed",
+        [asdict(r) for r in results],
+        COLUMNS,
         common.meta(args, path, threads, chunk=args.chunk, model_bytes=size, model_params=params),
-        rows,
     )
     print(table(results, size, params))
     print()
