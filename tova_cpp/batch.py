@@ -91,6 +91,7 @@ class BatchSession:
         type_k: str = "f16",
         type_v: str = "f16",
         n_sink: int | None = None,
+        kv_unified: bool = True,
         verbose: bool = False,
     ) -> None:
         self._lock = threading.RLock()
@@ -119,11 +120,16 @@ class BatchSession:
         self.policy, self.budget, self.keep, self.evict_interval = policy, budget, keep, evict_interval
         self.chunk, self.n_sink, self.flash_attn = chunk, n_sink, flash_attn
         self.type_k, self.type_v, self.n_seq_max = type_k, type_v, n_seq_max
-        default_cells = n_seq_max * self.memory_of(budget, evict_interval)
+        if not isinstance(kv_unified, bool):
+            raise ValueError(f"kv_unified must be True or False, got {kv_unified!r}")
+        self.kv_unified = kv_unified
+        default_cells = n_seq_max * self._stream_cells(self.memory_of(budget, evict_interval))
         n_ctx = default_cells if n_ctx is None else _int("n_ctx", n_ctx, 1, _MAX_CELLS)
         if n_ctx > _MAX_CELLS:
             raise ValueError(f"n_ctx = {n_ctx} cells exceeds llama.cpp's limit of {_MAX_CELLS}")
-        if n_ctx < self.memory_of(budget, evict_interval):
+        if self._stream_cells(n_ctx // n_seq_max if not kv_unified else n_ctx) < self.memory_of(
+            budget, evict_interval
+        ):
             raise ValueError(
                 f"n_ctx = {n_ctx} cells cannot hold one sequence of budget + max(chunk, evict_interval) = "
                 f"{self.memory_of(budget, evict_interval)} cells"
@@ -165,7 +171,11 @@ class BatchSession:
             self.close()
             raise ValueError(ffi.string(err).decode())
         self._engine = engine
-        for rc in (lib.tova_engine_set_n_sink(engine, n_sink), lib.tova_engine_set_n_seq(engine, n_seq_max)):
+        for rc in (
+            lib.tova_engine_set_n_sink(engine, n_sink),
+            lib.tova_engine_set_n_seq(engine, n_seq_max),
+            lib.tova_engine_set_streams(engine, not kv_unified),
+        ):
             if rc != 0:
                 msg = self._error()
                 self.close()
@@ -175,7 +185,8 @@ class BatchSession:
         cparams.n_ctx = n_ctx
         cparams.n_batch = cparams.n_ubatch = n_ubatch
         cparams.n_seq_max = n_seq_max
-        cparams.kv_unified = True  # one stream of cells shared by all sequences: each reserves its own share
+        # unified: one stream of cells shared by all sequences, each reserving its share; else one stream each
+        cparams.kv_unified = kv_unified
         n_threads = n_threads or default_threads()
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.flash_attn_type = (
@@ -199,7 +210,8 @@ class BatchSession:
                 f"llama.cpp could not create a context of {n_ctx} cells and {n_seq_max} sequences for {path}"
             )
         self._ctx = ctx
-        self.n_cells = llama_cpp.llama_n_ctx(ctx)  # n_ctx padded up to a multiple of 256
+        self.n_cells = llama_cpp.llama_n_ctx(ctx)  # n_ctx padded up to a multiple of 256 (per stream)
+        self.stream_cells = llama_cpp.llama_n_ctx_seq(ctx)  # cells of one stream (unified: all of them)
         self._call(lib.tova_engine_set_cells(engine, self.n_cells))
         lib.tova_engine_set_threads(engine, n_threads)
         self.n_ubatch = n_ubatch
@@ -209,6 +221,10 @@ class BatchSession:
     def memory_of(self, budget: int, evict_interval: int) -> int:
         """Cells a sequence reserves: budget + max(chunk, evict_interval)."""
         return budget + max(self.chunk, evict_interval)
+
+    def _stream_cells(self, cells: int) -> int:
+        """Per-sequence streams: llama.cpp rounds each stream up to a multiple of 256 cells."""
+        return cells if self.kv_unified else -(-cells // 256) * 256
 
     def _size_error(self, n_ctx: int, n_ubatch: int, n_gpu_layers: int) -> str | None:
         phys = _physical_memory()
