@@ -231,8 +231,8 @@ def test_streams_prompts_together_match_alone(tiny, flash_attn, n_ubatch):
 
 def test_cells_rule_and_capacity(tiny):
     path, _ = tiny
-    # memory per sequence = budget + max(chunk, evict_interval) = 16 + 8 = 24; n_ctx 60 pads to 256 cells
-    with BatchSession(path, n_seq_max=3, budget=16, chunk=8, n_threads=2) as bs:
+    # unified: memory per sequence = budget + max(chunk, evict_interval) = 16 + 8 = 24; 72 cells pad to 256
+    with BatchSession(path, n_seq_max=3, budget=16, chunk=8, n_threads=2, kv_unified=True) as bs:
         assert bs.n_cells == 256  # 3 * 24 = 72, padded to a multiple of 256
         assert bs.memory_of(16, 1) == 24 and bs.memory_of(16, 20) == 36
         ids = [bs.add(), bs.add(), bs.add()]
@@ -242,7 +242,7 @@ def test_cells_rule_and_capacity(tiny):
             bs.add()
         bs.remove(1)
         assert bs.can_add() and bs.add() == 1
-    with BatchSession(path, n_seq_max=8, n_ctx=256, budget=100, chunk=8, n_threads=2) as bs:
+    with BatchSession(path, n_seq_max=8, n_ctx=256, budget=100, chunk=8, n_threads=2, kv_unified=True) as bs:
         assert bs.add() == 0 and bs.add() == 1  # 2 x 108 = 216 of 256 cells
         assert not bs.can_add() and bs.can_add(budget=32)
         with pytest.raises(CapacityError, match="does not fit"):
@@ -250,7 +250,46 @@ def test_cells_rule_and_capacity(tiny):
         assert bs.sequences == [0, 1]  # nothing changed
         assert bs.add(budget=32) == 2
     with pytest.raises(ValueError, match="cannot hold one sequence"):
-        BatchSession(path, n_seq_max=2, n_ctx=10, budget=16, chunk=8)
+        BatchSession(path, n_seq_max=2, n_ctx=10, budget=16, chunk=8, kv_unified=True)
+
+
+def test_cells_rule_streams(tiny):
+    """Per-sequence streams: llama.cpp gives each sequence id a stream of PAD256(n_ctx / n_seq_max) cells; a
+    sequence fits when its memory fits its stream, whatever the others hold."""
+    path, _ = tiny
+    with BatchSession(path, n_seq_max=3, budget=16, chunk=8, n_threads=2, kv_unified=False) as bs:
+        assert (bs.stream_cells, bs.n_cells) == (256, 768)  # 24 cells of memory round up to a 256-cell stream
+        assert bs.can_add(budget=248) and not bs.can_add(budget=249)  # 248 + 8 = 256
+        with pytest.raises(CapacityError, match="does not fit in its stream of 256 cells"):
+            bs.add(budget=249)
+        ids = [bs.add(budget=248), bs.add(), bs.add()]
+        assert ids == [0, 1, 2] and not bs.can_add()
+        with pytest.raises(CapacityError, match="n_seq_max"):
+            bs.add()
+        bs.step({s: list(range(3, 40)) for s in ids})
+        assert_in_own_stream(bs)
+        bs.remove(1)
+        assert bs.can_add(budget=248) and bs.add() == 1
+        bs.step({1: [5, 6, 7], 0: [8]})
+        assert_in_own_stream(bs)
+    with BatchSession(path, n_seq_max=2, n_ctx=600, budget=16, chunk=8, n_threads=2, kv_unified=False) as bs:
+        assert (bs.stream_cells, bs.n_cells) == (512, 1024)  # 600 / 2 = 300, rounded up to 512 per stream
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        BatchSession(path, n_seq_max=4, n_ctx=1024, budget=300, chunk=8, kv_unified=False)
+
+
+def test_engine_refuses_a_context_of_the_other_layout(tiny):
+    """The engine checks the context's KV layout (streams = llama_n_ctx / llama_n_ctx_seq) before any decode."""
+    path, _ = tiny
+    from tova_cpp._ffi import lib
+
+    with BatchSession(path, n_seq_max=2, budget=8, chunk=4, n_threads=2, kv_unified=True) as bs:
+        a = bs.add()
+        assert lib.tova_engine_set_streams(bs._engine, True) == 0
+        assert lib.tova_engine_set_cells(bs._engine, bs.n_cells) == 0
+        with pytest.raises(ValueError, match=r"1 stream\(s\) but the engine expects 2"):
+            bs.eval(a, [3, 4])
+        assert bs.n_past(a) == 0
 
 
 def test_full_policy_refuses_past_its_memory(tiny):

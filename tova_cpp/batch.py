@@ -1,18 +1,22 @@
 """Many sequences in one context: a bounded KV cache per sequence, decoded together (continuous batching).
 
-`BatchSession` holds one model and one llama.cpp context with a unified KV cache (one stream of cells shared by
-every sequence; llama.cpp's seq_ids tell them apart). Each sequence has its own budget, keep and evict_interval
-(the policy is the session's); sequences are added, reset and removed at any time while the others continue.
+`BatchSession` holds one model and one llama.cpp context in which every sequence (a llama.cpp seq_id) has its
+own KV stream (kv_unified=False, the default: attention runs per sequence over its own cells only) or shares one
+unified KV cache with the others (kv_unified=True: one stream of cells, each owned by one sequence; attention
+runs over all of them, the others' masked). Each sequence has its own budget, keep and evict_interval (the
+policy is the session's); sequences are added, reset and removed at any time while the others continue.
 `step` evaluates tokens of several sequences in shared llama_decode calls (each sequence's next token, and
 prompt pieces of new ones); each sequence is cut to its own budget by its own newest token's attention, over its
 own cells only (docs/ARCHITECTURE.md, section "Many sequences"). The semantics per sequence are Session's
 (tova_cpp/session.py): a sequence run here keeps the same per-layer sets as the same sequence run alone.
 
-Cells rule: the context holds n_cells = n_ctx rounded up to a multiple of 256 (llama.cpp pads it). Each
-sequence reserves memory = budget + max(chunk, evict_interval) cells while it exists (the most it ever
-occupies: a piece of up to `chunk` tokens, or evict_interval decodes, on top of its budget). `add` refuses
-(CapacityError) a sequence whose memory exceeds the cells no other sequence reserves, or when n_seq_max
-sequences exist. n_ctx=None sizes the context for n_seq_max sequences at the default settings.
+Cells rule: each sequence reserves memory = budget + max(chunk, evict_interval) cells while it exists (the most
+it ever occupies: a piece of up to `chunk` tokens, or evict_interval decodes, on top of its budget).
+Per-sequence streams: llama.cpp gives each of the n_seq_max sequence ids a stream of
+stream_cells = PAD256(n_ctx / n_seq_max) cells; `add` refuses (CapacityError) a sequence whose memory exceeds
+stream_cells, or when n_seq_max sequences exist. Unified: the context holds n_cells = n_ctx rounded up to a
+multiple of 256; `add` refuses a sequence whose memory exceeds the cells no other sequence reserves. n_ctx=None
+sizes the context for n_seq_max sequences at the default settings.
 
 `stream_generate_batch` / `generate_batch` generate from many prompts at once with `Llama`'s sampling (one
 llama.cpp sampler chain per sequence), admitting queued prompts as finished sequences free their cells.
@@ -91,7 +95,7 @@ class BatchSession:
         type_k: str = "f16",
         type_v: str = "f16",
         n_sink: int | None = None,
-        kv_unified: bool = True,
+        kv_unified: bool = False,
         verbose: bool = False,
     ) -> None:
         self._lock = threading.RLock()
