@@ -497,6 +497,11 @@ def test_batch_command(tiny, tmp_path, capsys):
     assert [(int(r["n_seqs"]), int(r["cells_per_seq"]), r["kv_unified"]) for r in rows] == [
         (2, 256, "False")
     ] * 3
+    # `tova` refuses llama.cpp's --kv-unified everywhere but here, where it picks the KV layout
+    from tova_cpp.cli import _unsupported
+
+    assert _unsupported(["bench", "batch", "--kv-unified", "0"]) is None
+    assert "not supported by tova" in _unsupported(["generate", "--kv-unified"])
 
 
 def test_compare_nll_script(tmp_path, capsys):

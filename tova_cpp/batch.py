@@ -214,7 +214,8 @@ class BatchSession:
                 f"llama.cpp could not create a context of {n_ctx} cells and {n_seq_max} sequences for {path}"
             )
         self._ctx = ctx
-        self.n_cells = llama_cpp.llama_n_ctx(ctx)  # n_ctx padded up to a multiple of 256 (per stream)
+        # all cells: n_ctx padded to a multiple of 256 (streams: n_seq_max x PAD256(n_ctx / n_seq_max))
+        self.n_cells = llama_cpp.llama_n_ctx(ctx)
         self.stream_cells = llama_cpp.llama_n_ctx_seq(ctx)  # cells of one stream (unified: all of them)
         self._call(lib.tova_engine_set_cells(engine, self.n_cells))
         lib.tova_engine_set_threads(engine, n_threads)
