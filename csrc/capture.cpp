@@ -38,52 +38,84 @@ static void note_cache_tensor(tova_engine * e, ggml_tensor * t) {
     }
 }
 
+// kq_soft_max-<il>: F32 [n_kv, n_tps, n_head, n_stream]: n_tps tokens of each of the ubatch's streams (per-sequence
+// streams: stream0 + i; unified: one stream of all tokens); element (j, t, h, i) at ((i*n_head + h)*n_tps + t)*n_kv +
+// j. Cell j of stream i is the engine's cell (stream0 + i) * stream_cells + j.
+struct softmax_layout {
+    int64_t n_kv, n_tps, n_head, n_stream;
+    const float * row(const float * p, int64_t i, int64_t h, int64_t t) const {
+        return p + ((i * n_head + h) * n_tps + t) * n_kv;
+    }
+};
+
+static int64_t cell_base(const tova_engine * e, int64_t i) {
+    return (e->n_stream > 1 ? e->armed.stream0 + i : 0) * (int64_t) e->st.stream_cells();
+}
+
 // h2o: acc[cell] += sum over the batch's queries of their head-averaged attention. The rows of ALL queries of
 // the batch count (what H2O does with a prompt), not only the last one; empty and masked cells hold 0.
-static void accumulate_scores(tova_engine * e, ggml_tensor * t, int il) {
-    const int64_t n_kv = t->ne[0], n_tok = t->ne[1], n_head = t->ne[2];
+static void accumulate_scores(tova_engine * e, ggml_tensor * t, int il, const softmax_layout & L) {
     const float * p = (const float *) t->data;
     if (!ggml_backend_buffer_is_host(t->buffer)) {
-        e->scratch_f.resize((size_t) n_kv * n_tok * n_head);
+        e->scratch_f.resize((size_t) ggml_nelements(t));
         ggml_backend_tensor_get(t, e->scratch_f.data(), 0, e->scratch_f.size() * sizeof(float));
         p = e->scratch_f.data();
     }
     std::vector<double> & sum = e->scratch_d;
-    sum.assign(n_kv, 0.0);
-    for (int64_t r = 0; r < n_tok * n_head; r++)
-        for (int64_t j = 0; j < n_kv; j++) sum[j] += p[r * n_kv + j];
     double * out = e->st.acc(il);
-    for (int64_t j = 0; j < n_kv; j++) out[j] += sum[j] / (double) n_head;  // mean over all query heads
+    for (int64_t i = 0; i < L.n_stream; i++) {
+        sum.assign(L.n_kv, 0.0);
+        for (int64_t h = 0; h < L.n_head; h++)
+            for (int64_t tk = 0; tk < L.n_tps; tk++) {
+                const float * r = L.row(p, i, h, tk);
+                for (int64_t j = 0; j < L.n_kv; j++) sum[j] += r[j];
+            }
+        double * o = out + cell_base(e, i);
+        for (int64_t j = 0; j < L.n_kv; j++) o[j] += sum[j] / (double) L.n_head;  // mean over all query heads
+    }
     e->scored[il] = 1;
 }
 
-// kq_soft_max-<il>: F32 [n_kv, n_tokens, n_head, n_stream]; element (j, t, h) at (h*n_tokens + t)*n_kv + j
+static void divide_rows(float * o, const softmax_layout & L) {
+    for (int64_t j = 0; j < L.n_kv; j++) o[j] /= (float) L.n_head;  // mean over all query heads
+}
+
 static void capture_scores(tova_engine * e, ggml_tensor * t, int il) {
-    const int64_t n_kv = t->ne[0], n_tok = t->ne[1], n_head = t->ne[2];
+    const softmax_layout L = {t->ne[0], t->ne[1], t->ne[2], t->ne[3]};
     const int32_t n_cells = e->st.n_cells();
-    if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t) || n_kv > n_cells || n_tok != e->armed.n_tokens) {
+    const int64_t span = e->n_stream > 1 ? e->st.stream_cells() : n_cells;  // the cells one stream holds
+    if (t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t) || L.n_kv > span ||
+        L.n_tps * L.n_stream != e->armed.n_tokens || (e->n_stream == 1 && L.n_stream != 1) ||
+        e->armed.stream0 + L.n_stream > e->n_stream) {
         e->armed.error = std::string("unexpected layout of ") + t->name;
         return;
     }
     if (e->policy == TOVA_POLICY_H2O) {
-        accumulate_scores(e, t, il);
+        accumulate_scores(e, t, il, L);
         return;
     }
     float * out = &e->scores[(size_t) il * n_cells];
     std::fill(out, out + n_cells, 0.0f);
-    e->scratch_f.resize(n_kv);
+    e->scratch_f.resize(L.n_kv);
     const bool host = ggml_backend_buffer_is_host(t->buffer);
-    // each captured row is one sequence's newest token: it is 0 on every other sequence's cells (masked), so
-    // adding the rows gives each cell the score of its own sequence's row
-    for (int32_t r : e->armed.rows)
-        for (int64_t h = 0; h < n_head; h++) {
-            const size_t off = ((size_t) h * n_tok + r) * n_kv * sizeof(float);
+    // each captured row is one sequence's newest token (batch row r: token r % n_tps of stream r / n_tps). In a
+    // unified cache it is 0 on every other sequence's cells (masked), so adding the rows gives each cell the
+    // score of its own sequence's row; with per-sequence streams each row covers its own stream only.
+    int64_t last = -1;
+    for (int32_t r : e->armed.rows) {  // ascending
+        const int64_t i = r / L.n_tps, tk = r % L.n_tps;
+        float * o = out + cell_base(e, i);
+        if (last >= 0 && i != last) divide_rows(out + cell_base(e, last), L);
+        last = i;
+        for (int64_t h = 0; h < L.n_head; h++) {
+            const size_t off = (size_t) ((i * L.n_head + h) * L.n_tps + tk) * L.n_kv * sizeof(float);
             const float * src = e->scratch_f.data();
             if (host) src = (const float *) ((const char *) t->data + off);
-            else ggml_backend_tensor_get(t, e->scratch_f.data(), off, n_kv * sizeof(float));
-            for (int64_t j = 0; j < n_kv; j++) out[j] += src[j];
+            else ggml_backend_tensor_get(t, e->scratch_f.data(), off, L.n_kv * sizeof(float));
+            for (int64_t j = 0; j < L.n_kv; j++) o[j] += src[j];
         }
-    for (int64_t j = 0; j < n_kv; j++) out[j] /= (float) n_head;  // mean over all query heads
+    }
+    if (last >= 0) divide_rows(out + cell_base(e, last), L);
     e->scored[il] = 1;
 }
 

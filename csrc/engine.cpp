@@ -71,7 +71,7 @@ static const char * size_error(int32_t n_layer, int32_t n_cells) {
 
 // Allocates every per-cell array for n_cells cells; clears the state.
 static void resize_cells(tova_engine * e, int32_t n_cells) {
-    e->st.resize(e->n_layer, n_cells, std::max<int32_t>(1, (int32_t) e->seqs.size()));
+    e->st.resize(e->n_layer, n_cells, std::max<int32_t>(1, (int32_t) e->seqs.size()), e->n_stream);
     for (auto & q : e->seqs) q.n_past = 0;
     e->scores.assign((size_t) e->n_layer * n_cells, 0.0f);
     e->score_d.assign(n_cells, 0.0);
@@ -165,6 +165,10 @@ extern "C" int32_t tova_engine_set_cells(tova_engine * e, int32_t n_cells) {
         return fail(e, TOVA_ERR_ARG,
                     "n_cells (" + std::to_string(n_cells) + ") must be >= memory (" + std::to_string(e->memory) + ")");
     if (const char * why = size_error(e->n_layer, n_cells)) return fail(e, TOVA_ERR_ARG, why);
+    if (n_cells % e->n_stream != 0)
+        return fail(e, TOVA_ERR_ARG,
+                    "n_cells (" + std::to_string(n_cells) + ") must be a multiple of the " +
+                        std::to_string(e->n_stream) + " streams");
     return guarded(e, [&] {
         resize_cells(e, n_cells);
         return TOVA_OK;
@@ -279,7 +283,8 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const ubatch_
     // tova needs the row that ends a piece; h2o's accumulator needs every query; window/sink/full need none
     a.scores = (e->policy == TOVA_POLICY_TOVA && capture) || e->policy == TOVA_POLICY_H2O;
     a.rows = u.rows;
-    const bool predicted = e->st.predict(n, e->predicted);
+    a.stream0 = e->n_stream > 1 ? u.seq[0] : 0;
+    const bool predicted = e->st.predict(u.seq.data(), n, e->predicted);
     // the cells: predicted by the slot mirror; read as well where that is free (host) or asked for
     a.read_cells = !predicted || e->idxs_host || e->verify_cells;
     a.cells_seen = false;
@@ -453,6 +458,14 @@ static int32_t check_cells(tova_engine * e, llama_context * ctx) {
         return fail(e, TOVA_ERR_ARG,
                     "the engine tracks " + std::to_string(e->st.n_cells()) + " cells but the context has " +
                         std::to_string(llama_n_ctx(ctx)) + ": call tova_engine_set_cells(llama_n_ctx(ctx))");
+    // the KV cache's streams: llama.cpp gives each of n_seq_max sequences n_ctx_seq cells unless kv_unified
+    const int64_t per = llama_n_ctx_seq(ctx);
+    if (e->multi && (per < 1 || llama_n_ctx(ctx) / per != e->n_stream))
+        return fail(e, TOVA_ERR_ARG,
+                    "the context's KV cache has " + std::to_string(per ? llama_n_ctx(ctx) / per : 0) +
+                        " stream(s) but the engine expects " + std::to_string(e->n_stream) +
+                        (e->n_stream > 1 ? " (one per sequence: kv_unified = false and n_seq_max = the engine's)"
+                                         : " (kv_unified = true)"));
     return TOVA_OK;
 }
 
@@ -544,7 +557,19 @@ extern "C" int32_t tova_engine_set_n_seq(tova_engine * e, int32_t n_seq_max) {
     return guarded(e, [&] {
         e->multi = true;
         e->seqs.assign(n_seq_max, tova_seq());
+        e->n_stream = 1;
         e->st.resize(e->n_layer, e->st.n_cells(), n_seq_max);
+        return TOVA_OK;
+    });
+}
+
+extern "C" int32_t tova_engine_set_streams(tova_engine * e, bool per_seq) {
+    if (!e) return TOVA_ERR_ARG;
+    if (!e->multi) return fail(e, TOVA_ERR_ARG, "call tova_engine_set_n_seq first");
+    if (e->st.n_occupied() != 0) return fail(e, TOVA_ERR_STATE, "set the streams before the first decode");
+    return guarded(e, [&] {
+        e->n_stream = per_seq ? (int32_t) e->seqs.size() : 1;
+        resize_cells(e, e->st.n_cells());  // tova_engine_set_cells(llama_n_ctx) follows once the context exists
         return TOVA_OK;
     });
 }
@@ -572,7 +597,11 @@ extern "C" int32_t tova_engine_seq_add(tova_engine * e, int32_t seq, int32_t bud
                         std::to_string(budget) + ", memory=" + std::to_string(memory) +
                         ", keep=" + std::to_string(keep) + ", evict_interval=" + std::to_string(evict_interval) + ")");
     if (e->policy == TOVA_POLICY_SINK && e->n_sink >= budget) return fail(e, TOVA_ERR_ARG, "n_sink must be < budget");
-    if ((int64_t) cells_reserved(e) + memory > e->st.n_cells())
+    if (e->n_stream > 1 && memory > e->st.stream_cells())
+        return fail(e, TOVA_ERR_CAPACITY,
+                    "a sequence of " + std::to_string(memory) + " cells does not fit in its stream of " +
+                        std::to_string(e->st.stream_cells()) + " cells (llama_n_ctx / n_seq_max)");
+    if (e->n_stream == 1 && (int64_t) cells_reserved(e) + memory > e->st.n_cells())
         return fail(e, TOVA_ERR_CAPACITY,
                     "a sequence of " + std::to_string(memory) +
                         " cells does not fit: " + std::to_string(cells_reserved(e)) + " of the context's " +
@@ -589,6 +618,10 @@ extern "C" int32_t tova_engine_seq_add(tova_engine * e, int32_t seq, int32_t bud
 
 extern "C" int32_t tova_engine_cells_free(const tova_engine * e) {
     if (!e || !e->multi) return TOVA_ERR_ARG;
+    if (e->n_stream > 1)
+        return std::any_of(e->seqs.begin(), e->seqs.end(), [](const tova_seq & q) { return !q.active; })
+                   ? e->st.stream_cells()
+                   : 0;
     return e->st.n_cells() - cells_reserved(e);
 }
 
@@ -682,8 +715,11 @@ extern "C" int32_t tova_engine_decode_batch(tova_engine * e, struct llama_contex
         if (total > INT32_MAX) return fail(e, TOVA_ERR_ARG, "too many tokens in one batch");
     }
     if (int32_t rc = check_tokens(e, ctx, tokens, (int32_t) total)) return rc;
-    std::stable_sort(cur.begin(), cur.end(),
-                     [](const cursor & a, const cursor & b) { return (a.n == 1) > (b.n == 1); });
+    if (e->n_stream > 1)  // per-sequence streams: a ubatch is a run of consecutive ids (below)
+        std::sort(cur.begin(), cur.end(), [](const cursor & a, const cursor & b) { return a.seq < b.seq; });
+    else
+        std::stable_sort(cur.begin(), cur.end(),
+                         [](const cursor & a, const cursor & b) { return (a.n == 1) > (b.n == 1); });
 
     bool started = false;
     const int32_t rc = guarded(e, [&]() -> int32_t {
@@ -698,24 +734,53 @@ extern "C" int32_t tova_engine_decode_batch(tova_engine * e, struct llama_contex
             ended.clear();
             out_of.assign(cur.size(), -1);
             bool capture = false;  // a cut follows: score this decode
-            for (size_t i = 0; i < cur.size() && u.size() < n_ub; i++) {
-                cursor & c = cur[i];
-                if (c.done == c.n) continue;
-                tova_seq & q = e->seqs[c.seq];
-                if (c.piece_left == 0) {  // a piece: as many tokens as the sequence's memory holds, then a cut
-                    const int32_t room = q.memory - e->st.n_occupied(c.seq);
-                    if (room < 1) return fail(e, TOVA_ERR_STATE, "no room left in memory (a cut was skipped)");
-                    c.piece_left = std::min(room, c.n - c.done);
+            // a piece: as many tokens as the sequence's memory holds, then a cut
+            auto start_piece = [&](cursor & c) -> bool {
+                if (c.piece_left > 0) return true;
+                const int32_t room = e->seqs[c.seq].memory - e->st.n_occupied(c.seq);
+                if (room < 1) return false;
+                c.piece_left = std::min(room, c.n - c.done);
+                return true;
+            };
+            std::vector<std::pair<size_t, int32_t>> takes;  // (cursor, tokens it puts in this ubatch)
+            if (e->n_stream == 1) {
+                int32_t left = n_ub;
+                for (size_t i = 0; i < cur.size() && left > 0; i++) {
+                    if (cur[i].done == cur[i].n) continue;
+                    if (!start_piece(cur[i]))
+                        return fail(e, TOVA_ERR_STATE, "no room left in memory (a cut was skipped)");
+                    takes.push_back({i, std::min(cur[i].piece_left, left)});
+                    left -= takes.back().second;
                 }
-                const int32_t m = std::min(c.piece_left, n_ub - u.size());
+            } else {
+                // llama.cpp splits a batch over several streams with split_equal(sequential): one ubatch takes a run
+                // of consecutive sequence ids, the same number of tokens each. Form exactly that ubatch, so that
+                // one llama_decode is one ubatch (cursors are sorted by id).
+                size_t i = 0;
+                while (cur[i].done == cur[i].n) i++;
+                int32_t m = INT32_MAX;
+                for (; i < cur.size() && (int32_t) takes.size() < n_ub && cur[i].done < cur[i].n &&
+                       (takes.empty() || cur[i].seq == cur[takes.back().first].seq + 1);
+                     i++) {
+                    if (!start_piece(cur[i]))
+                        return fail(e, TOVA_ERR_STATE, "no room left in memory (a cut was skipped)");
+                    takes.push_back({i, 0});
+                    m = std::min(m, cur[i].piece_left);
+                }
+                m = std::min(m, n_ub / (int32_t) takes.size());
+                for (auto & t : takes) t.second = m;
+            }
+            for (const auto & t : takes) {
+                cursor & c = cur[t.first];
+                const int32_t m = t.second;
                 for (int32_t j = 0; j < m; j++) {
-                    const int32_t t = c.done + j;
-                    u.add(tokens[c.off + t], c.pos0 + t, c.seq, t == c.n - 1);
+                    const int32_t tk = c.done + j;
+                    u.add(tokens[c.off + tk], c.pos0 + tk, c.seq, tk == c.n - 1);
                 }
                 u.rows.push_back(u.size() - 1);
                 c.done += m;
                 c.piece_left -= m;
-                if (c.done == c.n) out_of[i] = u.size() - 1;
+                if (c.done == c.n) out_of[t.first] = u.size() - 1;
                 // a piece that ends here: its sequence holds occupied + m cells after the decode
                 if (c.piece_left == 0) {
                     ended.push_back(c.seq);

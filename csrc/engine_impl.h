@@ -30,6 +30,7 @@ struct tova_seq {
 struct tova_armed {
     int32_t n_tokens = 0;        // 0: not inside a decode the engine drives; the callback wants nothing
     std::vector<int32_t> rows;   // batch rows whose attention is captured (tova: each sequence's newest token)
+    int32_t stream0 = 0;         // per-sequence streams: the ubatch's first stream (its lowest sequence id)
     bool scores = false;         // capture this decode's attention (tova: the newest row; h2o: every row)
     bool read_cells = false;     // read attn_inp_k_idxs (host buffers: free, in the ask phase; a device: a sync)
     std::vector<int64_t> cells;  // what attn_inp_k_idxs held, when read
@@ -51,6 +52,7 @@ struct tova_engine {
     int32_t evict_interval = 1;  // cut only once budget + evict_interval cells are occupied
     bool multi = false;          // tova_engine_set_n_seq: sequences are added one by one, seqs[s] holds settings
     std::vector<tova_seq> seqs;  // [n_seq_max]
+    int32_t n_stream = 1;        // tova_engine_set_streams: 1 (unified KV cache) or n_seq_max (one per sequence)
 
     tova::state st;
     std::vector<float> scores;    // [n_layer * n_cells] tova: newest query's head-averaged attention

@@ -14,7 +14,14 @@ mover::~mover() {
     if (scratch_) ggml_backend_buffer_free(scratch_);
 }
 
-// element (cell c, dim j) of a transposed V cache lies at (j*kv_size + c)*elsize
+// Cells are numbered across streams as llama.cpp's attn_inp_k_idxs does: cell g is cell g % kv_size of stream
+// g / kv_size (the tensors are [n_embd, kv_size, n_stream], contiguous, so a row's offset is g * nb[1]). Element
+// (cell c, dim j) of stream s of a transposed V cache lies at s*nb[2] + (j*kv_size + c)*elsize.
+static size_t transposed_offset(const ggml_tensor * t, int32_t g) {
+    const int64_t kv_size = t->ne[1];
+    return (g / kv_size) * t->nb[2] + (g % kv_size) * ggml_type_size(t->type);
+}
+
 static void copy_host(ggml_tensor * t, int32_t src, int32_t dst, bool transposed) {
     char * base = (char *) t->data;
     if (!transposed) {
@@ -23,10 +30,9 @@ static void copy_host(ggml_tensor * t, int32_t src, int32_t dst, bool transposed
         return;
     }
     const size_t es = ggml_type_size(t->type);
-    const int64_t kv_size = t->ne[1];
-    for (int64_t j = 0; j < t->ne[0]; j++) {
-        memcpy(base + (j * kv_size + dst) * es, base + (j * kv_size + src) * es, es);
-    }
+    const size_t col = t->ne[1] * es;  // one dim of one stream: kv_size elements
+    const size_t s_off = transposed_offset(t, src), d_off = transposed_offset(t, dst);
+    for (int64_t j = 0; j < t->ne[0]; j++) memcpy(base + d_off + j * col, base + s_off + j * col, es);
 }
 
 bool mover::apply(const std::vector<layer_moves> & layers, bool v_trans, bool force_graph, backends & devs,
@@ -50,7 +56,7 @@ bool mover::apply(const std::vector<layer_moves> & layers, bool v_trans, bool fo
 static ggml_tensor * cell_view(ggml_context * ctx, ggml_tensor * t, int32_t cell, bool transposed) {
     if (!transposed) return ggml_view_1d(ctx, t, t->ne[0], cell * t->nb[1]);
     const size_t es = ggml_type_size(t->type);
-    return ggml_view_2d(ctx, t, 1, t->ne[0], t->ne[1] * es, cell * es);
+    return ggml_view_2d(ctx, t, 1, t->ne[0], t->ne[1] * es, transposed_offset(t, cell));
 }
 
 // Byte-exact I32 alias of t (rows of nb[1] bytes), placed on t's own memory. Rows are then copied as I32 -> I32,

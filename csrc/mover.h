@@ -21,7 +21,7 @@ class backends;
 namespace tova {
 
 struct layer_moves {
-    ggml_tensor * k;                                 // cache_k_l<il>: [n_embd_k_gqa, kv_size]
+    ggml_tensor * k;                                 // cache_k_l<il>: [n_embd_k_gqa, kv_size, n_stream]
     ggml_tensor * v;                                 // cache_v_l<il>: same shape; V transposed in memory when v_trans
     std::vector<std::pair<int32_t, int32_t>> moves;  // (src cell, dst cell)
 };

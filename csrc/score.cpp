@@ -68,9 +68,10 @@ bool scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_
 
 bool scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_t n_tokens, int32_t n_cells,
                      backends & devs, std::string & err) {
-    ggml_tensor * q = fa->src[0];     // [head_dim, n_tokens, n_head, n_stream], a permuted view
+    // n_tps tokens of each of n_stream streams (unified: one stream); batch row r = token r % n_tps of stream r / n_tps
+    ggml_tensor * q = fa->src[0];     // [head_dim, n_tps, n_head, n_stream], a permuted view
     ggml_tensor * k = fa->src[1];     // [head_dim, n_kv, n_head_kv, n_stream], a view of cache_k_l<il>
-    ggml_tensor * mask = fa->src[3];  // F16 [n_kv, n_tokens_pad, 1, n_stream]
+    ggml_tensor * mask = fa->src[3];  // F16 [n_kv, n_tps, 1, n_stream]
     float params[3];
     memcpy(params, fa->op_params, sizeof(params));  // scale, max_bias, logit_softcap
     if (il < 0 || il >= (int32_t) layers_.size()) return true;
@@ -93,15 +94,24 @@ bool scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_
     }
     // an F32 cache reaches flash attention through a cast to F16: score on the cache's own rows instead
     if (k->op == GGML_OP_CPY && k->src[0]) k = k->src[0];
-    if (k->view_src != cache_k || q->type != GGML_TYPE_F32 || !mask || mask->type != GGML_TYPE_F16 || q->ne[3] != 1 ||
-        k->ne[3] != 1 || q->ne[0] != k->ne[0] || q->nb[0] != sizeof(float) || q->ne[2] % k->ne[2] != 0 ||
-        mask->ne[0] != k->ne[1] || q->ne[1] != n_tokens || k->ne[1] > n_cells) {
+    const int64_t n_stream = k->ne[3], n_tps = q->ne[1];
+    if (k->view_src != cache_k || q->type != GGML_TYPE_F32 || !mask || mask->type != GGML_TYPE_F16 ||
+        q->ne[3] != n_stream || mask->ne[3] != n_stream || q->ne[0] != k->ne[0] || q->nb[0] != sizeof(float) ||
+        q->ne[2] % k->ne[2] != 0 || mask->ne[0] != k->ne[1] || n_tps * n_stream != n_tokens ||
+        k->ne[1] > cache_k->ne[1] || (n_stream > 1 && (int64_t) rows_.size() != n_stream)) {
         err = "unexpected FLASH_ATTN_EXT operands in layer " + std::to_string(il) +
-              " (one sequence, F32 query, F16 mask, K a view of cache_k_l" + std::to_string(il) + " expected)";
+              " (F32 query, F16 mask, K a view of cache_k_l" + std::to_string(il) +
+              ", one scored row per stream expected)";
         return false;
     }
+    for (size_t i = 0; n_stream > 1 && i < rows_.size(); i++)
+        if (rows_[i] / n_tps != (int64_t) i) {
+            err = "flash-attention capture: a scored row per stream expected";
+            return false;
+        }
     head_dim_ = q->ne[0];
     n_head_ = q->ne[2];
+    n_stream_ = n_stream;
     if (n_kv_ != 0 && n_kv_ != k->ne[1]) {
         err = "layers disagree on n_kv";
         return false;
@@ -112,23 +122,26 @@ bool scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_
     if (!ensure_buffers(cache_k, (int32_t) layers_.size(), q_len, n_cells, span_, devs, err)) return false;
 
     // the scored queries: rows t0..t0+span-1 of every head; one block when Q is the usual permuted view of a
-    // contiguous [head_dim, n_head, n_tokens] tensor
+    // contiguous [head_dim, n_head, n_tokens] tensor (its streams follow each other)
     const int64_t t0 = rows_.front();
     const size_t dst = (size_t) il * q_->nb[2];
-    if (q->nb[2] == (size_t) head_dim_ * sizeof(float) && q->nb[1] == (size_t) q_len * sizeof(float)) {
+    if (q->nb[2] == (size_t) head_dim_ * sizeof(float) && q->nb[1] == (size_t) q_len * sizeof(float) &&
+        (n_stream == 1 || q->nb[3] == n_tps * q->nb[1])) {
         copy_bytes(q, t0 * q->nb[1], q_, dst, span_ * q_len * sizeof(float));
     } else {
         for (int64_t r : rows_)
             for (int64_t h = 0; h < n_head_; h++)
-                copy_bytes(q, r * q->nb[1] + h * q->nb[2], q_,
+                copy_bytes(q, (r % n_tps) * q->nb[1] + (r / n_tps) * q->nb[3] + h * q->nb[2], q_,
                            dst + (r - t0) * q_->nb[1] + h * head_dim_ * sizeof(float), head_dim_ * sizeof(float));
     }
     if (!mask_seen_) {  // the mask reads metadata only: the same rows for every layer
-        if (mask->nb[1] == (size_t) n_kv_ * sizeof(uint16_t) && span_ > 1) {
+        if (mask->nb[1] == (size_t) n_kv_ * sizeof(uint16_t) && span_ > 1 &&
+            (n_stream == 1 || mask->nb[3] == n_tps * mask->nb[1])) {
             copy_bytes(mask, t0 * mask->nb[1], mask_, 0, span_ * n_kv_ * sizeof(uint16_t));
         } else {
             for (int64_t r : rows_)
-                copy_bytes(mask, r * mask->nb[1], mask_, (r - t0) * n_kv_ * sizeof(uint16_t), n_kv_ * sizeof(uint16_t));
+                copy_bytes(mask, (r % n_tps) * mask->nb[1] + (r / n_tps) * mask->nb[3], mask_,
+                           (r - t0) * n_kv_ * sizeof(uint16_t), n_kv_ * sizeof(uint16_t));
         }
         mask_seen_ = true;
     }
@@ -194,6 +207,7 @@ bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string
         err = "ggml_init failed for the scoring graph";
         return false;
     }
+    if (n_stream_ > 1) return build_graph_streams(cache_k, err);
     if (rows_.size() > 1) return build_graph_rows(cache_k, err);
     ggml_context * ctx = graph_ctx_;
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
@@ -266,6 +280,45 @@ bool scorer::build_graph_rows(const std::vector<ggml_tensor *> & cache_k, std::s
     return finish_graph(gf, err);
 }
 
+// Per-sequence streams: one scored row per stream (its sequence's newest token). Per layer one batched product of
+// each stream's K view with its own row, softmax with the row's own mask, and the mean over heads per stream:
+// [n_kv, n_stream] floats, stream i's cells only.
+bool scorer::build_graph_streams(const std::vector<ggml_tensor *> & cache_k, std::string & err) {
+    const int32_t n_layer = (int32_t) layers_.size();
+    const int64_t ns = n_stream_, q_len = head_dim_ * n_head_;
+    ggml_context * ctx = graph_ctx_;
+    const size_t n_tensors = 24 * (size_t) n_layer + 32;
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
+    ggml_tensor * idx = ggml_view_1d(ctx, idx_, ns, 0);
+    ggml_tensor * mask_block = ggml_view_2d(ctx, mask_, n_kv_, span_, n_kv_ * ggml_element_size(mask_), 0);
+    ggml_tensor * mask = ggml_reshape_4d(ctx, ggml_get_rows(ctx, mask_block, idx), n_kv_, 1, 1, ns);  // F32
+    for (int32_t l = 0; l < n_layer; l++) {
+        const layer_view & lv = layers_[l];
+        if (!lv.seen) continue;
+        ggml_tensor * k = ggml_view_4d(ctx, cache_k[l], lv.ne[0], lv.ne[1], lv.ne[2], lv.ne[3], lv.nb[1], lv.nb[2],
+                                       lv.nb[3], lv.offs);  // [head_dim, n_kv, n_head_kv, ns]
+        ggml_tensor * qb = ggml_view_2d(ctx, q_, q_len, span_, q_->nb[1], l * q_->nb[2]);
+        ggml_tensor * q = ggml_reshape_4d(ctx, ggml_get_rows(ctx, qb, idx), head_dim_, n_head_, 1, ns);
+        q = ggml_cont(ctx, ggml_permute(ctx, q, 0, 2, 1, 3));  // [head_dim, 1, n_head, ns]
+        ggml_tensor * kq = ggml_mul_mat(ctx, k, q);            // [n_kv, 1, n_head, ns]
+        ggml_prec_set_acc(kq, GGML_PREC_F32);
+        float sm_scale = lv.scale;
+        if (lv.softcap != 0.0f) {
+            kq = ggml_tanh(ctx, ggml_scale(ctx, kq, lv.scale / lv.softcap));
+            sm_scale = lv.softcap;
+        }
+        ggml_tensor * p = ggml_soft_max_ext(ctx, kq, mask, sm_scale, 0.0f);
+        if (lv.sinks) ggml_soft_max_add_sinks(p, lv.sinks);
+        // [n_kv, n_head, ns] -> [n_head, n_kv, ns]: sum over heads per cell and stream
+        ggml_tensor * per_head =
+            ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, p, n_kv_, n_head_, ns), 1, 0, 2, 3));
+        ggml_tensor * mean = ggml_scale(ctx, ggml_sum_rows(ctx, per_head), 1.0f / (float) n_head_);  // [1, n_kv, ns]
+        ggml_tensor * dst = ggml_view_1d(ctx, out_, n_kv_ * ns, (size_t) l * n_kv_ * ns * sizeof(float));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_1d(ctx, mean, n_kv_ * ns), dst));
+    }
+    return finish_graph(gf, err);
+}
+
 bool scorer::finish_graph(ggml_cgraph * gf, std::string & err) {
     for (int i = 0; i < ggml_graph_n_nodes(gf); i++) {
         ggml_tensor * node = ggml_graph_node(gf, i);
@@ -287,18 +340,19 @@ bool scorer::finish_graph(ggml_cgraph * gf, std::string & err) {
     graph_n_kv_ = n_kv_;
     graph_n_rows_ = (int64_t) rows_.size();
     graph_span_ = span_;
+    graph_n_stream_ = n_stream_;
     return true;
 }
 
 bool scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scores, int32_t n_cells, uint8_t * scored,
                      std::string & err) {
     const int32_t n_layer = (int32_t) layers_.size();
-    if (n_kv_ == 0 || n_kv_ > n_cells || !buf_) {
+    if (n_kv_ == 0 || n_kv_ * n_stream_ > n_cells || !buf_) {
         err = "no FLASH_ATTN_EXT node was captured (or n_kv exceeds the context)";
         return false;
     }
     if (!graph_ || graph_n_kv_ != n_kv_ || !(graph_layers_ == layers_) || graph_n_rows_ != (int64_t) rows_.size() ||
-        graph_span_ != span_)
+        graph_span_ != span_ || graph_n_stream_ != n_stream_)
         if (!build_graph(cache_k, err)) return false;
     if (rows_.size() > 1) {
         std::vector<int32_t> rel(rows_.size());
@@ -309,13 +363,24 @@ bool scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scores,
         err = "the flash-attention scoring graph failed on the cache's backend";
         return false;
     }
-    host_.resize((size_t) n_kv_ * n_layer);
+    const int64_t per_layer = n_kv_ * n_stream_;
+    host_.resize((size_t) per_layer * n_layer);
     ggml_backend_tensor_get(out_, host_.data(), 0, host_.size() * sizeof(float));
     for (int32_t l = 0; l < n_layer; l++) {
-        if (!layers_[l].seen) continue;
-        float * s = scores + (size_t) l * n_cells;
-        memcpy(s, &host_[(size_t) l * n_kv_], n_kv_ * sizeof(float));
-        memset(s + n_kv_, 0, (n_cells - n_kv_) * sizeof(float));
+        const layer_view & lv = layers_[l];
+        if (!lv.seen) continue;
+        // the K view starts at the ubatch's first stream; stream s holds the engine's cells [s*kv_size, (s+1)*kv_size)
+        const int64_t kv_size = cache_k[l]->ne[1];
+        const int64_t s0 = (int64_t) (lv.offs / cache_k[l]->nb[2]);
+        if ((s0 + n_stream_) * kv_size > n_cells) {
+            err = "the flash-attention K view lies outside the engine's cells";
+            return false;
+        }
+        for (int64_t i = 0; i < n_stream_; i++) {
+            float * s = scores + (size_t) l * n_cells + (s0 + i) * kv_size;
+            memcpy(s, &host_[(size_t) l * per_layer + i * n_kv_], n_kv_ * sizeof(float));
+            memset(s + n_kv_, 0, (kv_size - n_kv_) * sizeof(float));
+        }
         scored[l] = 1;
     }
     return true;

@@ -46,6 +46,7 @@ private:
     struct layer_view {
         bool seen = false;
         int64_t ne[4] = {};  // K view as FLASH_ATTN_EXT reads it: [head_dim, n_kv, n_head_kv, n_stream]
+                             // (offs: the first stream's offset)
         size_t nb[4] = {};
         size_t offs = 0;  // byte offset into cache_k_l<il>
         float scale = 0.0f, softcap = 0.0f;
@@ -56,11 +57,13 @@ private:
                         backends & devs, std::string & err);
     bool build_graph(const std::vector<ggml_tensor *> & cache_k, std::string & err);
     bool build_graph_rows(const std::vector<ggml_tensor *> & cache_k, std::string & err);
+    bool build_graph_streams(const std::vector<ggml_tensor *> & cache_k, std::string & err);
     bool finish_graph(ggml_cgraph * gf, std::string & err);
     void free_graph();
 
     std::vector<layer_view> layers_;
     int64_t head_dim_ = 0, n_head_ = 0, n_kv_ = 0;
+    int64_t n_stream_ = 1;  // streams in the ubatch (per-sequence streams: one scored row each)
     bool mask_seen_ = false;
     std::vector<int32_t> rows_;  // batch rows scored in this decode
     int64_t span_ = 1;           // rows_.back() - rows_.front() + 1: the block of rows copied per layer
@@ -84,7 +87,7 @@ private:
     ggml_gallocr * galloc_ = nullptr;
     std::vector<layer_view> graph_layers_;
     int64_t graph_n_kv_ = 0;
-    int64_t graph_n_rows_ = 0, graph_span_ = 0;
+    int64_t graph_n_rows_ = 0, graph_span_ = 0, graph_n_stream_ = 0;
     std::vector<float> host_;  // [n_kv * n_layer] read-back
 };
 

@@ -6,16 +6,18 @@
 
 namespace tova {
 
-void state::resize(int32_t n_layer, int32_t n_cells, int32_t n_seq) {
+void state::resize(int32_t n_layer, int32_t n_cells, int32_t n_seq, int32_t n_stream) {
     n_layer_ = n_layer;
     n_cells_ = n_cells;
+    n_stream_ = n_stream < 1 ? 1 : n_stream;
+    stream_cells_ = n_cells / n_stream_;
+    heads_.assign(n_stream_, 0);
     meta_pos_.assign(n_cells, -1);
     seq_.assign(n_cells, -1);
     cells_.assign(n_seq, {});
     layer_pos_.assign((size_t) n_layer * n_cells, -1);
     acc_.assign((size_t) n_layer * n_cells, 0.0);
     n_occupied_ = 0;
-    head_ = 0;
     head_known_ = true;
 }
 
@@ -26,19 +28,19 @@ void state::clear() {
     std::fill(layer_pos_.begin(), layer_pos_.end(), -1);
     std::fill(acc_.begin(), acc_.end(), 0.0);
     n_occupied_ = 0;
-    head_ = 0;  // llama_kv_cache::clear
+    std::fill(heads_.begin(), heads_.end(), 0);  // llama_kv_cache::clear
     head_known_ = true;
 }
 
-// llama_kv_cache::find_slot with cont = false, one stream, no SWA: from head (or 0 when enough cells are free
-// before it), take empty cells in index order, wrapping around once.
-bool state::predict(int32_t n, std::vector<int32_t> & cells) const {
-    cells.clear();
-    if (!head_known_ || n < 1 || n > n_cells_) return false;
-    const uint32_t size = (uint32_t) n_cells_;
-    uint32_t head = head_;
-    if (head > (uint32_t) n_occupied_ + 2 * (uint32_t) n) head = 0;
+// llama_kv_cache::find_slot with cont = false, no SWA, in one stream (cells [base, base + size), `used` of them
+// occupied): from the stream's head (or 0 when enough cells are free before it), take empty cells in index
+// order, wrapping around once.
+static bool find_slot(const std::vector<int32_t> & meta_pos, uint32_t base, uint32_t size, uint32_t head, uint32_t used,
+                      int32_t n, std::vector<int32_t> & cells) {
+    if (n < 1 || (uint32_t) n > size) return false;
+    if (head > used + 2 * (uint32_t) n) head = 0;
     uint32_t n_tested = 0;
+    int32_t found = 0;
     while (true) {
         if (head + 1 > size) {
             n_tested += size - head;
@@ -47,10 +49,36 @@ bool state::predict(int32_t n, std::vector<int32_t> & cells) const {
         }
         const uint32_t idx = head++;
         n_tested++;
-        if (meta_pos_[idx] < 0) cells.push_back((int32_t) idx);
-        if ((int32_t) cells.size() == n) return true;
+        if (meta_pos[base + idx] < 0) {
+            cells.push_back((int32_t) (base + idx));
+            found++;
+        }
+        if (found == n) return true;
         if (n_tested >= size) return false;
     }
+}
+
+bool state::predict(int32_t n, std::vector<int32_t> & cells) const {
+    cells.clear();
+    if (!head_known_ || n < 1 || n > n_cells_ || n_stream_ != 1) return false;
+    return find_slot(meta_pos_, 0, (uint32_t) n_cells_, heads_[0], (uint32_t) n_occupied_, n, cells);
+}
+
+bool state::predict(const int32_t * seq, int32_t n, std::vector<int32_t> & cells) const {
+    if (n_stream_ == 1) return predict(n, cells);
+    cells.clear();
+    if (!head_known_ || n < 1) return false;
+    for (int32_t i = 0; i < n;) {  // one run of a sequence's tokens per stream (the ubatch is sequence-major)
+        const int32_t s = seq[i];
+        int32_t j = i;
+        while (j < n && seq[j] == s) j++;
+        if (s < 0 || s >= n_stream_) return false;
+        if (!find_slot(meta_pos_, (uint32_t) s * stream_cells_, (uint32_t) stream_cells_, heads_[s],
+                       (uint32_t) cells_[s].size(), j - i, cells))
+            return false;
+        i = j;
+    }
+    return true;
 }
 
 bool state::place(const int32_t * cells, int32_t n, int32_t pos0, std::string & err) {
@@ -70,6 +98,11 @@ bool state::place(const int32_t * cells, int32_t n, const int32_t * pos, const i
             err = "sequence id " + std::to_string(seq[i]) + " out of range";
             return false;
         }
+        if (n_stream_ > 1 && c / stream_cells_ != seq[i]) {
+            err = "llama.cpp placed a token of sequence " + std::to_string(seq[i]) + " in cell " + std::to_string(c) +
+                  " of stream " + std::to_string(c / stream_cells_);
+            return false;
+        }
     }
     for (int32_t i = 0; i < n; i++) {
         const int32_t c = cells[i];
@@ -77,9 +110,9 @@ bool state::place(const int32_t * cells, int32_t n, const int32_t * pos, const i
         seq_[c] = seq[i];
         cells_[seq[i]].push_back(c);
         for (int32_t l = 0; l < n_layer_; l++) layer_pos_[(size_t) l * n_cells_ + c] = pos[i];
+        heads_[c / stream_cells_] = (uint32_t) (c % stream_cells_) + 1;  // llama_kv_cache::apply_ubatch
     }
     n_occupied_ += n;
-    head_ = (uint32_t) cells[n - 1] + 1;  // llama_kv_cache::apply_ubatch
     head_known_ = true;
     return true;
 }
@@ -113,7 +146,6 @@ void state::move(int32_t il, int32_t src, int32_t dst) {
 }
 
 void state::remove(const std::vector<int32_t> & freed) {
-    uint32_t lowest = (uint32_t) n_cells_;
     for (int32_t c : freed) {
         if (meta_pos_[c] < 0) continue;
         meta_pos_[c] = -1;
@@ -125,9 +157,9 @@ void state::remove(const std::vector<int32_t> & freed) {
             acc_[(size_t) l * n_cells_ + c] = 0.0;
         }
         n_occupied_--;
-        lowest = std::min(lowest, (uint32_t) c);
+        uint32_t & head = heads_[c / stream_cells_];
+        head = std::min(head, (uint32_t) (c % stream_cells_));  // llama_kv_cache::seq_rm: the lowest freed cell
     }
-    if (lowest < head_) head_ = lowest;  // llama_kv_cache::seq_rm
 }
 
 bool state::restore(const std::vector<int32_t> & cells, const std::vector<int32_t> & meta,
@@ -176,9 +208,10 @@ bool state::restore(const std::vector<int32_t> & cells, const std::vector<int32_
         }
     }
     n_occupied_ = n;
-    head_ = 0;
-    while (head_ < (uint32_t) n_cells_ && meta_pos_[head_] >= 0) head_++;
-    if (head_ == (uint32_t) n_cells_) head_ = 0;
+    uint32_t & head = heads_[0];
+    head = 0;
+    while (head < (uint32_t) n_cells_ && meta_pos_[head] >= 0) head++;
+    if (head == (uint32_t) n_cells_) head = 0;
     head_known_ = true;
     return true;
 }

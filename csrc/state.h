@@ -7,6 +7,8 @@
 // layer holds a position exactly in the occupied cells; n_occupied counts them.
 // Many sequences (docs/ARCHITECTURE.md, section "Many sequences"): one unified stream, each cell owned by at most
 // one sequence; the invariants hold per sequence (its own contiguous window), the slot mirror is the stream's.
+// Per-sequence streams (kv_unified = false): sequence s lives in stream s, cells [s * stream_cells, (s + 1) *
+// stream_cells) in llama.cpp's own global numbering (attn_inp_k_idxs); one slot-search head per stream.
 #pragma once
 
 #include <cstdint>
@@ -17,14 +19,17 @@ namespace tova {
 
 class state {
 public:
-    // n_cells: llama_n_ctx (the stream's cell count); n_seq: sequence ids [0, n_seq). Clears everything.
-    void resize(int32_t n_layer, int32_t n_cells, int32_t n_seq = 1);
+    // n_cells: llama_n_ctx (all streams' cells); n_seq: sequence ids [0, n_seq); n_stream: 1 (unified) or n_seq
+    // (one stream per sequence; n_cells must be a multiple of n_stream). Clears everything.
+    void resize(int32_t n_layer, int32_t n_cells, int32_t n_seq = 1, int32_t n_stream = 1);
     // after llama_memory_clear
     void clear();
 
     int32_t n_layer() const { return n_layer_; }
     int32_t n_cells() const { return n_cells_; }
     int32_t n_seq() const { return (int32_t) cells_.size(); }
+    int32_t n_stream() const { return n_stream_; }
+    int32_t stream_cells() const { return stream_cells_; }  // cells of one stream
     int32_t n_occupied() const { return n_occupied_; }
     int32_t n_occupied(int32_t seq) const { return (int32_t) cells_[seq].size(); }
     int32_t meta_pos(int32_t cell) const { return meta_pos_[cell]; }
@@ -37,6 +42,9 @@ public:
     // The cells llama.cpp's next llama_decode of n tokens (one ubatch) will use, in batch order; false when
     // the mirror is unknown (after a state load) or no slot exists. Costs what llama.cpp's own search costs.
     bool predict(int32_t n, std::vector<int32_t> & cells) const;
+    // The same for a ubatch whose token i belongs to sequence seq[i]: with per-sequence streams each run of one
+    // sequence's tokens is searched in its own stream (llama.cpp's find_slot per stream of the ubatch).
+    bool predict(const int32_t * seq, int32_t n, std::vector<int32_t> & cells) const;
     // After a successful decode: n tokens at positions pos0.. now sit in cells[0..n), every layer alike.
     // Returns false (and fills err) when a cell is out of range or already occupied.
     bool place(const int32_t * cells, int32_t n, int32_t pos0, std::string & err);
@@ -74,7 +82,8 @@ private:
     std::vector<std::vector<int32_t>> cells_;  // [n_seq] cells each sequence occupies (unordered)
     std::vector<int32_t> layer_pos_;           // [n_layer * n_cells] original position each layer holds, -1 if empty
     std::vector<double> acc_;                  // [n_layer * n_cells] h2o: accumulated attention; travels with its row
-    uint32_t head_ = 0;                        // llama.cpp's v_heads[0]: where its next slot search starts
+    int32_t n_stream_ = 1, stream_cells_ = 0;
+    std::vector<uint32_t> heads_;  // [n_stream] llama.cpp's v_heads: where each stream's search starts
     bool head_known_ = true;
 };
 

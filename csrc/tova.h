@@ -102,19 +102,26 @@ int32_t tova_engine_decode(tova_engine * e, struct llama_context * ctx, const in
 void tova_engine_reset(tova_engine * e);
 
 // ---- many sequences in one context (docs/ARCHITECTURE.md, section "Many sequences") ----
-// The context must use a unified KV cache (llama_context_params.kv_unified = true, n_seq_max = n_seq_max): one
-// stream of cells shared by every sequence, each cell owned by one sequence. Each sequence reserves `memory`
-// cells (its budget + max(chunk, evict_interval)); the reservations of the active sequences never exceed the
-// context's cells, so every decode finds its cells. The engine's policy and n_sink apply to every sequence;
-// budget, keep and evict_interval are per sequence. Call once, after tova_engine_set_cells, before any decode:
-// afterwards tova_engine_decode is refused and sequences are added one by one.
+// The context uses a unified KV cache (llama_context_params.kv_unified = true, n_seq_max = n_seq_max): one
+// stream of cells shared by every sequence, each cell owned by one sequence (or per-sequence streams:
+// tova_engine_set_streams). Each sequence reserves `memory` cells (its budget + max(chunk, evict_interval)); the
+// reservations of the active sequences never exceed the context's cells, so every decode finds its cells. The
+// engine's policy and n_sink apply to every sequence; budget, keep and evict_interval are per sequence. Call once,
+// before any decode: afterwards tova_engine_decode is refused and sequences are added one by one.
 int32_t tova_engine_set_n_seq(tova_engine * e, int32_t n_seq_max);
+// Per-sequence streams instead (llama_context_params.kv_unified = false): llama.cpp gives each sequence id its own
+// stream of llama_n_ctx_seq(ctx) = llama_n_ctx(ctx) / n_seq_max cells, and attention runs per stream over that
+// stream's cells only. The engine numbers cells as attn_inp_k_idxs does (stream s holds cells [s * n_ctx_seq,
+// (s + 1) * n_ctx_seq)); a sequence fits when its memory <= n_ctx_seq. Call after tova_engine_set_n_seq, before any
+// decode; per_seq = false returns to one unified stream. Each decode checks that the context agrees.
+int32_t tova_engine_set_streams(tova_engine * e, bool per_seq);
 // Activates sequence `seq` (in [0, n_seq_max), not active) with its settings (1 <= budget, 0 <= keep < budget,
 // budget + evict_interval <= memory). TOVA_ERR_CAPACITY when memory exceeds tova_engine_cells_free; any other
 // refusal TOVA_ERR_ARG; nothing changed on error.
 int32_t tova_engine_seq_add(tova_engine * e, int32_t seq, int32_t budget, int32_t memory, int32_t keep,
                             int32_t evict_interval);
-// Cells not reserved by an active sequence.
+// Cells not reserved by an active sequence; with per-sequence streams the cells of one stream while a sequence id
+// is free, else 0.
 int32_t tova_engine_cells_free(const tova_engine * e);
 // Frees every cell of an active sequence (llama.cpp's and the engine's); it stays active, positions restart at 0.
 int32_t tova_engine_seq_reset(tova_engine * e, struct llama_context * ctx, int32_t seq);

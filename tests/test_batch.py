@@ -83,6 +83,8 @@ def run_batch(path, policy, flash_attn, n_vocab, n_ctx=None, plan=PLAN, **kw):
                     batch[ids[name]] = [streams[name][fed[name]]]
                     fed[name] += 1
             out = bs.step(batch)
+            if not bs.kv_unified:
+                assert_in_own_stream(bs)
             for name, seq in ids.items():
                 assert bs.n_past(seq) == fed[name]
                 lo, hi = bs.pos_window(seq)
@@ -90,6 +92,17 @@ def run_batch(path, policy, flash_attn, n_vocab, n_ctx=None, plan=PLAN, **kw):
                 got[name].append((bs.kept_positions(seq), out[seq]))
         assert sorted(ids.values()) == bs.sequences
     return streams, got
+
+
+def assert_in_own_stream(bs):
+    """Per-sequence streams: every occupied cell lies in its own sequence's stream."""
+    from tova_cpp._ffi import ffi, lib
+
+    owner = np.empty(bs.n_cells, dtype=np.int32)
+    assert lib.tova_engine_cell_seqs(bs._engine, ffi.cast("int32_t *", owner.ctypes.data), owner.size) == 0
+    assert bs.n_cells == bs.n_seq_max * bs.stream_cells
+    occupied = np.flatnonzero(owner >= 0)
+    assert occupied.size and np.array_equal(owner[occupied], occupied // bs.stream_cells)
 
 
 def replay_against_reference(model, name, streams, got, policy, rtol, max_ties=0, tie_rtol=5e-2, plan=PLAN):
@@ -153,12 +166,13 @@ def alone(path, model, name, streams, policy, flash_attn):
     return out
 
 
+@pytest.mark.parametrize("kv_unified", [True, False], ids=["unified", "streams"])
 @pytest.mark.parametrize(
     "policy,flash_attn", [("tova", False), ("tova", True), ("h2o", False), ("window", False), ("sink", False)]
 )
-def test_each_sequence_matches_itself_alone_and_the_oracle(tiny, policy, flash_attn):
+def test_each_sequence_matches_itself_alone_and_the_oracle(tiny, policy, flash_attn, kv_unified):
     path, model = tiny
-    streams, got = run_batch(path, policy, flash_attn, model.n_vocab)
+    streams, got = run_batch(path, policy, flash_attn, model.n_vocab, kv_unified=kv_unified)
     worst = 0.0
     for name, *_ in PLAN:
         want = alone(path, model, name, streams, policy, flash_attn)
@@ -179,13 +193,46 @@ def test_each_sequence_matches_itself_alone_and_the_oracle(tiny, policy, flash_a
                 assert np.array_equal(kept, r_kept), f"{name} step {step}: kept sets differ from the oracle"
             tol = RTOL_REF[flash_attn] * np.abs(r_logits).max()
             assert np.allclose(logits, r_logits, rtol=RTOL_REF[flash_attn], atol=tol), f"{name} step {step}"
-    print(f"\n{policy} fa={flash_attn}: worst |batch - alone| / max|logit| = {worst:.2e}")
+    mode = "unified" if kv_unified else "streams"
+    print(f"\n{policy} fa={flash_attn} {mode}: worst |batch - alone| / max|logit| = {worst:.2e}")
+
+
+@pytest.mark.parametrize("n_ubatch", [64, 8], ids=["whole-pieces", "split-pieces"])
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_streams_prompts_together_match_alone(tiny, flash_attn, n_ubatch):
+    """Per-sequence streams: three prompts of consecutive ids go through the same ubatches (several tokens of
+    each stream per ubatch, a scored row per stream, all cut after the same decodes), then decode together; each
+    keeps what it keeps alone and gives its logits alone."""
+    path, model = tiny
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, model.n_vocab, size=n).tolist() for n in (45, 45, 60)]
+    kw = dict(budget=12, chunk=CHUNK, type_k="f32", type_v="f32", n_threads=2, flash_attn=flash_attn)
+    nxt = rng.integers(0, model.n_vocab, size=(6, len(prompts))).tolist()
+    with BatchSession(path, n_seq_max=3, kv_unified=False, n_ubatch=n_ubatch, **kw) as bs:
+        ids = [bs.add() for _ in prompts]
+        got = []
+        for batch in [dict(zip(ids, prompts, strict=True))] + [
+            {s: [t] for s, t in zip(ids, row, strict=True)} for row in nxt
+        ]:
+            out = bs.step(batch)
+            assert_in_own_stream(bs)
+            got.append({s: (bs.kept_positions(s), out[s]) for s in ids})
+    rtol = RTOL_ALONE[flash_attn]
+    for j, (p, s) in enumerate(zip(prompts, ids, strict=True)):
+        with Session(path, **kw) as alone:
+            for step, toks in enumerate([p] + [[row[j]] for row in nxt]):
+                alone.eval(toks)
+                kept, logits = got[step][s]
+                assert np.array_equal(alone.kept_positions(), kept), f"sequence {s} step {step}: kept sets"
+                want = alone.logits()
+                scale = np.abs(want).max()
+                assert np.allclose(logits, want, rtol=rtol, atol=rtol * scale), f"sequence {s} step {step}"
 
 
 def test_cells_rule_and_capacity(tiny):
     path, _ = tiny
-    # memory per sequence = budget + max(chunk, evict_interval) = 16 + 8 = 24; n_ctx 60 pads to 256 cells
-    with BatchSession(path, n_seq_max=3, budget=16, chunk=8, n_threads=2) as bs:
+    # unified: memory per sequence = budget + max(chunk, evict_interval) = 16 + 8 = 24; 72 cells pad to 256
+    with BatchSession(path, n_seq_max=3, budget=16, chunk=8, n_threads=2, kv_unified=True) as bs:
         assert bs.n_cells == 256  # 3 * 24 = 72, padded to a multiple of 256
         assert bs.memory_of(16, 1) == 24 and bs.memory_of(16, 20) == 36
         ids = [bs.add(), bs.add(), bs.add()]
@@ -195,7 +242,7 @@ def test_cells_rule_and_capacity(tiny):
             bs.add()
         bs.remove(1)
         assert bs.can_add() and bs.add() == 1
-    with BatchSession(path, n_seq_max=8, n_ctx=256, budget=100, chunk=8, n_threads=2) as bs:
+    with BatchSession(path, n_seq_max=8, n_ctx=256, budget=100, chunk=8, n_threads=2, kv_unified=True) as bs:
         assert bs.add() == 0 and bs.add() == 1  # 2 x 108 = 216 of 256 cells
         assert not bs.can_add() and bs.can_add(budget=32)
         with pytest.raises(CapacityError, match="does not fit"):
@@ -203,7 +250,46 @@ def test_cells_rule_and_capacity(tiny):
         assert bs.sequences == [0, 1]  # nothing changed
         assert bs.add(budget=32) == 2
     with pytest.raises(ValueError, match="cannot hold one sequence"):
-        BatchSession(path, n_seq_max=2, n_ctx=10, budget=16, chunk=8)
+        BatchSession(path, n_seq_max=2, n_ctx=10, budget=16, chunk=8, kv_unified=True)
+
+
+def test_cells_rule_streams(tiny):
+    """Per-sequence streams: llama.cpp gives each sequence id a stream of PAD256(n_ctx / n_seq_max) cells; a
+    sequence fits when its memory fits its stream, whatever the others hold."""
+    path, _ = tiny
+    with BatchSession(path, n_seq_max=3, budget=16, chunk=8, n_threads=2, kv_unified=False) as bs:
+        assert (bs.stream_cells, bs.n_cells) == (256, 768)  # 24 cells of memory round up to a 256-cell stream
+        assert bs.can_add(budget=248) and not bs.can_add(budget=249)  # 248 + 8 = 256
+        with pytest.raises(CapacityError, match="does not fit in its stream of 256 cells"):
+            bs.add(budget=249)
+        ids = [bs.add(budget=248), bs.add(), bs.add()]
+        assert ids == [0, 1, 2] and not bs.can_add()
+        with pytest.raises(CapacityError, match="n_seq_max"):
+            bs.add()
+        bs.step({s: list(range(3, 40)) for s in ids})
+        assert_in_own_stream(bs)
+        bs.remove(1)
+        assert bs.can_add(budget=248) and bs.add() == 1
+        bs.step({1: [5, 6, 7], 0: [8]})
+        assert_in_own_stream(bs)
+    with BatchSession(path, n_seq_max=2, n_ctx=600, budget=16, chunk=8, n_threads=2, kv_unified=False) as bs:
+        assert (bs.stream_cells, bs.n_cells) == (512, 1024)  # 600 / 2 = 300, rounded up to 512 per stream
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        BatchSession(path, n_seq_max=4, n_ctx=1024, budget=300, chunk=8, kv_unified=False)
+
+
+def test_engine_refuses_a_context_of_the_other_layout(tiny):
+    """The engine checks the context's KV layout (streams = llama_n_ctx / llama_n_ctx_seq) before any decode."""
+    path, _ = tiny
+    from tova_cpp._ffi import lib
+
+    with BatchSession(path, n_seq_max=2, budget=8, chunk=4, n_threads=2, kv_unified=True) as bs:
+        a = bs.add()
+        assert lib.tova_engine_set_streams(bs._engine, True) == 0
+        assert lib.tova_engine_set_cells(bs._engine, bs.n_cells) == 0
+        with pytest.raises(ValueError, match=r"1 stream\(s\) but the engine expects 2"):
+            bs.eval(a, [3, 4])
+        assert bs.n_past(a) == 0
 
 
 def test_full_policy_refuses_past_its_memory(tiny):

@@ -473,7 +473,8 @@ def test_batch_command(tiny, tmp_path, capsys):
         "--chunk",
         "8",
     ]
-    argv += ["-n", "2", "-r", "1", "--evict-interval", "4", "-t", "1", "--in-process", "-o", str(out)]
+    argv += ["-n", "2", "-r", "1", "--evict-interval", "4", "-t", "1", "--in-process", "--kv-unified", "1"]
+    argv += ["-o", str(out)]
     assert main(argv) == 0
     rows = _rows(out / "batch.csv")
     assert [(r["policy"], int(r["budget"]), int(r["n_seqs"])) for r in rows] == [
@@ -490,6 +491,17 @@ def test_batch_command(tiny, tmp_path, capsys):
     assert main([*argv[:-1], str(tmp_path / "seqs"), "--policies", "tova", "--seqs", "1,3"]) == 0
     assert [int(r["n_seqs"]) for r in _rows(tmp_path / "seqs" / "batch.csv")] == [1, 3, 1, 3]
     assert main([*argv[:-1], str(tmp_path / "big"), "--policies", "tova", "--seqs", "50"]) == 2
+    # per-sequence streams: llama.cpp rounds each sequence's stream up to 256 cells, so 512 cells hold 2
+    assert main([*argv[:-1], str(tmp_path / "streams"), "--kv-unified", "0"]) == 0
+    rows = _rows(tmp_path / "streams" / "batch.csv")
+    assert [(int(r["n_seqs"]), int(r["cells_per_seq"]), r["kv_unified"]) for r in rows] == [
+        (2, 256, "False")
+    ] * 3
+    # `tova` refuses llama.cpp's --kv-unified everywhere but here, where it picks the KV layout
+    from tova_cpp.cli import _unsupported
+
+    assert _unsupported(["bench", "batch", "--kv-unified", "0"]) is None
+    assert "not supported by tova" in _unsupported(["generate", "--kv-unified"])
 
 
 def test_compare_nll_script(tmp_path, capsys):

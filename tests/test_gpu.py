@@ -158,19 +158,22 @@ def test_offloaded_unscored_decodes_read_no_node(tiny, policy, m):
             assert observed == [0] * len(observed)
 
 
+@pytest.mark.parametrize("kv_unified", [True, False], ids=["unified", "streams"])
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
 @pytest.mark.parametrize("check_cells", ["0", "1"], ids=["predicted-cells", "read-cells"])
-def test_offloaded_many_sequences_match_reference(tiny, flash_attn, check_cells, monkeypatch):
+def test_offloaded_many_sequences_match_reference(tiny, flash_attn, check_cells, kv_unified, monkeypatch):
     """tests/test_batch.py's plan (5 sequences, different prompts, budgets, keep, evict_interval, start times,
     one removed; prompts within memory) in one BatchSession on the GPU: each sequence against the oracle run
     alone, GPU bounds. With flash attention the scores come from the batched scoring graph (one row per
-    sequence)."""
+    sequence; streams: one row per stream, over that stream's cells)."""
     from test_batch import PLAN_ONE_PIECE, replay_against_reference, run_batch
 
     monkeypatch.setenv("TOVA_CHECK_CELLS", check_cells)
     path, model = tiny
     plan = PLAN_ONE_PIECE  # prompts in one piece: the oracle can follow every near-tie cut (see test_batch)
-    streams, got = run_batch(path, "tova", flash_attn, model.n_vocab, plan=plan, n_gpu_layers=-1)
+    streams, got = run_batch(
+        path, "tova", flash_attn, model.n_vocab, plan=plan, n_gpu_layers=-1, kv_unified=kv_unified
+    )
     for name, *_ in plan:
         msg = replay_against_reference(
             model,

@@ -1,18 +1,22 @@
 """Many sequences in one context: a bounded KV cache per sequence, decoded together (continuous batching).
 
-`BatchSession` holds one model and one llama.cpp context with a unified KV cache (one stream of cells shared by
-every sequence; llama.cpp's seq_ids tell them apart). Each sequence has its own budget, keep and evict_interval
-(the policy is the session's); sequences are added, reset and removed at any time while the others continue.
+`BatchSession` holds one model and one llama.cpp context in which every sequence (a llama.cpp seq_id) has its
+own KV stream (kv_unified=False, the default: attention runs per sequence over its own cells only) or shares one
+unified KV cache with the others (kv_unified=True: one stream of cells, each owned by one sequence; attention
+runs over all of them, the others' masked). Each sequence has its own budget, keep and evict_interval (the
+policy is the session's); sequences are added, reset and removed at any time while the others continue.
 `step` evaluates tokens of several sequences in shared llama_decode calls (each sequence's next token, and
 prompt pieces of new ones); each sequence is cut to its own budget by its own newest token's attention, over its
 own cells only (docs/ARCHITECTURE.md, section "Many sequences"). The semantics per sequence are Session's
 (tova_cpp/session.py): a sequence run here keeps the same per-layer sets as the same sequence run alone.
 
-Cells rule: the context holds n_cells = n_ctx rounded up to a multiple of 256 (llama.cpp pads it). Each
-sequence reserves memory = budget + max(chunk, evict_interval) cells while it exists (the most it ever
-occupies: a piece of up to `chunk` tokens, or evict_interval decodes, on top of its budget). `add` refuses
-(CapacityError) a sequence whose memory exceeds the cells no other sequence reserves, or when n_seq_max
-sequences exist. n_ctx=None sizes the context for n_seq_max sequences at the default settings.
+Cells rule: each sequence reserves memory = budget + max(chunk, evict_interval) cells while it exists (the most
+it ever occupies: a piece of up to `chunk` tokens, or evict_interval decodes, on top of its budget).
+Per-sequence streams: llama.cpp gives each of the n_seq_max sequence ids a stream of
+stream_cells = PAD256(n_ctx / n_seq_max) cells; `add` refuses (CapacityError) a sequence whose memory exceeds
+stream_cells, or when n_seq_max sequences exist. Unified: the context holds n_cells = n_ctx rounded up to a
+multiple of 256; `add` refuses a sequence whose memory exceeds the cells no other sequence reserves. n_ctx=None
+sizes the context for n_seq_max sequences at the default settings.
 
 `stream_generate_batch` / `generate_batch` generate from many prompts at once with `Llama`'s sampling (one
 llama.cpp sampler chain per sequence), admitting queued prompts as finished sequences free their cells.
@@ -91,6 +95,7 @@ class BatchSession:
         type_k: str = "f16",
         type_v: str = "f16",
         n_sink: int | None = None,
+        kv_unified: bool = False,
         verbose: bool = False,
     ) -> None:
         self._lock = threading.RLock()
@@ -119,11 +124,16 @@ class BatchSession:
         self.policy, self.budget, self.keep, self.evict_interval = policy, budget, keep, evict_interval
         self.chunk, self.n_sink, self.flash_attn = chunk, n_sink, flash_attn
         self.type_k, self.type_v, self.n_seq_max = type_k, type_v, n_seq_max
-        default_cells = n_seq_max * self.memory_of(budget, evict_interval)
+        if not isinstance(kv_unified, bool):
+            raise ValueError(f"kv_unified must be True or False, got {kv_unified!r}")
+        self.kv_unified = kv_unified
+        default_cells = n_seq_max * self._stream_cells(self.memory_of(budget, evict_interval))
         n_ctx = default_cells if n_ctx is None else _int("n_ctx", n_ctx, 1, _MAX_CELLS)
         if n_ctx > _MAX_CELLS:
             raise ValueError(f"n_ctx = {n_ctx} cells exceeds llama.cpp's limit of {_MAX_CELLS}")
-        if n_ctx < self.memory_of(budget, evict_interval):
+        if self._stream_cells(n_ctx // n_seq_max if not kv_unified else n_ctx) < self.memory_of(
+            budget, evict_interval
+        ):
             raise ValueError(
                 f"n_ctx = {n_ctx} cells cannot hold one sequence of budget + max(chunk, evict_interval) = "
                 f"{self.memory_of(budget, evict_interval)} cells"
@@ -165,7 +175,11 @@ class BatchSession:
             self.close()
             raise ValueError(ffi.string(err).decode())
         self._engine = engine
-        for rc in (lib.tova_engine_set_n_sink(engine, n_sink), lib.tova_engine_set_n_seq(engine, n_seq_max)):
+        for rc in (
+            lib.tova_engine_set_n_sink(engine, n_sink),
+            lib.tova_engine_set_n_seq(engine, n_seq_max),
+            lib.tova_engine_set_streams(engine, not kv_unified),
+        ):
             if rc != 0:
                 msg = self._error()
                 self.close()
@@ -175,7 +189,8 @@ class BatchSession:
         cparams.n_ctx = n_ctx
         cparams.n_batch = cparams.n_ubatch = n_ubatch
         cparams.n_seq_max = n_seq_max
-        cparams.kv_unified = True  # one stream of cells shared by all sequences: each reserves its own share
+        # unified: one stream of cells shared by all sequences, each reserving its share; else one stream each
+        cparams.kv_unified = kv_unified
         n_threads = n_threads or default_threads()
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.flash_attn_type = (
@@ -199,7 +214,9 @@ class BatchSession:
                 f"llama.cpp could not create a context of {n_ctx} cells and {n_seq_max} sequences for {path}"
             )
         self._ctx = ctx
-        self.n_cells = llama_cpp.llama_n_ctx(ctx)  # n_ctx padded up to a multiple of 256
+        # all cells: n_ctx padded to a multiple of 256 (streams: n_seq_max x PAD256(n_ctx / n_seq_max))
+        self.n_cells = llama_cpp.llama_n_ctx(ctx)
+        self.stream_cells = llama_cpp.llama_n_ctx_seq(ctx)  # cells of one stream (unified: all of them)
         self._call(lib.tova_engine_set_cells(engine, self.n_cells))
         lib.tova_engine_set_threads(engine, n_threads)
         self.n_ubatch = n_ubatch
@@ -209,6 +226,10 @@ class BatchSession:
     def memory_of(self, budget: int, evict_interval: int) -> int:
         """Cells a sequence reserves: budget + max(chunk, evict_interval)."""
         return budget + max(self.chunk, evict_interval)
+
+    def _stream_cells(self, cells: int) -> int:
+        """Per-sequence streams: llama.cpp rounds each stream up to a multiple of 256 cells."""
+        return cells if self.kv_unified else -(-cells // 256) * 256
 
     def _size_error(self, n_ctx: int, n_ubatch: int, n_gpu_layers: int) -> str | None:
         phys = _physical_memory()

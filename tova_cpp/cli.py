@@ -710,11 +710,16 @@ _SERVE_FLAGS = {"-np", "--parallel", "-cb", "--cont-batching"}
 
 def _unsupported(argv: list[str]) -> str | None:
     serve = bool(argv) and argv[0] == "serve"
+    bench_batch = argv[:2] == ["bench", "batch"]  # many sequences: --kv-unified picks the KV layout
     for a in argv:
         if a == "--":
             break
         flag = a.split("=", 1)[0]
-        if flag in UNSUPPORTED and not (serve and flag in _SERVE_FLAGS):
+        if (
+            flag in UNSUPPORTED
+            and not (serve and flag in _SERVE_FLAGS)
+            and not (bench_batch and flag == "--kv-unified")
+        ):
             return f"error: llama.cpp's {flag} is not supported by tova: {UNSUPPORTED[flag]}"
     return None
 

@@ -11,6 +11,9 @@ together. `--seqs 1,8` measures those sequence counts instead of "as many as fit
 vs 1 at one budget). Decode: one untimed warm-up block of --n-gen steps, then --reps timed blocks; each step is
 one BatchSession.step carrying one token of every sequence. Figures: mean ± std over the blocks.
 GPU flags as `tova bench speed`: -ngl, -fa, -ctk/-ctv, --evict-interval, --synthetic 1b|8b.
+--kv-unified 1 keeps every sequence in one unified KV cache (attention over all sequences' cells, the others'
+masked); 0 gives each sequence its own stream (attention over its own cells only), which llama.cpp rounds up to
+a multiple of 256 cells: a sequence then takes PAD256(B + max(chunk, evict_interval)) cells of M.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ COLUMNS = [
     "backend",
     "n_gpu_layers",
     "flash_attn",
+    "kv_unified",
     "type_k",
     "type_v",
     "evict_interval",
@@ -67,13 +71,14 @@ class BatchResult:
     budget: int  # full: the context
     context: int
     n_seqs: int
-    cells_per_seq: int  # cells each sequence reserves
+    cells_per_seq: int  # cells each sequence reserves (per-sequence streams: its stream, padded to 256)
     kv_cells: int  # the context's cells (the fixed KV memory, padded to 256)
     kv_bytes: int  # kv_cells x K+V row bytes over all layers
     threads: int
     backend: str
     n_gpu_layers: int
     flash_attn: bool
+    kv_unified: bool
     type_k: str
     type_v: str
     evict_interval: int
@@ -109,6 +114,7 @@ def measure(
     type_k: str,
     type_v: str,
     evict_interval: int,
+    kv_unified: bool = True,
     verbose: bool = False,
 ) -> dict:
     """One configuration in one BatchSession of kv_cells cells: prefill, warm-up, timed decode blocks."""
@@ -119,6 +125,8 @@ def measure(
     # full: budget + chunk = context cells per sequence; bounded: budget + max(chunk, ev)
     b = context - chunk if full else budget
     per_seq = b + max(chunk, ev)
+    if not kv_unified:  # llama.cpp rounds each sequence's stream up to a multiple of 256 cells
+        per_seq = -(-per_seq // 256) * 256
     fit = min(kv_cells // per_seq, max_seqs, 256)
     if fit < 1:
         raise common.BenchError(
@@ -130,7 +138,7 @@ def measure(
     with BatchSession(
         path,
         n_seq_max=n,
-        n_ctx=kv_cells,
+        n_ctx=kv_cells if kv_unified else n * per_seq,
         budget=b,
         policy=policy,
         evict_interval=ev,
@@ -141,6 +149,7 @@ def measure(
         flash_attn=flash_attn,
         type_k=type_k,
         type_v=type_v,
+        kv_unified=kv_unified,
         verbose=verbose,
     ) as bs:
         rng = np.random.default_rng(0)
@@ -227,6 +236,13 @@ def add_parser(sub) -> None:
         "--evict-interval", type=common._positive, default=1, help="cut every m tokens (m = 1: paper)"
     )
     p.add_argument(
+        "--kv-unified",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: one KV cache shared by all sequences; 0: a stream per sequence (attention over its own cells)",
+    )
+    p.add_argument(
         "--synthetic",
         choices=("1b", "8b"),
         default=None,
@@ -274,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
                     "type_k": args.cache_type_k,
                     "type_v": args.cache_type_v,
                     "evict_interval": args.evict_interval,
+                    "kv_unified": bool(args.kv_unified),
                     "verbose": args.verbose,
                 }
                 t0 = time.perf_counter()
@@ -292,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
                     m["backend"],
                     args.n_gpu_layers,
                     bool(args.flash_attn),
+                    bool(args.kv_unified),
                     args.cache_type_k,
                     args.cache_type_v,
                     1 if policy == "full" else args.evict_interval,
@@ -330,7 +348,15 @@ def run(args: argparse.Namespace) -> int:
     common.write_csv(out / "batch.csv", rows, COLUMNS)
     common.write_json(
         out / "batch.json",
-        common.meta(args, path, threads, chunk=args.chunk, kv_cells=kv_cells, full_seqs=args.full_seqs),
+        common.meta(
+            args,
+            path,
+            threads,
+            chunk=args.chunk,
+            kv_cells=kv_cells,
+            full_seqs=args.full_seqs,
+            kv_unified=bool(args.kv_unified),
+        ),
         rows,
     )
     print(table(results))
@@ -355,6 +381,7 @@ def table(results: list[BatchResult]) -> str:
             str(r.kv_cells),
             f"{r.kv_bytes / 2**20:.0f}",
             str(int(r.flash_attn)),
+            "unified" if r.kv_unified else "streams",
             str(r.evict_interval),
             f"{r.tg_tps:.1f} ± {r.tg_tps_std:.1f}",
             f"{r.step_ms:.1f}",
@@ -371,11 +398,12 @@ def table(results: list[BatchResult]) -> str:
         "KV cells",
         "KV MiB",
         "fa",
+        "kv",
         "m",
         "t/s",
         "ms/step",
     ]
-    return common.markdown_table(rows, [*header, "vs full"], right=set(range(3, 12)))
+    return common.markdown_table(rows, [*header, "vs full"], right=set(range(3, 13)) - {8})
 
 
 def plot(results: list[BatchResult], path) -> None:
