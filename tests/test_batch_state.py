@@ -375,3 +375,30 @@ def test_a_failing_llama_cpp_load_rolls_back(tiny, parked, monkeypatch):
         with pytest.raises(StateError, match="refused"):
             bs.load(None, parked)  # a new sequence is removed again
         assert snapshot(bs) == before and len(bs.sequences) == 2
+
+
+def test_a_session_file_loads_into_a_batch_sequence(tiny, tmp_path):
+    """Session and BatchSession write one format: a Session's conversation continues in a sequence of a batch
+    (kept sets as in the Session; logits up to the batch's float reordering), and a sequence's file is refused
+    by a Session (it names no n_ubatch: a sequence's decodes were shared)."""
+    from tova_cpp import Session
+
+    kw = {"budget": 12, "chunk": 8, "policy": "tova", "n_threads": 2, "type_k": "f32", "type_v": "f32"}
+    with Session(tiny, **kw) as s:
+        s.eval(PROMPTS["b"] + PROMPTS["a"])
+        s.save(tmp_path / "s.tova")
+        want = []
+        for _ in range(6):
+            s.eval([int(np.argmax(s.logits()))])
+            want.append((s.logits(), s.kept_positions()))
+    with BatchSession(tiny, n_seq_max=2, **kw) as bs:
+        x = bs.add()
+        bs.eval(x, PROMPTS["c"])
+        b = bs.load(None, tmp_path / "s.tova")
+        for lg, kept in want:
+            got = bs.eval(b, [int(np.argmax(bs.logits(b)))])
+            assert np.array_equal(bs.kept_positions(b), kept)
+            np.testing.assert_allclose(got, lg, rtol=1e-5, atol=1e-5 * np.abs(lg).max())
+        bs.save(b, tmp_path / "b.tova")
+    with Session(tiny, **kw) as s, pytest.raises(StateError, match="n_ubatch"):
+        s.load(tmp_path / "b.tova")
