@@ -402,3 +402,11 @@ def test_a_session_file_loads_into_a_batch_sequence(tiny, tmp_path):
         bs.save(b, tmp_path / "b.tova")
     with Session(tiny, **kw) as s, pytest.raises(StateError, match="n_ubatch"):
         s.load(tmp_path / "b.tova")
+
+
+def test_load_state_takes_a_tova_state(tiny):
+    with BatchSession(tiny, **SESSION) as bs:
+        for seq in (None, bs.add()):
+            with pytest.raises(TypeError, match="TovaState"):
+                bs.load_state(seq, b"not a state")
+        assert bs.sequences == [0]

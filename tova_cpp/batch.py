@@ -474,11 +474,12 @@ class BatchSession:
         no other sequence's cells are read or written. StateError when the state does not fit (another model,
         budget, keep, policy, cache type; damaged), CapacityError when a new sequence does not fit beside the
         others: nothing changed then."""
-        from .state import check_fits
+        from .state import TovaState, check_fits
 
+        if not isinstance(state, TovaState):
+            raise TypeError(f"load_state takes a TovaState, got {type(state).__name__}")
         if seq is None:
-            get = state.settings.get if hasattr(state, "settings") else {}.get
-            budget, keep, ev = get("budget"), get("keep"), get("evict_interval")
+            budget, keep, ev = (state.settings.get(k) for k in ("budget", "keep", "evict_interval"))
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in (budget, keep, ev)):
                 raise StateError("the state names no budget, keep and evict_interval")
             settings = self._settings(budget, keep, ev)
