@@ -7,9 +7,11 @@ File layout (version 1), all integers little-endian:
     header length H        uint32
     header                 H bytes of UTF-8 JSON: model identity, settings, n_tokens, seed and the
                            (offset, length) of each section in the payload
-    payload                sections: llama_state (llama_state_seq_get_data of sequence 0), engine_state
-                           (tova_engine_export_state), scores (float32 logits of the last position),
-                           input_ids (int32: the tokens a Llama has seen, in order; empty for a Session)
+    payload                sections: llama_state (llama_state_seq_get_data of the saved sequence: 0 for a
+                           Session), engine_state (tova_engine_export_state, or tova_engine_seq_export_state
+                           for one sequence of a BatchSession), scores (float32 logits of the last position),
+                           input_ids (int32: the tokens a Llama, or a server's parked slot, has seen, in
+                           order; empty for a Session)
     sha256                 32 bytes over everything before it
 
 The model's identity is the sha256 of its file size (8 bytes) + its first 4 MiB + its last 4 MiB: the
