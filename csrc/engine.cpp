@@ -859,33 +859,75 @@ extern "C" int32_t tova_engine_state_size(const tova_engine * e, size_t * out) {
     return TOVA_OK;
 }
 
+// Writes the export of cells `occ` (ascending) under the settings in header[2..8).
+static int32_t write_state(tova_engine * e, const std::vector<int32_t> & occ, const int32_t * settings, uint8_t * out,
+                           size_t n) {
+    tova::state & st = e->st;
+    const int32_t n_occ = (int32_t) occ.size();
+    if (n != state_bytes(e->n_layer, n_occ)) return fail(e, TOVA_ERR_ARG, "export buffer has the wrong size");
+    std::vector<int32_t> ints;
+    ints.reserve(TOVA_STATE_N_HEADER + 2 * (size_t) n_occ + (size_t) e->n_layer * n_occ);
+    ints.push_back(TOVA_STATE_MAGIC);
+    ints.push_back(TOVA_STATE_VERSION);
+    ints.insert(ints.end(), settings, settings + 6);
+    ints.push_back(n_occ);
+    for (int32_t c : occ) {
+        ints.push_back(c);
+        ints.push_back(st.meta_pos(c));
+    }
+    for (int32_t l = 0; l < e->n_layer; l++)
+        for (int32_t c : occ) ints.push_back(st.layer_pos(l)[c]);
+    std::vector<double> acc;
+    acc.reserve((size_t) e->n_layer * n_occ);
+    for (int32_t l = 0; l < e->n_layer; l++)
+        for (int32_t c : occ) acc.push_back(st.acc(l)[c]);
+    memcpy(out, ints.data(), ints.size() * sizeof(int32_t));
+    memcpy(out + ints.size() * sizeof(int32_t), acc.data(), acc.size() * sizeof(double));
+    return TOVA_OK;
+}
+
+// An export's cells, read and checked against `settings` (policy, n_layer, budget, keep, n_sink, evict_interval).
+struct saved_cells {
+    std::vector<int32_t> cells, meta, lpos;
+    std::vector<double> acc;
+};
+
+static int32_t read_state(tova_engine * e, const uint8_t * data, size_t n, const int32_t * settings,
+                          saved_cells & out) {
+    if (n < sizeof(int32_t) * TOVA_STATE_N_HEADER) return fail(e, TOVA_ERR_ARG, "engine state is truncated");
+    int32_t h[TOVA_STATE_N_HEADER];
+    memcpy(h, data, sizeof(h));
+    if (h[0] != TOVA_STATE_MAGIC || h[1] != TOVA_STATE_VERSION)
+        return fail(e, TOVA_ERR_ARG, "not an engine state of version " + std::to_string(TOVA_STATE_VERSION));
+    if (memcmp(&h[2], settings, 6 * sizeof(int32_t)) != 0)
+        return fail(
+            e, TOVA_ERR_ARG,
+            "engine state was saved with other settings (policy, layers, budget, keep, n_sink or evict_interval)");
+    const int32_t n_occ = h[8];
+    if (n_occ < 0 || n_occ > e->st.n_cells())
+        return fail(e, TOVA_ERR_ARG, "engine state holds more cells than the context");
+    if (n != state_bytes(e->n_layer, n_occ)) return fail(e, TOVA_ERR_ARG, "engine state has the wrong size");
+    out.cells.resize(n_occ);
+    out.meta.resize(n_occ);
+    out.lpos.resize((size_t) e->n_layer * n_occ);
+    out.acc.resize((size_t) e->n_layer * n_occ);
+    const uint8_t * r = data + sizeof(int32_t) * TOVA_STATE_N_HEADER;
+    for (int32_t i = 0; i < n_occ; i++) {
+        memcpy(&out.cells[i], r, sizeof(int32_t));
+        memcpy(&out.meta[i], r + sizeof(int32_t), sizeof(int32_t));
+        r += 2 * sizeof(int32_t);
+    }
+    memcpy(out.lpos.data(), r, out.lpos.size() * sizeof(int32_t));
+    memcpy(out.acc.data(), r + out.lpos.size() * sizeof(int32_t), out.acc.size() * sizeof(double));
+    return TOVA_OK;
+}
+
 extern "C" int32_t tova_engine_export_state(tova_engine * e, uint8_t * out, size_t n) {
     if (!e || !out) return TOVA_ERR_ARG;
     if (e->multi) return fail(e, TOVA_ERR_ARG, "not available on an engine of many sequences");
     return guarded(e, [&]() -> int32_t {
-        tova::state & st = e->st;
-        const std::vector<int32_t> occ = st.occupied();
-        const int32_t n_occ = (int32_t) occ.size();
-        if (n != state_bytes(e->n_layer, n_occ)) return fail(e, TOVA_ERR_ARG, "export buffer has the wrong size");
-        const int32_t header[TOVA_STATE_N_HEADER] = {TOVA_STATE_MAGIC, TOVA_STATE_VERSION, e->policy,
-                                                     e->n_layer,       e->budget,          e->keep,
-                                                     e->n_sink,        e->evict_interval,  n_occ};
-        std::vector<int32_t> ints;
-        ints.reserve(TOVA_STATE_N_HEADER + 2 * (size_t) n_occ + (size_t) e->n_layer * n_occ);
-        ints.insert(ints.end(), header, header + TOVA_STATE_N_HEADER);
-        for (int32_t c : occ) {
-            ints.push_back(c);
-            ints.push_back(st.meta_pos(c));
-        }
-        for (int32_t l = 0; l < e->n_layer; l++)
-            for (int32_t c : occ) ints.push_back(st.layer_pos(l)[c]);
-        std::vector<double> acc;
-        acc.reserve((size_t) e->n_layer * n_occ);
-        for (int32_t l = 0; l < e->n_layer; l++)
-            for (int32_t c : occ) acc.push_back(st.acc(l)[c]);
-        memcpy(out, ints.data(), ints.size() * sizeof(int32_t));
-        memcpy(out + ints.size() * sizeof(int32_t), acc.data(), acc.size() * sizeof(double));
-        return TOVA_OK;
+        const int32_t settings[] = {e->policy, e->n_layer, e->budget, e->keep, e->n_sink, e->evict_interval};
+        return write_state(e, e->st.occupied(), settings, out, n);
     });
 }
 
@@ -894,32 +936,12 @@ extern "C" int32_t tova_engine_import_state(tova_engine * e, const uint8_t * dat
     if (!e || !data) return TOVA_ERR_ARG;
     if (e->multi) return fail(e, TOVA_ERR_ARG, "not available on an engine of many sequences");
     return guarded(e, [&]() -> int32_t {
-        if (n < sizeof(int32_t) * TOVA_STATE_N_HEADER) return fail(e, TOVA_ERR_ARG, "engine state is truncated");
-        int32_t h[TOVA_STATE_N_HEADER];
-        memcpy(h, data, sizeof(h));
-        if (h[0] != TOVA_STATE_MAGIC || h[1] != TOVA_STATE_VERSION)
-            return fail(e, TOVA_ERR_ARG, "not an engine state of version " + std::to_string(TOVA_STATE_VERSION));
         const int32_t settings[] = {e->policy, e->n_layer, e->budget, e->keep, e->n_sink, e->evict_interval};
-        if (memcmp(&h[2], settings, sizeof(settings)) != 0)
-            return fail(
-                e, TOVA_ERR_ARG,
-                "engine state was saved with other settings (policy, layers, budget, keep, n_sink or evict_interval)");
-        const int32_t n_occ = h[8];
-        if (n_occ < 0 || n_occ > e->st.n_cells())
-            return fail(e, TOVA_ERR_ARG, "engine state holds more cells than the context");
-        if (n != state_bytes(e->n_layer, n_occ)) return fail(e, TOVA_ERR_ARG, "engine state has the wrong size");
-        std::vector<int32_t> cells(n_occ), meta(n_occ), lpos((size_t) e->n_layer * n_occ);
-        std::vector<double> acc((size_t) e->n_layer * n_occ);
-        const uint8_t * r = data + sizeof(int32_t) * TOVA_STATE_N_HEADER;
-        for (int32_t i = 0; i < n_occ; i++) {
-            memcpy(&cells[i], r, sizeof(int32_t));
-            memcpy(&meta[i], r + sizeof(int32_t), sizeof(int32_t));
-            r += 2 * sizeof(int32_t);
-        }
-        memcpy(lpos.data(), r, lpos.size() * sizeof(int32_t));
-        memcpy(acc.data(), r + lpos.size() * sizeof(int32_t), acc.size() * sizeof(double));
+        saved_cells sc;
+        if (int32_t rc = read_state(e, data, n, settings, sc)) return rc;
         std::string err;
-        if (!e->st.restore(cells, meta, lpos, acc, err)) return fail(e, TOVA_ERR_ARG, "engine state: " + err);
+        if (!e->st.restore(sc.cells, sc.meta, sc.lpos, sc.acc, err))
+            return fail(e, TOVA_ERR_ARG, "engine state: " + err);
         e->armed = tova_armed();
         e->error.clear();
         return TOVA_OK;
@@ -983,6 +1005,120 @@ extern "C" int32_t tova_engine_truncate(tova_engine * e, llama_context * ctx, in
         st.remove(freed);
         if (!llama_memory_seq_rm(llama_get_memory(ctx), 0, n_new, -1))
             return fail(e, TOVA_ERR_STATE, "llama_memory_seq_rm refused the range");
+        return TOVA_OK;
+    });
+}
+
+// ---- one sequence of many: park and resume (docs/STATE.md, section "One sequence of a BatchSession") --------
+
+static void seq_settings(const tova_engine * e, int32_t seq, int32_t * out) {
+    const tova_seq & q = e->seqs[seq];
+    const int32_t s[] = {e->policy, e->n_layer, q.budget, q.keep, e->n_sink, q.evict_interval};
+    memcpy(out, s, sizeof(s));
+}
+
+extern "C" int32_t tova_engine_seq_state_size(const tova_engine * e, int32_t seq, size_t * out) {
+    if (!e || !out || !e->multi || seq < 0 || seq >= (int32_t) e->seqs.size() || !e->seqs[seq].active)
+        return TOVA_ERR_ARG;
+    *out = state_bytes(e->n_layer, e->st.n_occupied(seq));
+    return TOVA_OK;
+}
+
+extern "C" int32_t tova_engine_seq_export_state(tova_engine * e, int32_t seq, uint8_t * out, size_t n) {
+    if (!e || !out) return TOVA_ERR_ARG;
+    if (int32_t rc = check_seq(e, seq, true)) return rc;
+    return guarded(e, [&]() -> int32_t {
+        int32_t settings[6];
+        seq_settings(e, seq, settings);
+        return write_state(e, e->st.occupied(seq), settings, out, n);
+    });
+}
+
+// Where a load of the saved cells lands (see tova.h): slots in the mirror's search order, from[i] the saved cell
+// slot i receives or -1 for a filler. The saved indices when all are free: every free cell up to the highest of
+// them is filled (fillers in the gaps), so each saved row returns to its own cell; else the lowest free cells.
+static int32_t plan_import(tova_engine * e, int32_t seq, const saved_cells & sc, std::vector<int32_t> & slots,
+                           std::vector<int32_t> & from) {
+    const tova::state & st = e->st;
+    const int32_t n = (int32_t) sc.cells.size();
+    slots.clear();
+    from.clear();
+    if (n == 0) return TOVA_OK;
+    if (n > e->seqs[seq].memory)
+        return fail(e, TOVA_ERR_ARG, "the saved sequence holds more cells than the sequence's memory");
+    bool in_place = true;
+    for (int32_t c : sc.cells) in_place = in_place && c >= 0 && c < st.n_cells() && st.seq_of(c) < 0;
+    if (in_place) {
+        std::vector<int32_t> index(st.n_cells(), -1);  // saved cell -> its index in the export
+        int32_t m = 0;
+        for (int32_t i = 0; i < n; i++) index[sc.cells[i]] = i;
+        for (int32_t c = 0; c <= sc.cells[n - 1]; c++) m += st.seq_of(c) < 0;
+        in_place = st.predict(m, slots);
+        for (int32_t c : slots) in_place = in_place && c <= sc.cells[n - 1];
+        if (in_place)
+            for (int32_t c : slots) from.push_back(index[c]);
+    }
+    if (!in_place) {
+        if (!st.predict(n, slots))
+            return fail(e, TOVA_ERR_CAPACITY, "no " + std::to_string(n) + " free cells for the saved sequence");
+        from.resize(n);
+        for (int32_t i = 0; i < n; i++) from[i] = i;
+    }
+    return TOVA_OK;
+}
+
+extern "C" int32_t tova_engine_seq_plan_import(tova_engine * e, int32_t seq, const uint8_t * data, size_t n,
+                                               int32_t * layout, int32_t n_layout) {
+    if (!e || !data || !layout) return TOVA_ERR_ARG;
+    if (int32_t rc = check_seq(e, seq, true)) return rc;
+    if (e->st.n_occupied(seq) != 0) return fail(e, TOVA_ERR_ARG, "the sequence must be empty (reset it first)");
+    return guarded(e, [&]() -> int32_t {
+        int32_t settings[6];
+        seq_settings(e, seq, settings);
+        saved_cells sc;
+        if (int32_t rc = read_state(e, data, n, settings, sc)) return rc;
+        std::vector<int32_t> slots, from;
+        if (int32_t rc = plan_import(e, seq, sc, slots, from)) return rc;
+        if ((int32_t) from.size() > n_layout) return fail(e, TOVA_ERR_ARG, "layout buffer too small");
+        std::copy(from.begin(), from.end(), layout);
+        return (int32_t) from.size();
+    });
+}
+
+extern "C" int32_t tova_engine_seq_import_state(tova_engine * e, struct llama_context * ctx, int32_t seq,
+                                                const uint8_t * data, size_t n) {
+    if (!e || !data) return TOVA_ERR_ARG;
+    if (!ctx) return fail(e, TOVA_ERR_ARG, "ctx must not be NULL");
+    if (int32_t rc = check_seq(e, seq, true)) return rc;
+    if (e->st.n_occupied(seq) != 0) return fail(e, TOVA_ERR_ARG, "the sequence must be empty (reset it first)");
+    return guarded(e, [&]() -> int32_t {
+        int32_t settings[6];
+        seq_settings(e, seq, settings);
+        saved_cells sc;
+        if (int32_t rc = read_state(e, data, n, settings, sc)) return rc;
+        std::vector<int32_t> slots, from;
+        if (int32_t rc = plan_import(e, seq, sc, slots, from)) return rc;
+        int32_t p_min = INT32_MAX, p_max = -1, n_fill = 0;
+        for (int32_t p : sc.meta) {
+            p_min = std::min(p_min, p);
+            p_max = std::max(p_max, p);
+        }
+        for (int32_t j : from) n_fill += j < 0;
+        // llama.cpp holds the window and the fillers after it (positions p_max + 1..), nothing else of seq
+        llama_memory_t mem = llama_get_memory(ctx);
+        const int32_t want_max = sc.meta.empty() ? -1 : p_max + n_fill;
+        if (llama_memory_seq_pos_min(mem, seq) != (sc.meta.empty() ? -1 : p_min) ||
+            llama_memory_seq_pos_max(mem, seq) != want_max)
+            return fail(e, TOVA_ERR_STATE, "llama.cpp's cells of the sequence disagree with the saved state");
+        std::string err;
+        if (!e->st.restore_seq(seq, slots, from, sc.meta, sc.lpos, sc.acc, err))  // checks first
+            return fail(e, TOVA_ERR_ARG, "engine state: " + err);
+        if (n_fill > 0 && !llama_memory_seq_rm(mem, seq, p_max + 1, -1)) {
+            e->st.remove(e->st.occupied(seq));
+            return fail(e, TOVA_ERR_STATE, "llama_memory_seq_rm refused to free the filler cells");
+        }
+        e->seqs[seq].n_past = sc.meta.empty() ? 0 : p_max + 1;
+        if (e->verify_cells && !e->st.check(err)) return fail(e, TOVA_ERR_STATE, err);
         return TOVA_OK;
     });
 }

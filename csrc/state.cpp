@@ -162,18 +162,14 @@ void state::remove(const std::vector<int32_t> & freed) {
     }
 }
 
-bool state::restore(const std::vector<int32_t> & cells, const std::vector<int32_t> & meta,
-                    const std::vector<int32_t> & lpos, const std::vector<double> & acc, std::string & err) {
-    const int32_t n = (int32_t) cells.size();
-    if ((int32_t) meta.size() != n || lpos.size() != (size_t) n_layer_ * n || acc.size() != lpos.size()) {
-        err = "array sizes disagree";
-        return false;
-    }
-    // cells ascending and in range, metadata a contiguous window, each layer's positions unique and not newer
-    // than the window's end (docs/ARCHITECTURE.md, the cell trick)
+// A saved layout of n cells: metadata a contiguous window, each layer's positions unique and not newer than the
+// window's end (docs/ARCHITECTURE.md, the cell trick).
+static bool check_saved(int32_t n_layer, const std::vector<int32_t> & meta, const std::vector<int32_t> & lpos,
+                        std::string & err) {
+    const int32_t n = (int32_t) meta.size();
     int32_t p_min = INT32_MAX, p_max = -1;
     for (int32_t i = 0; i < n; i++) {
-        if (cells[i] < 0 || cells[i] >= n_cells_ || (i > 0 && cells[i] <= cells[i - 1]) || meta[i] < 0) {
+        if (meta[i] < 0) {
             err = "invalid cells";
             return false;
         }
@@ -187,7 +183,7 @@ bool state::restore(const std::vector<int32_t> & cells, const std::vector<int32_
             err = "the metadata positions are not a contiguous window";
             return false;
         }
-    for (int32_t l = 0; l < n_layer_; l++) {
+    for (int32_t l = 0; l < n_layer; l++) {
         sorted.assign(lpos.begin() + (size_t) l * n, lpos.begin() + (size_t) (l + 1) * n);
         std::sort(sorted.begin(), sorted.end());
         for (int32_t i = 0; i < n; i++)
@@ -196,6 +192,23 @@ bool state::restore(const std::vector<int32_t> & cells, const std::vector<int32_
                 return false;
             }
     }
+    return true;
+}
+
+bool state::restore(const std::vector<int32_t> & cells, const std::vector<int32_t> & meta,
+                    const std::vector<int32_t> & lpos, const std::vector<double> & acc, std::string & err) {
+    const int32_t n = (int32_t) cells.size();
+    if ((int32_t) meta.size() != n || lpos.size() != (size_t) n_layer_ * n || acc.size() != lpos.size()) {
+        err = "array sizes disagree";
+        return false;
+    }
+    // cells ascending and in range
+    for (int32_t i = 0; i < n; i++)
+        if (cells[i] < 0 || cells[i] >= n_cells_ || (i > 0 && cells[i] <= cells[i - 1])) {
+            err = "invalid cells";
+            return false;
+        }
+    if (!check_saved(n_layer_, meta, lpos, err)) return false;
     clear();
     for (int32_t i = 0; i < n; i++) {
         const int32_t c = cells[i];
@@ -213,6 +226,59 @@ bool state::restore(const std::vector<int32_t> & cells, const std::vector<int32_
     while (head < (uint32_t) n_cells_ && meta_pos_[head] >= 0) head++;
     if (head == (uint32_t) n_cells_) head = 0;
     head_known_ = true;
+    return true;
+}
+
+bool state::restore_seq(int32_t seq, const std::vector<int32_t> & slots, const std::vector<int32_t> & from,
+                        const std::vector<int32_t> & meta, const std::vector<int32_t> & lpos,
+                        const std::vector<double> & acc, std::string & err) {
+    const int32_t n = (int32_t) meta.size(), m = (int32_t) slots.size();
+    if (seq < 0 || seq >= (int32_t) cells_.size() || !cells_[seq].empty()) {
+        err = "the sequence must exist and be empty";
+        return false;
+    }
+    if ((int32_t) from.size() != m || lpos.size() != (size_t) n_layer_ * n || acc.size() != lpos.size()) {
+        err = "array sizes disagree";
+        return false;
+    }
+    if (!check_saved(n_layer_, meta, lpos, err)) return false;
+    // every saved cell exactly once, every slot free and distinct
+    std::vector<uint8_t> seen(n, 0), used(n_cells_, 0);
+    int32_t n_seen = 0;
+    for (int32_t i = 0; i < m; i++) {
+        const int32_t c = slots[i], j = from[i];
+        if (c < 0 || c >= n_cells_ || meta_pos_[c] != -1 || used[c] || j >= n || (j >= 0 && seen[j])) {
+            err = "invalid slots";
+            return false;
+        }
+        used[c] = 1;
+        if (j >= 0) {
+            seen[j] = 1;
+            n_seen++;
+        }
+    }
+    if (n_seen != n) {
+        err = "the slots do not hold every saved cell";
+        return false;
+    }
+    uint32_t lowest_filler = (uint32_t) n_cells_;
+    for (int32_t i = 0; i < m; i++) {
+        const int32_t c = slots[i], j = from[i];
+        if (j < 0) {
+            lowest_filler = std::min(lowest_filler, (uint32_t) c);
+            continue;
+        }
+        meta_pos_[c] = meta[j];
+        seq_[c] = seq;
+        cells_[seq].push_back(c);
+        for (int32_t l = 0; l < n_layer_; l++) {
+            layer_pos_[(size_t) l * n_cells_ + c] = lpos[(size_t) l * n + j];
+            acc_[(size_t) l * n_cells_ + c] = acc[(size_t) l * n + j];
+        }
+    }
+    n_occupied_ += n;
+    if (m > 0) head_ = (uint32_t) slots[m - 1] + 1;    // llama_kv_cache::apply_ubatch
+    if (lowest_filler < head_) head_ = lowest_filler;  // llama_kv_cache::seq_rm of the fillers
     return true;
 }
 

@@ -71,6 +71,13 @@ public:
     bool restore(const std::vector<int32_t> & cells, const std::vector<int32_t> & meta,
                  const std::vector<int32_t> & lpos, const std::vector<double> & acc, std::string & err);
     bool head_known() const { return head_known_; }
+    // Many sequences (BatchSession.load_state): llama.cpp's llama_state_seq_set_data of `seq` (empty) filled
+    // slots[i] (its slot search order, the mirror's predict) with saved cell from[i] (meta[from[i]], per-layer
+    // lpos/acc[l * n + from[i]]) or with a filler (from[i] < 0) that seq_rm removed again. Mirrors apply_ubatch
+    // (head after the last slot) and seq_rm (head down to the lowest filler). Checks first; on error nothing changed.
+    bool restore_seq(int32_t seq, const std::vector<int32_t> & slots, const std::vector<int32_t> & from,
+                     const std::vector<int32_t> & meta, const std::vector<int32_t> & lpos,
+                     const std::vector<double> & acc, std::string & err);
 
     bool check(std::string & err) const;
 

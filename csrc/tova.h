@@ -198,6 +198,25 @@ int32_t tova_engine_import_state(tova_engine * e, const uint8_t * data, size_t n
 // keeps the same count. Errors leave everything unchanged except TOVA_ERR_BACKEND.
 int32_t tova_engine_truncate(tova_engine * e, struct llama_context * ctx, int32_t n_new);
 
+// ---- one sequence of many: park and resume (BatchSession.save_state / load_state; docs/STATE.md) ----
+// tova_engine_export_state's layout for an active sequence of a many-sequence engine (its budget, keep and
+// evict_interval in the header): bytes, then the export.
+int32_t tova_engine_seq_state_size(const tova_engine * e, int32_t seq, size_t * out);
+int32_t tova_engine_seq_export_state(tova_engine * e, int32_t seq, uint8_t * out, size_t n);
+// Where llama_state_seq_set_data will put an exported sequence's cells now, for `seq` (active, empty, the same
+// settings): its saved cell indices when they are all free (so it computes over the very same layout), else the
+// lowest free cells. llama.cpp's slot search fills cells in a fixed order; writes layout[i] for the i-th cell it
+// fills: the index (in the export) of the saved cell it must receive, or -1 for a filler (zero rows, positions
+// after the window, removed again by tova_engine_seq_import_state). Returns the count (<= n_layout); no other
+// sequence's cell is ever a slot. TOVA_ERR_CAPACITY when the free cells cannot hold it; nothing changed.
+int32_t tova_engine_seq_plan_import(tova_engine * e, int32_t seq, const uint8_t * data, size_t n, int32_t * layout,
+                                    int32_t n_layout);
+// Call right after llama_state_seq_set_data(ctx, state rewritten by that layout, seq): checks llama.cpp's
+// positions of seq, removes the fillers (seq_rm) and takes over the bookkeeping; the sequence continues at the
+// saved position. Checks first: on error the engine's bookkeeping is unchanged (the caller resets the sequence).
+int32_t tova_engine_seq_import_state(tova_engine * e, struct llama_context * ctx, int32_t seq, const uint8_t * data,
+                                     size_t n);
+
 #ifdef __cplusplus
 }
 #endif

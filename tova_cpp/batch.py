@@ -42,6 +42,7 @@ from .errors import (
     EngineError,
     ModelLoadError,
     SessionClosedError,
+    StateError,
     UnknownSequenceError,
     UnsupportedModelError,
 )
@@ -427,6 +428,150 @@ class BatchSession:
         out = ffi.new("double[5]")
         self._call(lib.tova_engine_stats(self._engine, out, 5, reset))
         return dict(zip(_STATS, list(out), strict=True))
+
+    # -- park and resume one sequence (tova_cpp/state.py, docs/STATE.md) -------------------------------------
+    def state_settings(self, seq: int) -> dict:
+        """What a saved sequence must agree on to continue exactly: the engine's settings, the sequence's own
+        budget, keep and evict_interval, the cache types. Session's also holds n_ubatch and the context's cells;
+        a sequence of a batch shares its decodes with whatever else runs, so neither is part of its state."""
+        q = self._seqs[self._require_seq(seq)]
+        return self._settings(q["budget"], q["keep"], q["evict_interval"])
+
+    def _settings(self, budget: int, keep: int, evict_interval: int) -> dict:
+        return {
+            "policy": self.policy,
+            "budget": budget,
+            "keep": keep,
+            "n_sink": self.n_sink,
+            "chunk": self.chunk,
+            "evict_interval": evict_interval,
+            "flash_attn": self.flash_attn,
+            "type_k": self.type_k,
+            "type_v": self.type_v,
+            "n_layer": self.n_layer,
+            "n_vocab": self.n_vocab,
+        }
+
+    model_identity = Session.model_identity
+
+    @_exclusive
+    def save_state(self, seq: int):
+        """One sequence's bounded conversation as a tova_cpp.state.TovaState (Session.save_state's format):
+        llama.cpp's state of that sequence, the engine's per-layer bookkeeping of its cells, its last logits.
+        Changes nothing; the other sequences are not read."""
+        from .state import TovaState, parse_engine_state, parse_seq_blob
+
+        seq = self._require_seq(seq)
+        n = llama_cpp.llama_state_seq_get_size(self._ctx, seq)
+        buf = (ctypes.c_uint8 * n)()
+        if llama_cpp.llama_state_seq_get_data(self._ctx, buf, n, seq) != n:
+            raise EngineError("llama_state_seq_get_data did not write the sequence state")
+        blob = bytes(buf)
+        size = ffi.new("size_t *")
+        self._call(lib.tova_engine_seq_state_size(self._engine, seq, size))
+        engine = ffi.new("uint8_t[]", size[0])
+        self._call(lib.tova_engine_seq_export_state(self._engine, seq, engine, size[0]))
+        engine = bytes(ffi.buffer(engine, size[0]))
+        # llama.cpp writes the sequence's cells in ascending index order, as the engine does
+        if not np.array_equal(parse_seq_blob(blob).positions, parse_engine_state(engine).meta):
+            raise EngineError(f"llama.cpp's cells of sequence {seq} disagree with the engine's bookkeeping")
+        last = self._last.get(seq)
+        return TovaState(
+            n_tokens=self.n_past(seq),
+            scores=np.zeros((0, self.n_vocab), np.float32) if last is None else last[None, :].copy(),
+            llama_state=blob,
+            engine_state=engine,
+            model_id=self.model_identity(),
+            settings=self.state_settings(seq),
+        )
+
+    @_exclusive
+    def load_state(self, seq: int | None, state) -> int:
+        """Continue a saved sequence (from save_state of any BatchSession, or a Session, of the same model and
+        settings) in sequence `seq`, replacing what it held, or in a new sequence when seq is None (added with
+        the state's budget, keep and evict_interval). Returns the sequence id. Its cells go back to the indices
+        they had when saved where those are free (then it computes over the same layout: the continuation is
+        bit-identical when the rest of the cache is laid out as it was), else to the lowest free cells;
+        no other sequence's cells are read or written. StateError when the state does not fit (another model,
+        budget, keep, policy, cache type; damaged), CapacityError when a new sequence does not fit beside the
+        others: nothing changed then."""
+        from .state import TovaState, check_fits
+
+        if not isinstance(state, TovaState):
+            raise TypeError(f"load_state takes a TovaState, got {type(state).__name__}")
+        if seq is None:
+            budget, keep, ev = (state.settings.get(k) for k in ("budget", "keep", "evict_interval"))
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (budget, keep, ev)):
+                raise StateError("the state names no budget, keep and evict_interval")
+            settings = self._settings(budget, keep, ev)
+        else:
+            settings = self.state_settings(seq)
+        parsed, _ = check_fits(state, self.model_identity(), settings, self.n_vocab)
+        added = seq is None
+        if added:
+            seq, backup = self.add(budget=budget, keep=keep, evict_interval=ev), None
+        else:
+            backup = self.save_state(seq) if self.n_past(seq) else None
+        try:
+            self._restore_seq(seq, state, parsed)
+        except Exception:
+            if added:
+                self.remove(seq)
+            else:  # back to what it held: its cells are free again, so they return to the same indices
+                self.reset(seq)
+                if backup is not None:
+                    from .state import parse_seq_blob
+
+                    self._restore_seq(seq, backup, parse_seq_blob(backup.llama_state))
+            raise
+        return seq
+
+    def _restore_seq(self, seq: int, state, parsed) -> None:
+        from .state import place_layout
+
+        self.reset(seq)  # empty: the plan sees its cells as free
+        if state.n_tokens == 0:
+            return
+        data = ffi.from_buffer(state.engine_state)
+        layout = np.empty(self.n_cells, dtype=np.int32)
+        m = lib.tova_engine_seq_plan_import(
+            self._engine,
+            seq,
+            data,
+            len(state.engine_state),
+            ffi.cast("int32_t *", layout.ctypes.data),
+            layout.size,
+        )
+        if m == lib.TOVA_ERR_CAPACITY:
+            raise CapacityError(self._error())
+        if m < 0:
+            raise StateError(self._error())
+        blob, _ = place_layout(state.llama_state, parsed, layout[:m])
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(blob), seq) != len(blob):
+            raise StateError("llama.cpp refused the sequence state")
+        rc = lib.tova_engine_seq_import_state(
+            self._engine, ffi.cast("void *", self._ctx), seq, data, len(data)
+        )
+        if rc != 0:
+            raise StateError(self._error())
+        if len(state.scores):
+            self._last[seq] = np.array(state.scores[0], dtype=np.float32)
+
+    @_exclusive
+    def save(self, seq: int, path: str | os.PathLike) -> int:
+        """Write one sequence's conversation to `path` (atomically; tova_cpp/state.py has the format); returns
+        the bytes written. Park a sequence: save(seq, path), then remove(seq)."""
+        from .state import write_file
+
+        return write_file(path, self.save_state(seq))
+
+    @_exclusive
+    def load(self, seq: int | None, path: str | os.PathLike) -> int:
+        """load_state from a file written by save (or Session.save); returns the sequence id."""
+        from .state import read_file
+
+        return self.load_state(seq, read_file(path))
 
     # text helpers: Session's own, which read only the model's vocabulary
     tokenize = Session.tokenize

@@ -331,6 +331,13 @@ def _serve_parser(sub) -> None:
     )
     g.add_argument("--max-queue", type=_int_at_least(0), default=256, help="requests that may wait (256)")
     g.add_argument(
+        "--park-dir",
+        default=None,
+        metavar="DIR",
+        help="save an idle conversation to DIR when a new one needs its slot, and load it back for its "
+        "follow-up (default: the idle conversation is dropped)",
+    )
+    g.add_argument(
         "--max-body-bytes", type=_int_at_least(1), default=8 * 2**20, help="largest request body (8 MiB)"
     )
     _model_args(s, session=False)
@@ -386,6 +393,7 @@ def cmd_serve(args) -> int:
         sampling_defaults=defaults,
         stops=list(args.reverse_prompt),
         penalty_last_n=args.repeat_last_n,
+        park_dir=args.park_dir,
         verbose=args.verbose,
     )
     print(

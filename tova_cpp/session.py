@@ -732,34 +732,12 @@ class Session:
     def load_state(self, state) -> None:
         """Continue from `state` (from save_state of a session of the same model and settings), exactly as
         the saved session would have. StateError when it does not fit; the session is then as it was."""
-        from .state import TovaState, parse_engine_state, parse_seq_blob
+        from .state import check_fits, parse_engine_state, parse_seq_blob
 
         self._require_open()
-        if not isinstance(state, TovaState):
-            raise TypeError(f"load_state takes a TovaState, got {type(state).__name__}")
-        if state.model_id != self.model_identity():
-            raise StateError(
-                f"the state was saved with another model ({state.model_id[:19]}...), this session runs "
-                f"{self.model_path} ({self.model_identity()[:19]}...)"
-            )
-        mine = self.state_settings()
-        diff = {k: (state.settings.get(k), v) for k, v in mine.items() if state.settings.get(k) != v}
-        if diff:
-            said = ", ".join(f"{k}={a!r} (this session: {b!r})" for k, (a, b) in sorted(diff.items()))
-            raise StateError(f"the state was saved with other settings: {said}")
-        seq = parse_seq_blob(state.llama_state)
-        cells = parse_engine_state(state.engine_state)
-        n = cells.meta.size
-        if (
-            not np.array_equal(seq.positions, cells.meta)
-            or (n == 0) != (state.n_tokens == 0)
-            or (n and (cells.meta.max() != state.n_tokens - 1 or cells.cells[-1] >= self.n_cells))
-        ):
+        seq, cells = check_fits(state, self.model_identity(), self.state_settings(), self.n_vocab)
+        if cells.meta.size and cells.cells[-1] >= self.n_cells:
             raise StateError("the state's llama.cpp cells, engine bookkeeping and token count disagree")
-        if state.scores.shape not in ((0, self.n_vocab), (1, self.n_vocab)) or (
-            state.n_tokens == 0 and state.scores.shape[0]
-        ):
-            raise StateError(f"the state's scores have shape {state.scores.shape}")
         backup = self.save_state() if self.n_past else None
         try:
             self._restore(state, seq, cells.cells)

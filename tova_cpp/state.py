@@ -7,9 +7,11 @@ File layout (version 1), all integers little-endian:
     header length H        uint32
     header                 H bytes of UTF-8 JSON: model identity, settings, n_tokens, seed and the
                            (offset, length) of each section in the payload
-    payload                sections: llama_state (llama_state_seq_get_data of sequence 0), engine_state
-                           (tova_engine_export_state), scores (float32 logits of the last position),
-                           input_ids (int32: the tokens a Llama has seen, in order; empty for a Session)
+    payload                sections: llama_state (llama_state_seq_get_data of the saved sequence: 0 for a
+                           Session), engine_state (tova_engine_export_state, or tova_engine_seq_export_state
+                           for one sequence of a BatchSession), scores (float32 logits of the last position),
+                           input_ids (int32: the tokens a Llama, or a server's parked slot, has seen, in
+                           order; empty for a Session)
     sha256                 32 bytes over everything before it
 
 The model's identity is the sha256 of its file size (8 bytes) + its first 4 MiB + its last 4 MiB: the
@@ -215,8 +217,8 @@ def _parse_seq_blob(b: memoryview) -> SeqBlob:
             raise ValueError("trailing bytes after an empty stream")
         return SeqBlob(np.zeros(0, np.int32), 0, [], [])
     meta = np.frombuffer(b, dtype="<i4", count=3 * n, offset=at).reshape(n, 3)
-    if (meta[:, 1] != 1).any() or (meta[:, 2] != 0).any():
-        raise ValueError("cells are not of sequence 0 alone (or carry an extension)")
+    if (meta[:, 1] != 1).any() or (meta[:, 2] != _seq).any():
+        raise ValueError(f"cells are not of sequence {_seq} alone (or carry an extension)")
     at += 12 * n
     v_trans, n_layer = struct.unpack_from("<II", b, at)
     at += 8
@@ -249,27 +251,70 @@ def place_cells(blob: bytes, seq: SeqBlob, cells: np.ndarray) -> tuple[bytes, in
     Returns (blob, first filler position); the original blob when there are no gaps."""
     n = seq.positions.size
     top = int(cells[-1]) + 1 if n else 0
-    if top == n:
+    layout = np.full(top, -1, dtype=np.int64)
+    layout[cells] = np.arange(n)
+    return place_layout(blob, seq, layout)
+
+
+def place_layout(blob: bytes, seq: SeqBlob, layout: np.ndarray) -> tuple[bytes, int]:
+    """The blob rewritten for llama.cpp's slot search: the i-th cell its load fills receives saved cell
+    layout[i], or a filler cell (zero rows, positions after the window, for the caller to remove with seq_rm)
+    where layout[i] < 0. Returns (blob, first filler position); the original blob when there are no fillers
+    and the saved order is kept."""
+    n, m = seq.positions.size, len(layout)
+    take = np.asarray(layout, dtype=np.int64)
+    fill = take < 0
+    if m == n and np.array_equal(take, np.arange(n)):
         return blob, -1
     first_filler = int(seq.positions.max()) + 1
-    pos = np.empty(top, dtype=np.int32)
-    pos[cells] = seq.positions
-    pos[np.setdiff1d(np.arange(top), cells)] = first_filler + np.arange(top - n, dtype=np.int32)
-    out = [struct.pack("<IiII", _SEQ_MAGIC, 0, 1, top)]
-    meta = np.zeros((top, 3), dtype="<i4")
+    pos = np.empty(m, dtype=np.int32)
+    pos[~fill] = seq.positions[take[~fill]]
+    pos[fill] = first_filler + np.arange(int(fill.sum()), dtype=np.int32)
+    src = np.where(fill, 0, take)
+    out = [struct.pack("<IiII", _SEQ_MAGIC, 0, 1, m)]
+    meta = np.zeros((m, 3), dtype="<i4")
     meta[:, 0], meta[:, 1] = pos, 1
     out += [meta.tobytes(), struct.pack("<II", seq.v_trans, len(seq.k))]
     for t, row, rows in seq.k:
-        full = np.zeros((top, row), np.uint8)
-        full[cells] = rows
+        full = rows[src]
+        full[fill] = 0
         out += [struct.pack("<iQ", t, row), full.tobytes()]
     for t, size, n_embd, rows in seq.v:
         if seq.v_trans:
-            full = np.zeros((n_embd, top, size), np.uint8)
-            full[:, cells] = rows
+            full = rows[:, src]
+            full[:, fill] = 0
             out += [struct.pack("<iII", t, size, n_embd), full.tobytes()]
         else:
-            full = np.zeros((top, size), np.uint8)
-            full[cells] = rows
+            full = rows[src]
+            full[fill] = 0
             out += [struct.pack("<iQ", t, size), full.tobytes()]
-    return b"".join(out), first_filler
+    return b"".join(out), (first_filler if fill.any() else -1)
+
+
+def check_fits(state, model_id: str, settings: dict, n_vocab: int) -> tuple[SeqBlob, EngineCells]:
+    """StateError unless `state` (a TovaState) was saved with this model and these settings and its parts agree
+    (llama.cpp's cells, the engine's bookkeeping, the token count, the logits' shape). Returns the parsed parts."""
+    if not isinstance(state, TovaState):
+        raise TypeError(f"load_state takes a TovaState, got {type(state).__name__}")
+    if state.model_id != model_id:
+        raise StateError(
+            f"the state was saved with another model ({state.model_id[:19]}...), this one is {model_id[:19]}..."
+        )
+    diff = {k: (state.settings.get(k), v) for k, v in settings.items() if state.settings.get(k) != v}
+    if diff:
+        said = ", ".join(f"{k}={a!r} (here: {b!r})" for k, (a, b) in sorted(diff.items()))
+        raise StateError(f"the state was saved with other settings: {said}")
+    seq = parse_seq_blob(state.llama_state)
+    cells = parse_engine_state(state.engine_state)
+    n = cells.meta.size
+    if (
+        not np.array_equal(seq.positions, cells.meta)
+        or (n == 0) != (state.n_tokens == 0)
+        or (n and cells.meta.max() != state.n_tokens - 1)
+    ):
+        raise StateError("the state's llama.cpp cells, engine bookkeeping and token count disagree")
+    if state.scores.shape not in ((0, n_vocab), (1, n_vocab)) or (
+        state.n_tokens == 0 and state.scores.shape[0]
+    ):
+        raise StateError(f"the state's scores have shape {state.scores.shape}")
+    return seq, cells

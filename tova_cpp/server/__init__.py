@@ -36,6 +36,7 @@ def build(
     sampling_defaults: dict | None = None,
     stops: list[str] | None = None,
     penalty_last_n: int = 64,
+    park_dir: str | None = None,
     verbose: bool = False,
 ):
     """The FastAPI app, its engine loaded and its engine thread started (closed by the app's shutdown)."""
@@ -74,6 +75,7 @@ def build(
             chunk=chunk,
             max_batch_tokens=max_batch_tokens,
             max_queue=max_queue,
+            park_dir=park_dir,
         )
     except BaseException:
         engine.close()

@@ -420,6 +420,8 @@ def _metrics(s: Scheduler, counts: dict) -> str:
         "Seconds spent in batched decode steps",
         [({}, round(st.step_seconds, 6))],
     )
+    metric("tova_parked_total", "counter", "Conversations parked to --park-dir", [({}, st.parked)])
+    metric("tova_resumed_total", "counter", "Parked conversations loaded back", [({}, st.resumed)])
     metric(
         "process_resident_memory_bytes",
         "gauge",

@@ -10,6 +10,11 @@ A slot remembers the tokens its cache has seen. A request whose prompt extends t
 same messages plus the reply and a new message; the reply may come back tokenized another way) takes that
 slot and evaluates only the new tokens; any other request takes the least recently used free slot and
 resets it. An evicted cache cannot be rolled back, so there is no partial prefix reuse.
+
+With a park directory (`tova serve --park-dir DIR`), a free slot's conversation is not lost when a new one
+needs the slot: it is saved to DIR first (BatchSession.save, with the tokens it has seen), and a later
+follow-up of it is loaded back into a free slot (BatchSession.load) and evaluates only its new tokens. Files in
+DIR of the same model and settings are found again after a restart; the oldest beyond `park_max` are deleted.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -102,6 +108,16 @@ class Slot:
 
 
 @dataclass
+class Parked:
+    """A conversation saved to the park directory: its file and what its cache had seen."""
+
+    path: Path
+    tokens: list[int]
+    budget: int
+    keep: int
+
+
+@dataclass
 class Stats:
     """Counters for /metrics (written by the engine thread, read by the HTTP side: ints, no lock needed)."""
 
@@ -111,6 +127,8 @@ class Stats:
     evicted_tokens: int = 0
     steps: int = 0
     step_seconds: float = 0.0
+    parked: int = 0  # conversations saved to the park directory
+    resumed: int = 0  # ... and loaded back for a follow-up
     finished: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -128,6 +146,8 @@ class Scheduler:
         chunk: int = 256,
         max_batch_tokens: int = 512,
         max_queue: int = 256,
+        park_dir: str | Path | None = None,
+        park_max: int = 256,
     ) -> None:
         self.engine, self.vocab = engine, vocab
         self.budget, self.keep, self.chunk = budget, keep, chunk
@@ -136,6 +156,11 @@ class Scheduler:
         self.stats = Stats()
         self._eog = np.array([t for t in range(vocab.n_vocab) if vocab.is_eog(t)], dtype=np.int64)
         self.slots = [Slot(i, engine.add(), budget, keep) for i in range(n_slots)]
+        self.park_dir, self.park_max = (Path(park_dir) if park_dir else None), park_max
+        self._parked: list[Parked] = []  # oldest first
+        if self.park_dir is not None:
+            self.park_dir.mkdir(parents=True, exist_ok=True)
+            self._parked = self._find_parked_files()
         self._inbox: collections.deque[Job] = collections.deque()
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []  # in admission order
@@ -220,6 +245,19 @@ class Scheduler:
                 free.remove(best[0])
                 self._waiting.remove(job)
                 self._start(job, best[0], best[1])
+        # then the follow-ups of parked conversations
+        for job in list(self._waiting) if self._parked else []:
+            parked, new = self._parked_for(job)
+            if parked is None or not free:
+                continue
+            slot = min(free, key=lambda s: (bool(s.tokens), s.last_used))
+            free.remove(slot)
+            self._waiting.remove(job)
+            if self._resume(slot, parked):
+                self._start(job, slot, new)
+            else:
+                free.append(slot)
+                self._waiting.appendleft(job)  # served as a new conversation below
         for job in list(self._waiting):
             if not free:
                 return
@@ -227,6 +265,7 @@ class Scheduler:
             free.remove(slot)
             self._waiting.remove(job)
             try:
+                self._park(slot)
                 self._prepare(slot, job)
             except Exception as e:  # CapacityError (a ValueError) or an engine failure
                 traceback.print_exc(file=sys.stderr)
@@ -254,6 +293,76 @@ class Scheduler:
             slot.budget, slot.keep = self.budget, self.keep
             raise
         slot.budget, slot.keep = budget, keep
+
+    # -- the park directory ------------------------------------------------------------------------------
+    def _find_parked_files(self) -> list[Parked]:
+        """Conversations parked by an earlier run with this model (others are left alone), oldest first."""
+        from ..state import read_file
+
+        found = []
+        for path in sorted(self.park_dir.glob("*.tova"), key=lambda p: p.stat().st_mtime):
+            try:
+                st = read_file(path)
+            except (OSError, ValueError):
+                continue
+            if st.model_id == self.engine.model_identity() and st.input_ids.size == st.n_tokens > 0:
+                found.append(Parked(path, st.input_ids.tolist(), st.settings["budget"], st.settings["keep"]))
+        return found
+
+    def _parked_for(self, job: Job) -> tuple[Parked | None, list[int] | None]:
+        """The longest parked conversation the job's prompt extends (its settings), and the new tokens."""
+        best, best_new = None, None
+        for p in self._parked:
+            if (p.budget, p.keep) != self._settings(job):
+                continue
+            new = self.vocab.continuation(p.tokens, job.request.prompt)
+            if new is not None and (best is None or len(p.tokens) > len(best.tokens)):
+                best, best_new = p, new
+        return best, best_new
+
+    def _park(self, slot: Slot) -> None:
+        """Save the free slot's conversation to the park directory (nothing without one or a conversation)."""
+        if self.park_dir is None or not slot.tokens:
+            return
+        from ..state import write_file
+
+        path = self.park_dir / f"{uuid.uuid4().hex}.tova"
+        try:
+            state = self.engine.save_state(slot.seq)
+            state.input_ids = np.asarray(slot.tokens, dtype=np.int32)
+            write_file(path, state)
+        except Exception:  # a full disk loses this conversation, as without a park directory
+            traceback.print_exc(file=sys.stderr)
+            path.unlink(missing_ok=True)
+            return
+        self._parked.append(Parked(path, list(slot.tokens), slot.budget, slot.keep))
+        self.stats.parked += 1
+        while len(self._parked) > self.park_max:
+            self._parked.pop(0).path.unlink(missing_ok=True)
+
+    def _resume(self, slot: Slot, parked: Parked) -> bool:
+        """Load a parked conversation into `slot` (parking the slot's own first). False when it cannot be
+        loaded (the file is then dropped); the slot is then empty."""
+        self._park(slot)
+        slot.tokens, slot.n_occupied = [], 0
+        self._parked.remove(parked)
+        try:
+            self.engine.remove(slot.seq)
+            try:
+                slot.seq = self.engine.load(None, parked.path)
+            except Exception:
+                slot.seq = self.engine.add()  # the server's settings always fit where they were
+                slot.budget, slot.keep = self.budget, self.keep
+                raise
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            parked.path.unlink(missing_ok=True)
+            return False
+        parked.path.unlink(missing_ok=True)
+        slot.tokens, slot.budget, slot.keep = list(parked.tokens), parked.budget, parked.keep
+        slot.n_occupied = self.engine.n_occupied(slot.seq)
+        self.stats.resumed += 1
+        return True
 
     def _start(self, job: Job, slot: Slot, new_tokens: list[int]) -> None:
         job.slot, slot.job = slot, job
