@@ -469,3 +469,50 @@ def run_batch_sequence(path, model, kw, ops, seed) -> str | None:
 def test_random_batch_operation_sequences_match_the_reference(tiny, kw, ops, seed):
     msg = run_batch_sequence(*tiny, kw, ops, seed)
     assert msg is None, msg
+
+
+def measure_flash_attention_error(seconds: float, seed: int = 0) -> dict:
+    """llama.cpp alone (llama_cpp_window: flash attention, F32 cache, window with a random keep) against the
+    float64 oracle and the flash-attention oracle on random sequences and budgets, for `seconds`: the largest
+    |logit difference| / largest |logit| per sequence. docs/RELIABILITY.md records a run."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    rng = np.random.default_rng(seed)
+    worst: dict[str, list[float]] = {"float64": [], "flash_attn": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tiny.gguf"
+        model = write_tiny_llama(path)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            budget = int(rng.integers(2, 25))
+            keep, chunk = int(rng.integers(0, min(budget - 1, 6) + 1)), int(rng.integers(1, 13))
+            tokens = rng.integers(0, model.n_vocab, int(rng.integers(1, 100))).tolist()
+            pieces, held = [], 0
+            while tokens:  # what Session.eval makes: room = memory - occupied
+                piece, tokens = tokens[: budget + chunk - held], tokens[budget + chunk - held :]
+                pieces.append(piece)
+                held = min(held + len(piece), budget)
+            alone = llama_cpp_window(path, pieces, budget, keep, model.n_vocab)
+            for name, fa in (("float64", False), ("flash_attn", True)):
+                ref, err = Reference(model, budget, chunk, "window", keep=keep, flash_attn=fa), 0.0
+                for piece, logits in zip(pieces, alone, strict=True):
+                    ref.eval(piece)
+                    err = max(err, np.abs(logits - ref.last_logits).max() / np.abs(ref.last_logits).max())
+                worst[name].append(float(err))
+    return {
+        name: {
+            "sequences": len(v),
+            "max": max(v),
+            "p99": float(np.percentile(v, 99)),
+            "median": float(np.median(v)),
+        }
+        for name, v in worst.items()
+    }
+
+
+if __name__ == "__main__":  # python tests/test_fuzz.py SECONDS
+    import sys
+
+    print(measure_flash_attention_error(float(sys.argv[1]) if len(sys.argv) > 1 else 60))
