@@ -275,6 +275,9 @@ def llama_cpp_window(path, pieces, budget: int, keep: int, n_vocab: int) -> list
     cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     cparams.type_k = cparams.type_v = llama_cpp.GGML_TYPE_F32
     ctx = llama_cpp.llama_init_from_model(model, cparams)
+    if not ctx:
+        llama_cpp.llama_model_free(model)
+        raise RuntimeError("llama.cpp could not create the context")
     out, held = [], []
     try:
         mem = llama_cpp.llama_get_memory(ctx)
