@@ -88,6 +88,23 @@ def quantize_roundtrip(x, type_name: str):
     return out.reshape(x.shape).astype(np.float64)
 
 
+def head_probs(q, K, mask, softcap: float, sink):
+    """One query head's softmax rows over K (q [T, hd], K [n, hd]): scale 1/sqrt(hd), then the softcap, the
+    mask, and gpt-oss's sink logit in the denominator (and the max) when given. Returns (probs, raw logits)."""
+    s = raw = q @ K.T / np.sqrt(q.shape[-1])
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    s = s + mask
+    top = s.max(-1, keepdims=True)
+    if sink is not None:
+        top = np.maximum(top, sink)
+    s = np.exp(s - top)
+    denom = s.sum(-1, keepdims=True)
+    if sink is not None:
+        denom = denom + np.exp(sink - top)
+    return s / denom, raw
+
+
 POLICIES = ("tova", "window", "sink", "h2o")
 # wrong policies the comparison must reject: one eviction set for all layers (the cheaper policy, not TOVA);
 # the newest token never evicted; h2o accumulating only the last query row of a prompt piece; tova scores of a
@@ -112,13 +129,19 @@ class Reference:
         evict_interval: int = 1,
         type_k: str = "f32",
         type_v: str = "f32",
+        flash_attn: bool = False,
     ):
         """type_k/type_v: emulate a cache of that type (keys/values rounded as llama.cpp stores them; the
-        query rounded to what K . q runs on in ggml's CPU kernels: q8_0 for quantized K, f16 for f16 K)."""
+        query rounded to what K . q runs on in ggml's CPU kernels: q8_0 for quantized K, f16 for f16 K).
+        flash_attn: the attention output as llama.cpp's flash attention computes it from an F32 cache: it casts
+        K and V to F16 before ggml_flash_attn_ext (llama-graph.cpp, build_attn_mha) and the CPU kernel rounds
+        the query to F16 for K . q; the policy's scores still come from the cache's own rows and the F32 query
+        (the engine scores those, docs/ARCHITECTURE.md). F32 arithmetic elsewhere: float64 here."""
         assert policy in POLICIES + WRONG_VARIANTS
         self.m, self.budget, self.policy = m, budget, policy
         self.keep, self.n_sink = keep, n_sink
         self.type_k, self.type_v = type_k, type_v
+        self.flash_attn = flash_attn
         self.evict_interval = evict_interval
         self.memory = budget + max(chunk, evict_interval)
         self.before_cut = None
@@ -172,6 +195,13 @@ class Reference:
                 q = quantize_roundtrip(q, "q8_0" if self.type_k.startswith("q") else "f16")
             K = np.concatenate([self.k[il], k])
             V = np.concatenate([self.v[il], v])
+            # what flash attention multiplies (an F32 cache cast to F16, the query rounded to match); the
+            # scores below use K and q as they are
+            qa, Ka, Va = q, K, V
+            if self.flash_attn and self.type_k == "f32":
+                qa, Ka = quantize_roundtrip(q, "f16"), quantize_roundtrip(K, "f16")
+            if self.flash_attn and self.type_v == "f32":
+                Va = quantize_roundtrip(V, "f16")
             key_pos = np.concatenate([self.pos[il], pos])
             # causal; a sliding-window layer also hides keys n_swa or more positions back (llama.cpp's
             # LLAMA_SWA_TYPE_STANDARD: query i sees key j iff i - j < n_swa)
@@ -183,19 +213,14 @@ class Reference:
             probs_last = np.zeros(len(K))
             probs_all = np.zeros(len(K))
             for hq in range(m.n_head):
-                s = raw = q[:, hq] @ K[:, hq // r].T / np.sqrt(m.head_dim)
-                if softcap:
-                    s = softcap * np.tanh(s / softcap)
-                s = s + mask
-                top = s.max(-1, keepdims=True)
-                if oss:  # the head's sink logit joins the softmax denominator (and its max)
-                    top = np.maximum(top, w[p + "attn_sinks.weight"][hq])
-                s = np.exp(s - top)
-                denom = s.sum(-1, keepdims=True)
-                if oss:
-                    denom = denom + np.exp(w[p + "attn_sinks.weight"][hq] - top)
-                s /= denom
-                out[:, hq] = s @ V[:, hq // r]
+                sink = w[p + "attn_sinks.weight"][hq] if oss else None
+                s, raw = head_probs(q[:, hq], K[:, hq // r], mask, softcap, sink)
+                if qa is not q or Ka is not K:
+                    out[:, hq] = (
+                        head_probs(qa[:, hq], Ka[:, hq // r], mask, softcap, sink)[0] @ Va[:, hq // r]
+                    )
+                else:
+                    out[:, hq] = s @ Va[:, hq // r]
                 # the wrong variant scores as if the sink were not in the denominator
                 probs_last += s[-1] / s[-1].sum() if self.policy == "no_sink_scores" else s[-1]
                 if self.policy == "no_softcap_scores":  # the wrong variant scores the logits before the cap
