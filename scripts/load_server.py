@@ -2,13 +2,15 @@
 
 For each concurrency level C it starts a fresh server with C slots (or uses --url, or one server of --slots
 slots for every level), runs C clients at once and reports, llama-bench style: requests, prompt and generated
-tokens, wall time, aggregate generated tokens/s, time to first token (p50 / p95), inter-token latency (p50),
-requests that failed, and the server's resident memory before and after. With a chat model every client
-holds a multi-turn conversation (each turn --words random words, a follow-up that reuses its slot); with
---synthetic (a random-weight model without a tokenizer) every client streams one completion of
---prompt-tokens random token ids.
+tokens, the shortest conversation's length at its last turn, wall time, aggregate generated tokens/s, time to
+first token (p50 / p95), inter-token latency (p50), requests that failed, and the server's resident memory
+before and after. With a chat model every client holds a multi-turn conversation (each turn --words random
+words, a follow-up that reuses its slot); with --synthetic (a random-weight model without a tokenizer) every
+client streams one completion of --prompt-tokens random token ids.
 
-    python scripts/load_server.py --clients 1,4,16,32 --turns 4 --words 500 --max-tokens 32 -t 2
+    # the load test's long conversations (tests/test_server_load.py): 12 turns, about 3,100 tokens each
+    python scripts/load_server.py --clients 1,8,32 --turns 12 --words 240 --max-tokens 16 \
+        --server-args "--budget 32 --chunk 64 -b 512"
     python scripts/load_server.py --synthetic 8b --slots 64 --clients 1,8,64 --prompt-tokens 512 \\
         --max-tokens 128 --server-args "-ngl 99 -fa on --budget 256"
 """
@@ -179,6 +181,8 @@ def level(url: str, args, n: int) -> dict:
         t.join()
     wall = time.perf_counter() - t0
     recs = [r for c in clients for r in c.records]
+    # each conversation's length at its last turn: its whole prompt plus the reply
+    conv = [c.records[-1]["prompt_tokens"] + c.records[-1]["completion_tokens"] for c in clients if c.records]
     gen = sum(r["completion_tokens"] for r in recs)
     prompt = sum(r["prompt_tokens"] for r in recs)
     return {
@@ -187,6 +191,7 @@ def level(url: str, args, n: int) -> dict:
         "failed": sum(c.failed for c in clients) + sum(not r["complete"] for r in recs),
         "prompt_tokens": prompt,
         "reused_prompt_tokens": sum(r["reused"] for r in recs),
+        "conversation_tokens_min": min(conv, default=0),
         "generated_tokens": gen,
         "wall_s": wall,
         "gen_tps": gen / wall,
@@ -244,13 +249,14 @@ def main() -> int:
             print(json.dumps(rows[-1]), file=sys.stderr)
     print(f"model {Path(args.model).name}; server flags: {' '.join(extra)}")
     print(
-        "| clients | requests | failed | prompt tok (reused) | gen tok | wall s | gen t/s | prompt+gen t/s "
-        "| TTFT p50 / p95 s | ITL p50 ms | RSS MiB before -> after |"
+        "| clients | requests | failed | conv tok (min) | prompt tok (reused) | gen tok | wall s | gen t/s "
+        "| prompt+gen t/s | TTFT p50 / p95 s | ITL p50 ms | RSS MiB before -> after |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
-            f"| {r['clients']} | {r['requests']} | {r['failed']} | {r['prompt_tokens']} ({r['reused_prompt_tokens']}) "
+            f"| {r['clients']} | {r['requests']} | {r['failed']} | {r['conversation_tokens_min']} "
+            f"| {r['prompt_tokens']} ({r['reused_prompt_tokens']}) "
             f"| {r['generated_tokens']} | {r['wall_s']:.1f} | {r['gen_tps']:.1f} | {r['total_tps']:.1f} "
             f"| {r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['itl_p50_ms']:.1f} "
             f"| {r['rss_before_mib']:.0f} -> {r['rss_after_mib']:.0f} |"

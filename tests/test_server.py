@@ -1,12 +1,11 @@
 """`tova serve` as a real process on a free port, driven by the official `openai` client: completions, chat,
-streaming, errors, the API key, the limits, cancellation, prefix reuse, and a load test of 32 concurrent
-multi-turn conversations (docs/SERVER.md has the larger run: scripts/load_server.py)."""
+streaming, errors, the API key, the limits, cancellation and prefix reuse. The load test (32 concurrent
+conversations of several thousand tokens) is tests/test_server_load.py."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import random
 import signal
 import socket
 import subprocess
@@ -42,10 +41,12 @@ def _get(url: str, key: str | None = KEY) -> tuple[int, str]:
 
 
 @contextlib.contextmanager
-def run_server(model, *args: str):
-    """A `tova serve` process on a free port; yields (base url, process). Stopped with SIGTERM."""
+def run_server(model, *args: str, threads: int | None = 1):
+    """A `tova serve` process on a free port; yields (base url, process). Stopped with SIGINT. threads=None
+    leaves -t to the server (the cores other processes leave free)."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "tova_cpp", "serve", "-m", str(model), "--port", str(port), "-t", "1", *args]
+    cmd = [sys.executable, "-m", "tova_cpp", "serve", "-m", str(model), "--port", str(port), *args]
+    cmd += [] if threads is None else ["-t", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -294,126 +295,6 @@ def test_disconnect_cancels_and_frees_the_slot(smollm2_path):
         assert _metric(url, "tova_generated_tokens_total") < 1000
 
 
-# -- load: 32 concurrent multi-turn conversations -------------------------------------------------------
-
-_WORDS = (
-    "river mountain city engine garden history music science ocean forest market letter window station "
-    "harbor bridge winter summer lantern pocket silver copper meadow valley thunder whisper candle"
-).split()
-
-
-def conversation_turns(seed: int, n_turns: int, words_per_turn: int) -> list[str]:
-    rng = random.Random(seed)
-    return [
-        " ".join(rng.choice(_WORDS) for _ in range(words_per_turn)) + f". Summarize part {t + 1}."
-        for t in range(n_turns)
-    ]
-
-
-def run_conversation(url: str, turns: list[str], max_tokens: int) -> list[dict]:
-    """One client's multi-turn conversation, streamed; per turn its text, finish reason, usage and the
-    top-5 logprobs of every token."""
-    c = _client(url)
-    messages, out = [{"role": "system", "content": "You are a terse assistant."}], []
-    for turn in turns:
-        messages.append({"role": "user", "content": turn})
-        stream = c.chat.completions.create(
-            model="x",
-            messages=messages,
-            max_tokens=max_tokens,
-            temperature=0,
-            stream=True,
-            logprobs=True,
-            top_logprobs=5,
-            stream_options={"include_usage": True},
-        )
-        text, reason, usage, tops = "", None, None, []
-        for ch in stream:
-            if ch.usage is not None:
-                usage = ch.usage
-            if not ch.choices:
-                continue
-            text += ch.choices[0].delta.content or ""
-            reason = ch.choices[0].finish_reason or reason
-            for item in (ch.choices[0].logprobs.content or []) if ch.choices[0].logprobs else []:
-                tops.append((item.token, [(t.token, t.logprob) for t in item.top_logprobs]))
-        out.append({"text": text, "reason": reason, "usage": usage, "tops": tops})
-        messages.append({"role": "assistant", "content": text})
-    return out
-
-
-def first_divergence(a: list, b: list) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x[0] != y[0]), None)
-
-
-def test_load_32_concurrent_conversations(smollm2_path):
-    """32 clients, each a 3-turn conversation far beyond the budget, streamed at once through 32 slots: no
-    request fails, every stream ends with a finish reason and usage, the server's resident memory stays
-    flat, and greedy streams equal the same conversations run alone (checked for a quarter of them), except
-    from a point where llama.cpp's arithmetic differs between the two runs: the cells a sequence occupies
-    move SmolLM2's logits by up to 1.8% of the largest one (scripts/kv_layout_check.py, which also shows
-    that the other sequences' contents do not), and with TOVA a close score may then evict another token
-    (docs/SERVER.md, "Batched arithmetic"). There, one run's token must be among the other's 5 most likely
-    (not always both ways: once an eviction flipped, the two runs' distributions drift apart before their
-    tokens do), and the scheduler must have fed both runs the same prompts (usage) up to that turn."""
-    n_clients, n_turns, words, max_tokens = 32, 3, 80, 8
-    args = ["--slots", str(n_clients), "--budget", "32", "--chunk", "32", "-b", "256", "--api-key", KEY]
-    convs = [conversation_turns(i, n_turns, words) for i in range(n_clients)]
-    with run_server(smollm2_path, *args) as (url, proc):
-        results: dict[int, list] = {}
-        errors: list[BaseException] = []
-        rss: list[float] = []
-
-        def client(i: int) -> None:
-            try:
-                results[i] = run_conversation(url, convs[i], max_tokens)
-            except BaseException as e:
-                errors.append(e)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(n_clients)]
-        for t in threads:
-            t.start()
-        while any(t.is_alive() for t in threads):
-            rss.append(_metric(url, "process_resident_memory_bytes"))
-            time.sleep(1.0)
-        assert not errors, errors[:3]
-        assert _metric(url, "tova_requests_total", 'status="200"') >= n_clients * n_turns
-        for i, turns in results.items():
-            assert len(turns) == n_turns
-            for t in turns:
-                assert t["reason"] in ("stop", "length") and t["usage"] is not None, (i, t)
-            assert turns[-1]["usage"].prompt_tokens > 250 and turns[-1]["usage"].reused_prompt_tokens > 0
-        # flat memory: once every slot holds a full cache, growth stays within a few MiB
-        settled = rss[len(rss) // 3 :]
-        assert max(settled) - settled[0] < 32 * 2**20, [round(x / 2**20) for x in rss]
-        # alone: the same conversations one at a time, on the same server
-        identical = 0
-        for i in range(0, n_clients, 4):
-            alone = run_conversation(url, convs[i], max_tokens)
-            for t, (got, want) in enumerate(zip(results[i], alone, strict=True)):
-                for field in ("prompt_tokens", "reused_prompt_tokens"):
-                    assert getattr(got["usage"], field) == getattr(want["usage"], field), (i, t, field)
-                k = first_divergence(got["tops"], want["tops"])
-                if k is None:
-                    assert got["text"] == want["text"]
-                    identical += 1
-                    continue
-                # the rest of the conversation differs by construction
-                g_tok, g_top = got["tops"][k]
-                w_tok, w_top = want["tops"][k]
-                assert g_tok in [x for x, _ in w_top] or w_tok in [x for x, _ in g_top], (
-                    i,
-                    t,
-                    k,
-                    g_top,
-                    w_top,
-                )
-                break
-        print(
-            f"\n{identical} of {n_turns * len(range(0, n_clients, 4))} turns identical to the turn run alone"
-        )
-
-
 def test_cli_flags():
     """`tova serve` takes llama.cpp server's -np / --parallel / -cb; `tova generate` still refuses them."""
     from tova_cpp.cli import _unsupported, build_parser, main
@@ -423,3 +304,50 @@ def test_cli_flags():
     args = build_parser().parse_args(["serve", "-np", "6", "--port", "0", "-c", "512"])
     assert (args.slots, args.port, args.budget, args.host, args.api_key) == (6, 0, 512, "127.0.0.1", None)
     assert main(["serve", "--grammar", "root ::= x"]) == 1  # per request only
+
+
+def test_serve_and_generate_share_their_flags():
+    """`tova serve` and `tova generate` read the model, cache and sampling flags through one translation each
+    (cli._cache_kwargs, cli._sampling_defaults): every keyword it makes is one the engines and the request
+    model accept, and the flags arrive as given."""
+    import inspect
+
+    from tova_cpp import Llama
+    from tova_cpp.batch import BatchSession
+    from tova_cpp.cli import _cache_kwargs, _sampling, _sampling_defaults, build_parser
+    from tova_cpp.server import build
+    from tova_cpp.server.protocol import _Common
+
+    flags = [
+        "--policy",
+        "sink",
+        "--n-sink",
+        "2",
+        "-fa",
+        "on",
+        "-ctk",
+        "q8_0",
+        "--chunk",
+        "32",
+        "--temp",
+        "0.3",
+    ]
+    for command in ("serve", "generate"):
+        args = build_parser().parse_args([command, *flags, "--top-k", "7", "-s", "5"])
+        kw = _cache_kwargs(args)
+        assert (kw["policy"], kw["n_sink"], kw["flash_attn"], kw["type_k"], kw["chunk"]) == (
+            "sink",
+            2,
+            True,
+            "q8_0",
+            32,
+        )
+        assert set(kw) <= set(inspect.signature(Llama.__init__).parameters)
+        engine = set(inspect.signature(BatchSession.__init__).parameters) | set(
+            inspect.signature(build).parameters
+        )
+        assert set(kw) <= engine
+        sampling = _sampling_defaults(args)
+        assert (sampling["temperature"], sampling["top_k"], sampling["seed"]) == (0.3, 7, 5)
+        assert set(sampling) <= set(_Common.model_fields)
+    assert _sampling(args)["temperature"] == 0.3 and _sampling(args)["max_tokens"] == 128

@@ -359,42 +359,20 @@ def cmd_serve(args) -> int:
     if args.grammar is not None:
         raise _UsageError("--grammar applies per request in tova serve: send it as the request's 'grammar'")
     model = args.model or str(default_model_path())
-    defaults = dict(
-        temperature=args.temp,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        seed=args.seed,
-    )
     app = build(
         model,
         n_slots=args.slots,
-        budget=args.budget,
-        policy=args.policy,
-        keep=args.keep,
-        chunk=args.chunk,
-        evict_interval=args.evict_interval,
         n_ubatch=max(args.chunk, args.ubatch_size),
-        n_threads=args.threads,
-        n_gpu_layers=args.n_gpu_layers,
-        flash_attn=_flash(args.flash_attn),
-        type_k=args.cache_type_k,
-        type_v=args.cache_type_v,
-        n_sink=args.n_sink,
-        chat_format=args.chat_format,
         max_tokens_limit=args.max_tokens_limit,
         max_queue=args.max_queue,
         max_batch_tokens=args.batch_size,
         max_body_bytes=args.max_body_bytes,
         api_key=args.api_key,
-        sampling_defaults=defaults,
+        sampling_defaults=_sampling_defaults(args),
         stops=list(args.reverse_prompt),
         penalty_last_n=args.repeat_last_n,
         park_dir=args.park_dir,
-        verbose=args.verbose,
+        **_cache_kwargs(args),
     )
     print(
         f"tova serve: {Path(model).name}, {args.slots} slots of {args.budget} cells per layer (policy "
@@ -415,16 +393,12 @@ def _flash(choice: str) -> bool:
     return choice == "on"
 
 
-def open_llama(args):
-    from .llama import Llama
-
-    return Llama(
-        model_path=args.model,
+def _cache_kwargs(args) -> dict:
+    """The model and cache flags (_model_args) as the keywords Llama and tova serve's engine share."""
+    return dict(
         budget=args.budget,
         policy=args.policy,
         chunk=args.chunk,
-        n_batch=args.batch_size,
-        n_ubatch=args.ubatch_size,
         keep=args.keep,
         n_sink=args.n_sink,
         evict_interval=args.evict_interval,
@@ -435,7 +409,32 @@ def open_llama(args):
         type_v=args.cache_type_v,
         chat_format=args.chat_format,
         verbose=args.verbose,
+    )
+
+
+def _sampling_defaults(args) -> dict:
+    """The sampling flags (_sampling_args) as request fields: tova generate's and tova serve's defaults."""
+    return dict(
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+    )
+
+
+def open_llama(args):
+    from .llama import Llama
+
+    return Llama(
+        model_path=args.model,
+        n_batch=args.batch_size,
+        n_ubatch=args.ubatch_size,
         seed=args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little"),
+        **_cache_kwargs(args),
     )
 
 
@@ -449,19 +448,7 @@ def _sampling(args) -> dict:
             grammar = LlamaGrammar.from_string(args.grammar, verbose=False)
         except ValueError as e:
             raise _UsageError(f"invalid grammar: {e}") from None
-    return dict(
-        max_tokens=n,
-        temperature=args.temp,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        penalty_last_n=args.repeat_last_n,
-        grammar=grammar,
-        seed=args.seed,
-    )
+    return dict(_sampling_defaults(args), max_tokens=n, penalty_last_n=args.repeat_last_n, grammar=grammar)
 
 
 def print_timings(llm, prompt_tokens: int, prompt_s: float, eval_tokens: int, eval_s: float) -> None:

@@ -16,17 +16,8 @@ def build(
     *,
     n_slots: int,
     budget: int,
-    policy: str = "tova",
     keep: int = 0,
     chunk: int = 256,
-    evict_interval: int = 1,
-    n_ubatch: int | None = None,
-    n_threads: int | None = None,
-    n_gpu_layers: int = 0,
-    flash_attn: bool = False,
-    type_k: str = "f16",
-    type_v: str = "f16",
-    n_sink: int | None = None,
     chat_format: str | None = None,
     max_tokens_limit: int = 4096,
     max_queue: int = 256,
@@ -38,8 +29,11 @@ def build(
     penalty_last_n: int = 64,
     park_dir: str | None = None,
     verbose: bool = False,
+    **engine,
 ):
-    """The FastAPI app, its engine loaded and its engine thread started (closed by the app's shutdown)."""
+    """The FastAPI app, its engine loaded and its engine thread started (closed by the app's shutdown).
+    `engine` holds tova_cpp.batch.BatchSession's other keywords (policy, evict_interval, n_ubatch, n_threads,
+    n_gpu_layers, flash_attn, type_k, type_v, n_sink), passed on as they are."""
     from ..batch import BatchSession
     from .app import create_app
     from .protocol import Limits
@@ -49,21 +43,7 @@ def build(
     vocab = Vocab(model_path, chat_format=chat_format, verbose=verbose)
     # one context, --slots sequences: concurrent requests share every batched decode
     engine = BatchSession(
-        model_path,
-        n_seq_max=n_slots,
-        budget=budget,
-        policy=policy,
-        keep=keep,
-        chunk=chunk,
-        evict_interval=evict_interval,
-        n_ubatch=n_ubatch,
-        n_threads=n_threads,
-        n_gpu_layers=n_gpu_layers,
-        flash_attn=flash_attn,
-        type_k=type_k,
-        type_v=type_v,
-        n_sink=n_sink,
-        verbose=verbose,
+        model_path, n_seq_max=n_slots, budget=budget, keep=keep, chunk=chunk, verbose=verbose, **engine
     )
     try:
         scheduler = Scheduler(
@@ -82,7 +62,7 @@ def build(
         raise
     limits = Limits(
         budget=budget,
-        policy=policy,
+        policy=engine.policy,
         keep=keep,
         max_tokens=max_tokens_limit,
         defaults=sampling_defaults,
