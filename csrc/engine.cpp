@@ -1037,6 +1037,8 @@ extern "C" int32_t tova_engine_seq_export_state(tova_engine * e, int32_t seq, ui
 // Where a load of the saved cells lands (see tova.h): slots in the mirror's search order, from[i] the saved cell
 // slot i receives or -1 for a filler. The saved indices when all are free: every free cell up to the highest of
 // them is filled (fillers in the gaps), so each saved row returns to its own cell; else the lowest free cells.
+// With per-sequence streams a saved index means its offset in the stream: llama.cpp loads a sequence's cells into
+// that sequence's own stream, whichever stream they were saved from.
 static int32_t plan_import(tova_engine * e, int32_t seq, const saved_cells & sc, std::vector<int32_t> & slots,
                            std::vector<int32_t> & from) {
     const tova::state & st = e->st;
@@ -1046,20 +1048,36 @@ static int32_t plan_import(tova_engine * e, int32_t seq, const saved_cells & sc,
     if (n == 0) return TOVA_OK;
     if (n > e->seqs[seq].memory)
         return fail(e, TOVA_ERR_ARG, "the saved sequence holds more cells than the sequence's memory");
+    const bool streams = st.n_stream() > 1;
+    const int32_t lo = streams ? seq * st.stream_cells() : 0, hi = streams ? lo + st.stream_cells() : st.n_cells();
+    auto predict = [&](int32_t k) {
+        std::vector<int32_t> ids(k, seq);
+        return st.predict(ids.data(), k, slots);
+    };
+    std::vector<int32_t> target(n);
     bool in_place = true;
-    for (int32_t c : sc.cells) in_place = in_place && c >= 0 && c < st.n_cells() && st.seq_of(c) < 0;
+    for (int32_t i = 0; i < n; i++) {
+        const int32_t c = sc.cells[i];
+        target[i] = streams && c >= 0 ? lo + c % st.stream_cells() : c;
+        in_place = in_place && c >= 0 && target[i] >= lo && target[i] < hi && st.seq_of(target[i]) < 0;
+    }
     if (in_place) {
-        std::vector<int32_t> index(st.n_cells(), -1);  // saved cell -> its index in the export
-        int32_t m = 0;
-        for (int32_t i = 0; i < n; i++) index[sc.cells[i]] = i;
-        for (int32_t c = 0; c <= sc.cells[n - 1]; c++) m += st.seq_of(c) < 0;
-        in_place = st.predict(m, slots);
-        for (int32_t c : slots) in_place = in_place && c <= sc.cells[n - 1];
+        std::vector<int32_t> index(st.n_cells(), -1);  // target cell -> the saved cell's index in the export
+        int32_t m = 0, top = -1;
+        for (int32_t i = 0; i < n; i++) {
+            in_place = in_place && index[target[i]] < 0;
+            index[target[i]] = i;
+            top = std::max(top, target[i]);
+        }
+        for (int32_t c = lo; in_place && c <= top; c++) m += st.seq_of(c) < 0;
+        in_place = in_place && predict(m);
+        for (int32_t c : slots) in_place = in_place && c <= top;
         if (in_place)
             for (int32_t c : slots) from.push_back(index[c]);
     }
     if (!in_place) {
-        if (!st.predict(n, slots))
+        from.clear();
+        if (!predict(n))
             return fail(e, TOVA_ERR_CAPACITY, "no " + std::to_string(n) + " free cells for the saved sequence");
         from.resize(n);
         for (int32_t i = 0; i < n; i++) from[i] = i;

@@ -247,7 +247,8 @@ bool state::restore_seq(int32_t seq, const std::vector<int32_t> & slots, const s
     int32_t n_seen = 0;
     for (int32_t i = 0; i < m; i++) {
         const int32_t c = slots[i], j = from[i];
-        if (c < 0 || c >= n_cells_ || meta_pos_[c] != -1 || used[c] || j >= n || (j >= 0 && seen[j])) {
+        if (c < 0 || c >= n_cells_ || meta_pos_[c] != -1 || used[c] || j >= n || (j >= 0 && seen[j]) ||
+            (n_stream_ > 1 && c / stream_cells_ != seq)) {
             err = "invalid slots";
             return false;
         }
@@ -277,8 +278,13 @@ bool state::restore_seq(int32_t seq, const std::vector<int32_t> & slots, const s
         }
     }
     n_occupied_ += n;
-    if (m > 0) head_ = (uint32_t) slots[m - 1] + 1;    // llama_kv_cache::apply_ubatch
-    if (lowest_filler < head_) head_ = lowest_filler;  // llama_kv_cache::seq_rm of the fillers
+    if (m > 0) {
+        const int32_t s = slots[0] / stream_cells_, base = s * stream_cells_;
+        uint32_t & head = heads_[s];
+        head = (uint32_t) (slots[m - 1] - base) + 1;  // llama_kv_cache::apply_ubatch
+        if (lowest_filler < (uint32_t) n_cells_)      // llama_kv_cache::seq_rm of the fillers
+            head = std::min(head, lowest_filler - (uint32_t) base);
+    }
     return true;
 }
 

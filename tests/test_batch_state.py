@@ -26,7 +26,8 @@ from tova_cpp.batch import BatchSession
 from tova_cpp.errors import CapacityError, UnknownSequenceError
 from tova_cpp.state import parse_engine_state, parse_seq_blob, read_file
 
-SESSION = {"n_seq_max": 4, "budget": 16, "chunk": 8, "n_threads": 2}
+# parking one sequence is supported on the unified cache (streams refuse it: the last test)
+SESSION = {"n_seq_max": 4, "budget": 16, "chunk": 8, "n_threads": 2, "kv_unified": True}
 SEQS = {"a": {"budget": 16}, "c": {"budget": 10, "keep": 2}, "b": {"budget": 12, "evict_interval": 2}}
 ORDER = ("a", "c", "b")  # the order of every step: a and c first, b last
 START = {"a": 0, "c": 0, "b": 4}
@@ -391,7 +392,7 @@ def test_a_session_file_loads_into_a_batch_sequence(tiny, tmp_path):
         for _ in range(6):
             s.eval([int(np.argmax(s.logits()))])
             want.append((s.logits(), s.kept_positions()))
-    with BatchSession(tiny, n_seq_max=2, **kw) as bs:
+    with BatchSession(tiny, n_seq_max=2, kv_unified=True, **kw) as bs:
         x = bs.add()
         bs.eval(x, PROMPTS["c"])
         b = bs.load(None, tmp_path / "s.tova")
@@ -410,3 +411,23 @@ def test_load_state_takes_a_tova_state(tiny):
             with pytest.raises(TypeError, match="TovaState"):
                 bs.load_state(seq, b"not a state")
         assert bs.sequences == [0]
+
+
+def test_per_sequence_streams_refuse_to_park(tiny, tmp_path):
+    """Per-sequence streams (BatchSession's default) do not support saving or loading one sequence: a clear
+    StateError before anything is read or changed, the sequence still stepping afterwards."""
+    with BatchSession(tiny, **{**SESSION, "kv_unified": False}) as bs:
+        a = bs.add()
+        bs.eval(a, PROMPTS["a"])
+        before = bs.logits(a).copy()
+        with pytest.raises(StateError, match="kv_unified=True"):
+            bs.save(a, tmp_path / "a.tova")
+        assert not (tmp_path / "a.tova").exists()
+        with BatchSession(tiny, **SESSION) as unified:
+            u = unified.add()
+            unified.eval(u, PROMPTS["a"])
+            state = unified.save_state(u)
+        with pytest.raises(StateError, match="kv_unified=True"):
+            bs.load_state(a, state)
+        assert bs.sequences == [a] and np.array_equal(bs.logits(a), before)
+        bs.eval(a, [int(np.argmax(before))])

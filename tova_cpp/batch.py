@@ -454,14 +454,25 @@ class BatchSession:
 
     model_identity = Session.model_identity
 
+    def _require_unified(self) -> None:
+        # llama.cpp writes and reads a sequence's state per stream, and the engine's import plan mirrors the
+        # unified cache's slot search only (docs/STATE.md); refused before anything is read or changed
+        if not self.kv_unified:
+            raise StateError(
+                "saving or loading one sequence needs BatchSession(kv_unified=True); per-sequence streams "
+                "(the default) do not support it yet"
+            )
+
     @_exclusive
     def save_state(self, seq: int):
         """One sequence's bounded conversation as a tova_cpp.state.TovaState (Session.save_state's format):
         llama.cpp's state of that sequence, the engine's per-layer bookkeeping of its cells, its last logits.
-        Changes nothing; the other sequences are not read."""
+        Changes nothing; the other sequences are not read. Needs kv_unified=True (StateError otherwise: parking
+        a sequence of per-sequence streams is not supported yet)."""
         from .state import TovaState, parse_engine_state, parse_seq_blob
 
         seq = self._require_seq(seq)
+        self._require_unified()
         n = llama_cpp.llama_state_seq_get_size(self._ctx, seq)
         buf = (ctypes.c_uint8 * n)()
         if llama_cpp.llama_state_seq_get_data(self._ctx, buf, n, seq) != n:
@@ -499,6 +510,7 @@ class BatchSession:
 
         if not isinstance(state, TovaState):
             raise TypeError(f"load_state takes a TovaState, got {type(state).__name__}")
+        self._require_unified()
         if seq is None:
             budget, keep, ev = (state.settings.get(k) for k in ("budget", "keep", "evict_interval"))
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in (budget, keep, ev)):

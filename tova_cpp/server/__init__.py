@@ -42,6 +42,8 @@ def build(
 
     vocab = Vocab(model_path, chat_format=chat_format, verbose=verbose)
     # one context, --slots sequences: concurrent requests share every batched decode
+    if park_dir is not None:  # parking a slot saves one sequence: supported on the unified cache only
+        engine.setdefault("kv_unified", True)
     engine = BatchSession(
         model_path, n_seq_max=n_slots, budget=budget, keep=keep, chunk=chunk, verbose=verbose, **engine
     )
