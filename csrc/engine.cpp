@@ -1085,18 +1085,24 @@ static int32_t plan_import(tova_engine * e, int32_t seq, const saved_cells & sc,
     return TOVA_OK;
 }
 
+// A saved sequence read against seq's settings and planned into its cells (plan_import).
+static int32_t read_and_plan(tova_engine * e, int32_t seq, const uint8_t * data, size_t n, saved_cells & sc,
+                             std::vector<int32_t> & slots, std::vector<int32_t> & from) {
+    int32_t settings[6];
+    seq_settings(e, seq, settings);
+    if (int32_t rc = read_state(e, data, n, settings, sc)) return rc;
+    return plan_import(e, seq, sc, slots, from);
+}
+
 extern "C" int32_t tova_engine_seq_plan_import(tova_engine * e, int32_t seq, const uint8_t * data, size_t n,
                                                int32_t * layout, int32_t n_layout) {
     if (!e || !data || !layout) return TOVA_ERR_ARG;
     if (int32_t rc = check_seq(e, seq, true)) return rc;
     if (e->st.n_occupied(seq) != 0) return fail(e, TOVA_ERR_ARG, "the sequence must be empty (reset it first)");
     return guarded(e, [&]() -> int32_t {
-        int32_t settings[6];
-        seq_settings(e, seq, settings);
         saved_cells sc;
-        if (int32_t rc = read_state(e, data, n, settings, sc)) return rc;
         std::vector<int32_t> slots, from;
-        if (int32_t rc = plan_import(e, seq, sc, slots, from)) return rc;
+        if (int32_t rc = read_and_plan(e, seq, data, n, sc, slots, from)) return rc;
         if ((int32_t) from.size() > n_layout) return fail(e, TOVA_ERR_ARG, "layout buffer too small");
         std::copy(from.begin(), from.end(), layout);
         return (int32_t) from.size();
@@ -1110,12 +1116,9 @@ extern "C" int32_t tova_engine_seq_import_state(tova_engine * e, struct llama_co
     if (int32_t rc = check_seq(e, seq, true)) return rc;
     if (e->st.n_occupied(seq) != 0) return fail(e, TOVA_ERR_ARG, "the sequence must be empty (reset it first)");
     return guarded(e, [&]() -> int32_t {
-        int32_t settings[6];
-        seq_settings(e, seq, settings);
         saved_cells sc;
-        if (int32_t rc = read_state(e, data, n, settings, sc)) return rc;
         std::vector<int32_t> slots, from;
-        if (int32_t rc = plan_import(e, seq, sc, slots, from)) return rc;
+        if (int32_t rc = read_and_plan(e, seq, data, n, sc, slots, from)) return rc;
         int32_t p_min = INT32_MAX, p_max = -1, n_fill = 0;
         for (int32_t p : sc.meta) {
             p_min = std::min(p_min, p);

@@ -135,7 +135,7 @@ def test_file_size_is_set_by_the_budget_not_the_length(tiny_path, tmp_path):
 @pytest.mark.parametrize(
     "other, match",
     [
-        ({"budget": 9}, "budget=8 .this session: 9"),
+        ({"budget": 9}, "budget=8 .here: 9"),
         ({"policy": "window"}, "policy='tova'"),
         ({"type_k": "q8_0"}, "type_k"),
         ({"chunk": 5}, "chunk"),
