@@ -196,6 +196,19 @@ bool scorer::ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t q_l
     return true;
 }
 
+// The layer's attention rows from its scores kq: the model's scale and softcap, the mask, its sinks (F32 sums).
+ggml_tensor * scorer::attention_rows(ggml_context * ctx, ggml_tensor * kq, ggml_tensor * mask, const layer_view & lv) {
+    ggml_prec_set_acc(kq, GGML_PREC_F32);
+    float sm_scale = lv.scale;
+    if (lv.softcap != 0.0f) {
+        kq = ggml_tanh(ctx, ggml_scale(ctx, kq, lv.scale / lv.softcap));
+        sm_scale = lv.softcap;
+    }
+    ggml_tensor * p = ggml_soft_max_ext(ctx, kq, mask, sm_scale, 0.0f);
+    if (lv.sinks) ggml_soft_max_add_sinks(p, lv.sinks);
+    return p;
+}
+
 bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string & err) {
     free_graph();
     const int32_t n_layer = (int32_t) layers_.size();
@@ -261,14 +274,7 @@ bool scorer::build_graph_rows(const std::vector<ggml_tensor *> & cache_k, std::s
         ggml_tensor * q = ggml_reshape_3d(ctx, ggml_get_rows(ctx, qb, idx), head_dim_, n_head_, n_rows);
         q = ggml_cont(ctx, ggml_permute(ctx, q, 0, 2, 1, 3));  // [head_dim, n_rows, n_head]
         ggml_tensor * kq = ggml_mul_mat(ctx, k, q);            // [n_kv, n_rows, n_head]
-        ggml_prec_set_acc(kq, GGML_PREC_F32);
-        float sm_scale = lv.scale;
-        if (lv.softcap != 0.0f) {
-            kq = ggml_tanh(ctx, ggml_scale(ctx, kq, lv.scale / lv.softcap));
-            sm_scale = lv.softcap;
-        }
-        ggml_tensor * p = ggml_soft_max_ext(ctx, kq, mask, sm_scale, 0.0f);
-        if (lv.sinks) ggml_soft_max_add_sinks(p, lv.sinks);
+        ggml_tensor * p = attention_rows(ctx, kq, mask, lv);
         ggml_tensor * p2 = ggml_reshape_2d(ctx, p, n_kv_, n_rows * n_head_);
         ggml_tensor * sum = ggml_out_prod(ctx, p2, ones);  // [n_kv, 1]
         if (!ggml_backend_supports_op(backend_, sum))      // a backend without out_prod: transpose, then sum rows
@@ -301,14 +307,7 @@ bool scorer::build_graph_streams(const std::vector<ggml_tensor *> & cache_k, std
         ggml_tensor * q = ggml_reshape_4d(ctx, ggml_get_rows(ctx, qb, idx), head_dim_, n_head_, 1, ns);
         q = ggml_cont(ctx, ggml_permute(ctx, q, 0, 2, 1, 3));  // [head_dim, 1, n_head, ns]
         ggml_tensor * kq = ggml_mul_mat(ctx, k, q);            // [n_kv, 1, n_head, ns]
-        ggml_prec_set_acc(kq, GGML_PREC_F32);
-        float sm_scale = lv.scale;
-        if (lv.softcap != 0.0f) {
-            kq = ggml_tanh(ctx, ggml_scale(ctx, kq, lv.scale / lv.softcap));
-            sm_scale = lv.softcap;
-        }
-        ggml_tensor * p = ggml_soft_max_ext(ctx, kq, mask, sm_scale, 0.0f);
-        if (lv.sinks) ggml_soft_max_add_sinks(p, lv.sinks);
+        ggml_tensor * p = attention_rows(ctx, kq, mask, lv);
         // [n_kv, n_head, ns] -> [n_head, n_kv, ns]: sum over heads per cell and stream
         ggml_tensor * per_head =
             ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, p, n_kv_, n_head_, ns), 1, 0, 2, 3));

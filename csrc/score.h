@@ -53,6 +53,9 @@ private:
         ggml_tensor * sinks = nullptr;  // F32 [n_head] model weight, or null
         bool operator==(const layer_view & o) const;
     };
+    // the layer's attention rows from its scores kq: scale and softcap, the mask, its sinks (F32 sums)
+    static ggml_tensor * attention_rows(ggml_context * ctx, ggml_tensor * kq, ggml_tensor * mask,
+                                        const layer_view & lv);
     bool ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t q_len, int64_t n_kv_max, int64_t span,
                         backends & devs, std::string & err);
     bool build_graph(const std::vector<ggml_tensor *> & cache_k, std::string & err);
