@@ -46,7 +46,7 @@ from .errors import (
     UnknownSequenceError,
     UnsupportedModelError,
 )
-from .generate import Sampler, _stop_hold, check_max_tokens, check_stops, token_piece
+from .generate import Sampler, _stop_hold, check_max_tokens, check_stops, log_normalizer, token_piece
 from .session import (
     _MAX_CELLS,
     DEFAULT_N_SINK,
@@ -623,17 +623,40 @@ class BatchSession:
 # -- batched generation --------------------------------------------------------------------------------------
 
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True)
+_buffers = threading.local()  # one llama_token_data array per thread that samples, reused for every token
+
+
+def _token_data(n: int) -> tuple[np.ndarray, ctypes._Pointer, np.ndarray]:
+    """This thread's (token data, its llama_token_data view, the ids 0..n-1) for a vocabulary of n tokens."""
+    held = getattr(_buffers, "held", None)
+    if held is None or held[0].size != n:
+        data = np.zeros(n, dtype=_TOKEN_DATA)
+        held = _buffers.held = (
+            data,
+            data.ctypes.data_as(llama_cpp.llama_token_data_p),
+            np.arange(n, dtype=np.int32),
+        )
+    return held
 
 
 def sample_logits(sampler, logits: np.ndarray) -> int:
     """llama_sampler_sample on an array of logits instead of a context's output row: apply the chain, take
-    its selection, accept it (penalties and grammar see the token)."""
-    data = np.zeros(logits.size, dtype=_TOKEN_DATA)
-    data["id"] = np.arange(logits.size, dtype=np.int32)
+    its selection, accept it (penalties and grammar see the token).
+
+    A greedy chain (Sampler.greedy: temperature 0, no logit bias, grammar or active penalties) picks the first
+    largest logit, as llama.cpp's greedy sampler does, with np.argmax instead of a pass over a token-data array
+    (logits with a NaN go through the chain: there the two disagree). Any other chain runs on this thread's
+    token-data array, refilled with every id, logit and p = 0 per call since the chain reorders and shrinks it."""
+    if getattr(sampler, "greedy", False) and logits.dtype == np.float32:
+        tok = int(np.argmax(logits))
+        if logits[tok] == logits[tok]:  # not NaN: where NaNs are, np.argmax and llama.cpp disagree
+            llama_cpp.llama_sampler_accept(sampler.chain, tok)
+            return tok
+    data, ptr, ids = _token_data(logits.size)
+    data["id"] = ids
     data["logit"] = logits
-    arr = llama_cpp.llama_token_data_array(
-        data=data.ctypes.data_as(llama_cpp.llama_token_data_p), size=logits.size, selected=-1, sorted=False
-    )
+    data["p"] = 0.0
+    arr = llama_cpp.llama_token_data_array(data=ptr, size=logits.size, selected=-1, sorted=False)
     llama_cpp.llama_sampler_apply(sampler.chain, ctypes.byref(arr))
     if not 0 <= arr.selected < arr.size:
         raise RuntimeError("the sampler chain selected no token")
@@ -707,7 +730,7 @@ def stream_generate_batch(
                 if not np.isfinite(lg).all():
                     raise EngineError(f"prompt {st['index']}: the model produced non-finite logits")
                 tok = sample_logits(st["sampler"], lg)
-                logprob = float(lg[tok]) - float(np.logaddexp.reduce(lg.astype(np.float64)))
+                logprob = float(lg[tok]) - log_normalizer(lg)
                 reason, text = None, ""
                 if bs.is_eog(tok):
                     reason = "stop"

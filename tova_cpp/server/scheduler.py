@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..batch import sample_logits
-from ..generate import Sampler, _stop_hold
+from ..generate import Sampler, _stop_hold, log_normalizer
 
 
 class QueueFull(Exception):
@@ -436,7 +436,7 @@ class Scheduler:
         tok = sample_logits(r.sampler, logits)
         event = {"token": tok, "text": ""}
         if r.logprobs is not None:
-            lse = float(np.logaddexp.reduce(logits.astype(np.float64)))
+            lse = log_normalizer(logits)
             event["logprob"] = float(logits[tok]) - lse
             if r.logprobs:
                 k = min(r.logprobs, logits.size)
