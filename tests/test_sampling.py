@@ -175,7 +175,10 @@ def byte_model(tmp_path_factory):
 @pytest.mark.parametrize(
     "kw",
     [CHAINS[k] for k in ("greedy", "greedy + repeat penalty", "default chain", "full chain + penalties")]
-    + [dict(temperature=0.0, grammar='root ::= "ab" [a-f]+'), dict(temperature=0.7, grammar="root ::= [0-9]+")],
+    + [
+        dict(temperature=0.0, grammar='root ::= "ab" [a-f]+'),
+        dict(temperature=0.7, grammar="root ::= [0-9]+"),
+    ],
     ids=["greedy", "greedy+penalty", "default", "full+penalties", "greedy+grammar", "sampled+grammar"],
 )
 def test_tokens_equal_llama_sampler_sample_on_a_context(byte_model, kw):
