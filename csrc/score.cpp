@@ -344,15 +344,20 @@ bool scorer::finish_graph(ggml_cgraph * gf, std::string & err) {
 }
 
 bool scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scores, int32_t n_cells, uint8_t * scored,
-                     std::string & err) {
+                     timing & tm, std::string & err) {
     const int32_t n_layer = (int32_t) layers_.size();
     if (n_kv_ == 0 || n_kv_ * n_stream_ > n_cells || !buf_) {
         err = "no FLASH_ATTN_EXT node was captured (or n_kv exceeds the context)";
         return false;
     }
     if (!graph_ || graph_n_kv_ != n_kv_ || !(graph_layers_ == layers_) || graph_n_rows_ != (int64_t) rows_.size() ||
-        graph_span_ != span_ || graph_n_stream_ != n_stream_)
+        graph_span_ != span_ || graph_n_stream_ != n_stream_) {
+        const double t0 = now_s();
         if (!build_graph(cache_k, err)) return false;
+        tm.builds++;
+        tm.build_s += now_s() - t0;
+    }
+    const double t_compute = now_s();
     if (rows_.size() > 1) {
         std::vector<int32_t> rel(rows_.size());
         for (size_t i = 0; i < rows_.size(); i++) rel[i] = rows_[i] - rows_.front();
@@ -362,6 +367,8 @@ bool scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scores,
         err = "the flash-attention scoring graph failed on the cache's backend";
         return false;
     }
+    const double t_read = now_s();
+    tm.compute_s += t_read - t_compute;
     const int64_t per_layer = n_kv_ * n_stream_;
     host_.resize((size_t) per_layer * n_layer);
     ggml_backend_tensor_get(out_, host_.data(), 0, host_.size() * sizeof(float));
@@ -382,6 +389,7 @@ bool scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scores,
         }
         scored[l] = 1;
     }
+    tm.read_s += now_s() - t_read;
     return true;
 }
 
