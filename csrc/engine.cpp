@@ -297,7 +297,9 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const ubatch_
     const int32_t rc = llama_decode(ctx, b);
     // a GPU may still run the graph: wait here (the logits read or the cut would) so decode_s holds its cost
     if (rc == 0) llama_synchronize(ctx);
-    e->stats[TOVA_STAT_DECODE_S] += tova::now_s() - t_dec;
+    const double dt = tova::now_s() - t_dec;
+    e->stats[TOVA_STAT_DECODE_S] += dt;
+    if (a.scores) e->stats[TOVA_STAT_SCORED_DECODE_S] += dt;
     e->stats[TOVA_STAT_DECODES] += 1;
     a.n_tokens = 0;
     if (rc != 0) return fail(e, TOVA_ERR_BACKEND, "llama_decode failed with code " + std::to_string(rc));

@@ -80,6 +80,7 @@ _STATS = (
     "move_s",
     "logits_s",
     "step_s",
+    "scored_decode_s",
 )
 # BatchSession.step's own split: building the C arguments, the C call, the result mapping
 _STEP_STATS = ("steps", "args_s", "call_s", "result_s")
@@ -369,16 +370,28 @@ class BatchSession:
             raise ValueError("step takes a non-empty mapping {sequence id: tokens}")
         if not isinstance(logits, bool):
             raise ValueError(f"logits must be True or False, got {logits!r}")
-        seqs, counts, parts = [], [], []
+        seqs, counts, flat = [], [], []
+        n_vocab = self.n_vocab
         for seq, tokens in batch.items():
             seq = self._require_seq(seq)
-            toks = _token_ids(tokens, self.n_vocab)
-            if toks.size == 0:
-                raise ValueError(f"sequence {seq}: at least one token per sequence")
+            # a decode step's [token]: checked here, not through numpy (a step of 128 sequences pays it 128 times)
+            if (
+                type(tokens) is list
+                and len(tokens) == 1
+                and type(tokens[0]) is int
+                and 0 <= tokens[0] < n_vocab
+            ):
+                flat.append(tokens[0])
+                n = 1
+            else:
+                toks = _token_ids(tokens, n_vocab)
+                if toks.size == 0:
+                    raise ValueError(f"sequence {seq}: at least one token per sequence")
+                flat.extend(toks.tolist())
+                n = toks.size
             seqs.append(seq)
-            counts.append(toks.size)
-            parts.append(toks)
-        ids = np.ascontiguousarray(np.concatenate(parts), dtype=np.int32)
+            counts.append(n)
+        ids = np.array(flat, dtype=np.int32)
         seq_arr = np.asarray(seqs, dtype=np.int32)
         cnt_arr = np.asarray(counts, dtype=np.int32)
         out = np.empty((len(seqs), self.n_vocab), dtype=np.float32) if logits else None

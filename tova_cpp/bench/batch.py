@@ -79,6 +79,8 @@ COLUMNS = [
     "score_per_scored_ms",
     "choose_ms",
     "move_ms",
+    "decode_unscored_ms",
+    "decode_scored_ms",
 ]
 
 
@@ -125,6 +127,10 @@ class BatchResult:
     score_per_scored_ms: float  # score_ms of one scored step (score_s / scored decodes)
     choose_ms: float  # per timed step: parts of cut_ms
     move_ms: float
+    decode_unscored_ms: (
+        float  # one llama_decode that scores nothing (no callback sync; vs llama-batched-bench)
+    )
+    decode_scored_ms: float  # one llama_decode that scores (its per-layer callback syncs included)
 
 
 def measure(
@@ -193,10 +199,12 @@ def measure(
         for rep in range(reps + 1):
             if rep == 1:
                 bs.engine_stats(reset=True)
-            toks = rng.integers(0, bs.n_vocab, (n_gen, n))
+            toks = rng.integers(0, bs.n_vocab, (n_gen, n)).tolist()
+            # the steps' mappings, built before the clock starts
+            batches = [{s: [row[j]] for j, s in enumerate(seqs)} for row in toks]
             t0 = time.perf_counter()
-            for i in range(n_gen):
-                bs.step({s: [int(toks[i, j])] for j, s in enumerate(seqs)}, logits=logits)
+            for batch in batches:
+                bs.step(batch, logits=logits)
             if rep:  # block 0 is the warm-up
                 wall += time.perf_counter() - t0
                 tg.append(n * n_gen / (time.perf_counter() - t0))
@@ -229,6 +237,10 @@ def measure(
         "score_per_scored_ms": 1e3 * stats["score_s"] / max(1.0, stats["scored_decodes"]),
         "choose_ms": per["choose_s"],
         "move_ms": per["move_s"],
+        "decode_unscored_ms": 1e3
+        * (stats["decode_s"] - stats["scored_decode_s"])
+        / max(1.0, stats["decodes"] - stats["scored_decodes"]),
+        "decode_scored_ms": 1e3 * stats["scored_decode_s"] / max(1.0, stats["scored_decodes"]),
         "tg": tg,
         "n_seqs": n,
         "cells_per_seq": per_seq,
@@ -393,6 +405,8 @@ def run(args: argparse.Namespace) -> int:
                             "score_per_scored_ms",
                             "choose_ms",
                             "move_ms",
+                            "decode_unscored_ms",
+                            "decode_scored_ms",
                         )
                     ),
                 )
@@ -409,7 +423,8 @@ def run(args: argparse.Namespace) -> int:
                     f"{r.logits_ms:.2f}), python {r.python_ms:.2f}; score build {r.score_build_ms:.2f} "
                     f"({r.score_builds} builds), compute {r.score_compute_ms:.2f}, read {r.score_read_ms:.2f} "
                     f"({r.score_per_scored_ms:.2f} per scored step); cut choose {r.choose_ms:.2f}, move "
-                    f"{r.move_ms:.2f}",
+                    f"{r.move_ms:.2f}; one decode: {r.decode_unscored_ms:.2f} unscored, {r.decode_scored_ms:.2f} "
+                    "scored",
                     file=sys.stderr,
                     flush=True,
                 )
