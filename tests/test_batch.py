@@ -495,3 +495,31 @@ def test_engine_failure_empties_every_sequence(tiny):
             assert bs.n_past(seq) == 0 and bs.n_occupied(seq) == 0 and bs.pos_window(seq) == (-1, -1)
         bs.step({a: [3, 4], b: [5]})
         assert (bs.n_past(a), bs.n_past(b)) == (2, 1)
+
+
+def test_bench_batch_logits_flag_and_split(tiny, tmp_path, capsys):
+    """`tova bench batch` decodes without copying the logits unless --logits 1, says which in its table and CSV,
+    and writes the per-step split (engine, decode, python; score and cut parts) of what it measured."""
+    import csv
+
+    from tova_cpp.bench import main
+
+    path, _ = tiny
+    argv = ["batch", "-m", str(path), "--context", "128", "--full-seqs", "4", "--policies", "tova"]
+    argv += ["--budgets", "16", "--chunk", "8", "--seqs", "2", "-n", "8", "-r", "1", "--evict-interval", "4"]
+    argv += ["-t", "1", "--in-process", "--no-plot", "-fa", "1"]
+    rows = {}
+    for flag in ("0", "1"):
+        out = tmp_path / flag
+        assert main([*argv, "--logits", flag, "-o", str(out)]) == 0
+        with open(out / "batch.csv", newline="") as f:
+            (rows[flag],) = list(csv.DictReader(f))
+    table = capsys.readouterr().out
+    assert "| not read |" in table and "| copied |" in table
+    assert (rows["0"]["logits"], rows["1"]["logits"]) == ("False", "True")
+    for r in rows.values():
+        ms = {k: float(v) for k, v in r.items() if k.endswith("_ms")}
+        assert ms["engine_ms"] >= ms["decode_ms"] > 0 and ms["decode_unscored_ms"] > 0
+        assert ms["score_ms"] > 0 and ms["score_per_scored_ms"] >= ms["score_ms"]  # a cut every 4 steps
+        assert ms["cut_ms"] >= ms["choose_ms"] >= 0
+        assert abs(ms["score_ms"] - ms["score_build_ms"] - ms["score_compute_ms"] - ms["score_read_ms"]) < 0.5
