@@ -293,7 +293,14 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const ubatch_
     if (a.scores) std::fill(e->scored.begin(), e->scored.end(), 0);
     if (a.scores && !e->v_trans) e->fa.begin(e->n_layer, a.rows);
     a.n_tokens = n;
+    const double t_dec = tova::now_s();
     const int32_t rc = llama_decode(ctx, b);
+    // a GPU may still run the graph: wait here (the logits read or the cut would) so decode_s holds its cost
+    if (rc == 0) llama_synchronize(ctx);
+    const double dt = tova::now_s() - t_dec;
+    e->stats[TOVA_STAT_DECODE_S] += dt;
+    if (a.scores) e->stats[TOVA_STAT_SCORED_DECODE_S] += dt;
+    e->stats[TOVA_STAT_DECODES] += 1;
     a.n_tokens = 0;
     if (rc != 0) return fail(e, TOVA_ERR_BACKEND, "llama_decode failed with code " + std::to_string(rc));
     if (!a.error.empty()) return fail(e, TOVA_ERR_CAPTURE, a.error);
@@ -334,9 +341,14 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const ubatch_
 
     if (a.scores && !e->v_trans) {
         const double t0 = tova::now_s();
-        if (!e->fa.compute(e->cache_k, e->scores.data(), e->st.n_cells(), e->scored.data(), err))
+        tova::scorer::timing tm;
+        if (!e->fa.compute(e->cache_k, e->scores.data(), e->st.n_cells(), e->scored.data(), tm, err))
             return fail(e, TOVA_ERR_CAPTURE, err);
         e->stats[TOVA_STAT_SCORE_S] += tova::now_s() - t0;
+        e->stats[TOVA_STAT_SCORE_BUILDS] += tm.builds;
+        e->stats[TOVA_STAT_SCORE_BUILD_S] += tm.build_s;
+        e->stats[TOVA_STAT_SCORE_COMPUTE_S] += tm.compute_s;
+        e->stats[TOVA_STAT_SCORE_READ_S] += tm.read_s;
     }
     if (a.scores) {
         e->stats[TOVA_STAT_SCORED_DECODES] += 1;
@@ -367,6 +379,7 @@ static int32_t cut(tova_engine * e, llama_context * ctx, const std::vector<int32
     };
     std::vector<freed_range> frees;
     std::vector<std::pair<int32_t, int32_t>> first_moves;
+    const double t_choose = tova::now_s();
     for (int32_t s : seqs) {
         const tova_seq & q = e->seqs[s];
         const int32_t k = st.n_occupied(s) - q.budget;
@@ -418,15 +431,18 @@ static int32_t cut(tova_engine * e, llama_context * ctx, const std::vector<int32
         }
         frees.push_back(std::move(fr));
     }
+    e->stats[TOVA_STAT_CHOOSE_S] += tova::now_s() - t_choose;
     if (frees.empty()) return TOVA_OK;
     bool any_move = false;
     for (const auto & p : plan) any_move = any_move || !p.moves.empty();
     if (any_move) {
         // llama_decode returns before a GPU finishes the graph (the last layers may still read the cache), and
         // the mover's backend has its own stream: wait
+        const double t_move = tova::now_s();
         llama_synchronize(ctx);
         std::string err;
         if (!e->mover.apply(plan, e->v_trans, e->force_graph, e->devs, err)) return fail(e, TOVA_ERR_BACKEND, err);
+        e->stats[TOVA_STAT_MOVE_S] += tova::now_s() - t_move;
         for (int32_t l = 0; l < e->n_layer; l++)
             for (const auto & m : plan[l].moves) st.move(l, m.first, m.second);  // bookkeeping travels with rows
     }
@@ -497,6 +513,7 @@ extern "C" int32_t tova_engine_decode(tova_engine * e, llama_context * ctx, cons
         }
         return rc;
     };
+    const double t_step = tova::now_s();
     int32_t rc = check_decode_args(e, ctx, tokens, n, pos0);
     if (rc != TOVA_OK) return rc;
     rc = guarded(e, [&]() -> int32_t {
@@ -523,9 +540,11 @@ extern "C" int32_t tova_engine_decode(tova_engine * e, llama_context * ctx, cons
                 int32_t r = decode_ubatch(e, ctx, u, last && cuts);
                 if (r != TOVA_OK) return r == TOVA_ERR_ARG ? TOVA_ERR_STATE : r;
                 if (logits) {
+                    const double t_lg = tova::now_s();
                     const float * lg = llama_get_logits(ctx);
                     if (!lg) return fail(e, TOVA_ERR_BACKEND, "llama_get_logits returned NULL");
                     memcpy(logits + (size_t) (done + s) * n_vocab, lg, (size_t) m * n_vocab * sizeof(float));
+                    e->stats[TOVA_STAT_LOGITS_S] += tova::now_s() - t_lg;
                 }
                 if (last && (r = cut(e, ctx, seq0)) != TOVA_OK) return r == TOVA_ERR_ARG ? TOVA_ERR_STATE : r;
                 if (n_done) *n_done = done + s + m;
@@ -536,6 +555,7 @@ extern "C" int32_t tova_engine_decode(tova_engine * e, llama_context * ctx, cons
         }
         return TOVA_OK;
     });
+    e->stats[TOVA_STAT_STEP_S] += tova::now_s() - t_step;
     return failed(rc);
 }
 
@@ -679,6 +699,7 @@ extern "C" int32_t tova_engine_decode_batch(tova_engine * e, struct llama_contex
                                             const int32_t * n_tokens, int32_t n_seqs, const int32_t * tokens,
                                             float * logits) {
     if (!e) return TOVA_ERR_ARG;
+    const double t_step = tova::now_s();
     if (!ctx || !seq_ids || !n_tokens || !tokens) return fail(e, TOVA_ERR_ARG, "ctx and arrays must not be NULL");
     if (!e->multi) return fail(e, TOVA_ERR_ARG, "the engine holds one sequence: use tova_engine_decode");
     if (n_seqs < 1 || n_seqs > (int32_t) e->seqs.size())
@@ -790,19 +811,23 @@ extern "C" int32_t tova_engine_decode_batch(tova_engine * e, struct llama_contex
             started = true;
             int32_t r = decode_ubatch(e, ctx, u, capture);
             if (r != TOVA_OK) return r == TOVA_ERR_ARG ? TOVA_ERR_STATE : r;
+            const double t_lg = tova::now_s();
             for (size_t i = 0; i < cur.size(); i++) {
                 if (out_of[i] < 0) continue;
+                remaining--;
+                if (!logits) continue;  // llama.cpp computed them; nobody reads them
                 const float * lg = llama_get_logits_ith(ctx, out_of[i]);
                 if (!lg) return fail(e, TOVA_ERR_BACKEND, "llama_get_logits_ith returned NULL");
-                if (logits) memcpy(logits + (size_t) cur[i].out * n_vocab, lg, (size_t) n_vocab * sizeof(float));
-                remaining--;
+                memcpy(logits + (size_t) cur[i].out * n_vocab, lg, (size_t) n_vocab * sizeof(float));
             }
+            e->stats[TOVA_STAT_LOGITS_S] += tova::now_s() - t_lg;
             for (int32_t j = 0; j < u.size(); j++) e->seqs[u.seq[j]].n_past = u.pos[j] + 1;
             if (!ended.empty() && (r = cut(e, ctx, ended)) != TOVA_OK) return r == TOVA_ERR_ARG ? TOVA_ERR_STATE : r;
         }
         return TOVA_OK;
     });
     if (started && rc < 0 && rc != TOVA_ERR_ARG) clear_all_seqs(e, ctx);
+    e->stats[TOVA_STAT_STEP_S] += tova::now_s() - t_step;
     return rc;
 }
 
@@ -817,8 +842,8 @@ extern "C" int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * o
 extern "C" int32_t tova_engine_n_observed(const tova_engine * e) { return e ? e->armed.n_observed : TOVA_ERR_ARG; }
 
 extern "C" int32_t tova_engine_stats(tova_engine * e, double * out, size_t n, bool reset) {
-    if (!e || !out || n != TOVA_STAT_COUNT) return TOVA_ERR_ARG;
-    memcpy(out, e->stats, sizeof(e->stats));
+    if (!e || !out || n < 1 || n > TOVA_STAT_COUNT) return TOVA_ERR_ARG;
+    memcpy(out, e->stats, n * sizeof(double));
     if (reset) memset(e->stats, 0, sizeof(e->stats));
     return TOVA_OK;
 }

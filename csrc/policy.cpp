@@ -8,15 +8,28 @@ namespace tova {
 
 std::vector<int32_t> policy_lowest(const std::vector<int32_t> & occupied, const double * score, const int32_t * pos,
                                    int32_t k) {
-    std::vector<int32_t> cells = occupied;
     if (k <= 0) return {};
-    if (k > (int32_t) cells.size()) k = (int32_t) cells.size();
-    std::partial_sort(cells.begin(), cells.begin() + k, cells.end(), [&](int32_t a, int32_t b) {
+    if (k > (int32_t) occupied.size()) k = (int32_t) occupied.size();
+    auto lower = [&](int32_t a, int32_t b) {
         if (score[a] != score[b]) return score[a] < score[b];
         return pos[a] < pos[b];
-    });
-    cells.resize(k);
-    return cells;
+    };
+    if (k > 32) {
+        std::vector<int32_t> cells = occupied;
+        std::partial_sort(cells.begin(), cells.begin() + k, cells.end(), lower);
+        cells.resize(k);
+        return cells;
+    }
+    // a decode's cut evicts a few of many cells (sequences x layers of them per step): one pass keeping the k
+    // lowest in order, most cells rejected by one comparison with the k-th
+    std::vector<int32_t> low;
+    low.reserve(k + 1);
+    for (int32_t c : occupied) {
+        if ((int32_t) low.size() == k && !lower(c, low.back())) continue;
+        low.insert(std::upper_bound(low.begin(), low.end(), c, lower), c);
+        if ((int32_t) low.size() > k) low.pop_back();
+    }
+    return low;
 }
 
 // the k candidates with the smallest original position
@@ -45,6 +58,7 @@ std::vector<int32_t> policy_choose(const policy_params & p, const std::vector<in
     if (k <= 0 || p.policy == TOVA_POLICY_FULL) return {};
     const int32_t protect_below = p.policy == TOVA_POLICY_SINK ? std::max(p.keep, p.n_sink) : p.keep;
     std::vector<int32_t> cand;
+    cand.reserve(occupied.size());
     for (int32_t c : occupied)
         if (pos[c] >= protect_below) cand.push_back(c);
     const int32_t n_protected = (int32_t) (occupied.size() - cand.size());

@@ -24,6 +24,7 @@ struct ggml_gallocr;
 namespace tova {
 
 class backends;
+double now_s();  // steady clock, seconds (engine.cpp)
 
 class scorer {
 public:
@@ -37,10 +38,15 @@ public:
                  backends & devs, std::string & err);
     bool capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_t n_tokens,
                  const std::vector<int32_t> & rows, int32_t n_cells, backends & devs, std::string & err);
+    // Where compute() spent its time (tova_engine_stats' score_* counters).
+    struct timing {
+        int32_t builds = 0;
+        double build_s = 0, compute_s = 0, read_s = 0;
+    };
     // After llama_decode: scores[l * n_cells + c] for every captured layer (cells >= n_kv get 0), scored[l] set.
-    // cache_k: [n_layer] cache tensors.
+    // cache_k: [n_layer] cache tensors. Adds its costs to tm.
     bool compute(const std::vector<ggml_tensor *> & cache_k, float * scores, int32_t n_cells, uint8_t * scored,
-                 std::string & err);
+                 timing & tm, std::string & err);
 
 private:
     struct layer_view {

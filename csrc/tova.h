@@ -150,14 +150,27 @@ int32_t tova_engine_cell_positions(const tova_engine * e, int32_t * out, size_t 
 // (tova and h2o: one per layer on a scored decode; window, sink and full: none).
 int32_t tova_engine_n_observed(const tova_engine * e);
 const char * tova_engine_last_error(const tova_engine * e);
-// Cumulative costs since creation (or the last reset), for profiling: out[TOVA_STAT_COUNT].
+// Cumulative costs since creation (or the last reset), for profiling: out[n], the first n <= TOVA_STAT_COUNT
+// counters. The finer ones split the coarse ones: decode_s contains capture_s; score_s = score_build_s +
+// score_compute_s + score_read_s; cut_s = choose_s + move_s + the metadata removal.
 enum tova_stat {
-    TOVA_STAT_SCORED_DECODES = 0,  // decodes that captured scores
-    TOVA_STAT_CAPTURE_S = 1,       // seconds in the eval callback's data phase (reading scores / the query)
-    TOVA_STAT_SCORE_S = 2,         // seconds in the flash-attention scoring graph (compute, read-back)
-    TOVA_STAT_CUTS = 3,            // cuts that evicted
-    TOVA_STAT_CUT_S = 4,           // seconds choosing, moving rows and removing metadata (mover + seq_rm)
-    TOVA_STAT_COUNT = 5,
+    TOVA_STAT_SCORED_DECODES = 0,    // decodes that captured scores
+    TOVA_STAT_CAPTURE_S = 1,         // seconds in the eval callback's data phase (reading scores / the query)
+    TOVA_STAT_SCORE_S = 2,           // seconds in the flash-attention scoring graph (compute, read-back)
+    TOVA_STAT_CUTS = 3,              // cuts that evicted
+    TOVA_STAT_CUT_S = 4,             // seconds choosing, moving rows and removing metadata (mover + seq_rm)
+    TOVA_STAT_DECODES = 5,           // llama_decode calls (ubatches)
+    TOVA_STAT_DECODE_S = 6,          // seconds in llama_decode and the wait for its graph (includes capture_s)
+    TOVA_STAT_SCORE_BUILDS = 7,      // scoring graphs built (a new one whenever n_kv, the rows or the K views change)
+    TOVA_STAT_SCORE_BUILD_S = 8,     // seconds building and allocating scoring graphs
+    TOVA_STAT_SCORE_COMPUTE_S = 9,   // seconds computing the scoring graph (on its device, synchronous)
+    TOVA_STAT_SCORE_READ_S = 10,     // seconds reading the head means back and spreading them over the cells
+    TOVA_STAT_CHOOSE_S = 11,         // seconds choosing the evicted cells and the moves (host, per sequence and layer)
+    TOVA_STAT_MOVE_S = 12,           // seconds in the mover (synchronize, then the row copies)
+    TOVA_STAT_LOGITS_S = 13,         // seconds reading llama.cpp's logits (and copying them when asked)
+    TOVA_STAT_STEP_S = 14,           // seconds inside tova_engine_decode / tova_engine_decode_batch
+    TOVA_STAT_SCORED_DECODE_S = 15,  // the part of decode_s spent in scored decodes (their per-layer syncs included)
+    TOVA_STAT_COUNT = 16,
 };
 int32_t tova_engine_stats(tova_engine * e, double * out, size_t n, bool reset);
 // Name of the buffer holding the K cache (e.g. "CPU", "CUDA0"); "" before the first decode.

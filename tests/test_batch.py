@@ -52,8 +52,9 @@ def tiny(tmp_path_factory):
     return path, write_tiny_llama(path)
 
 
-def run_batch(path, policy, flash_attn, n_vocab, n_ctx=None, plan=PLAN, **kw):
-    """Runs PLAN in one BatchSession; returns per name: the token stream, and per step (kept, logits)."""
+def run_batch(path, policy, flash_attn, n_vocab, n_ctx=None, plan=PLAN, logits_at=None, **kw):
+    """Runs PLAN in one BatchSession; returns per name: the token stream, and per step (kept, logits).
+    logits_at(step) False: that step runs with logits=False (its logits entry is None)."""
     kw = {"type_k": "f32", "type_v": "f32", "n_threads": 2, **kw}
     rng = np.random.default_rng(7)
     streams = {name: rng.integers(0, n_vocab, size=n + STEPS).tolist() for name, n, *_ in plan}
@@ -82,7 +83,14 @@ def run_batch(path, policy, flash_attn, n_vocab, n_ctx=None, plan=PLAN, **kw):
                 elif name in ids:
                     batch[ids[name]] = [streams[name][fed[name]]]
                     fed[name] += 1
-            out = bs.step(batch)
+            want = logits_at is None or logits_at(t)
+            out = bs.step(batch, logits=want)
+            if not want:
+                assert out == {}
+                for seq in batch:
+                    with pytest.raises(RuntimeError, match="logits=False"):
+                        bs.logits(seq)
+                out = dict.fromkeys(batch)
             if not bs.kv_unified:
                 assert_in_own_stream(bs)
             for name, seq in ids.items():
@@ -195,6 +203,66 @@ def test_each_sequence_matches_itself_alone_and_the_oracle(tiny, policy, flash_a
             assert np.allclose(logits, r_logits, rtol=RTOL_REF[flash_attn], atol=tol), f"{name} step {step}"
     mode = "unified" if kv_unified else "streams"
     print(f"\n{policy} fa={flash_attn} {mode}: worst |batch - alone| / max|logit| = {worst:.2e}")
+
+
+@pytest.mark.parametrize("kv_unified", [True, False], ids=["unified", "streams"])
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_step_without_logits_changes_nothing_else(tiny, flash_attn, kv_unified):
+    """logits=False only skips the copy: every step's kept sets, and the logits of the steps that ask for them,
+    are bit-identical to a run that copies the logits at every step."""
+    path, model = tiny
+    kw = {"kv_unified": kv_unified}
+    _, every = run_batch(path, "tova", flash_attn, model.n_vocab, **kw)
+    _, some = run_batch(path, "tova", flash_attn, model.n_vocab, logits_at=lambda t: t % 3 == 2, **kw)
+    for name, steps in every.items():
+        assert len(steps) == len(some[name])
+        for t, ((kept, logits), (kept2, logits2)) in enumerate(zip(steps, some[name], strict=True)):
+            np.testing.assert_array_equal(kept, kept2, err_msg=f"{name} step {t}")
+            if logits2 is not None:
+                np.testing.assert_array_equal(logits, logits2, err_msg=f"{name} step {t}")
+
+
+def test_decode_batch_accepts_null_logits_and_stats_sizes(tiny):
+    """The C API: tova_engine_decode_batch with logits NULL decodes (the next step's logits equal a run that
+    copied them); tova_engine_stats takes 1..TOVA_STAT_COUNT counters; bad step arguments stay typed errors."""
+    path, _ = tiny
+    from tova_cpp._ffi import ffi, lib
+
+    kw = dict(n_seq_max=2, budget=8, chunk=4, type_k="f32", type_v="f32", n_threads=2)
+    with BatchSession(path, **kw) as bs, BatchSession(path, **kw) as ref:
+        a, b = bs.add(), bs.add()
+        ra, rb = ref.add(), ref.add()
+        seqs, counts = ffi.new("int32_t[]", [a, b]), ffi.new("int32_t[]", [3, 2])
+        toks = ffi.new("int32_t[]", [3, 4, 5, 6, 7])
+        ctx = ffi.cast("void *", bs._ctx)
+        assert lib.tova_engine_decode_batch(bs._engine, ctx, seqs, counts, 2, toks, ffi.NULL) == 0
+        ref.step({ra: [3, 4, 5], rb: [6, 7]})
+        assert (bs.n_past(a), bs.n_past(b)) == (3, 2)
+        bs.engine_stats(reset=True)  # the direct C call above counts in the engine's step_s, not in call_s
+        for t in range(12):  # past the budget: cuts with and without the copy
+            got = bs.step({a: [8 + t], b: [9 + t]}, logits=t % 2 == 1)
+            want = ref.step({ra: [8 + t], rb: [9 + t]})
+            np.testing.assert_array_equal(bs.kept_positions(a), ref.kept_positions(ra))
+            if t % 2:
+                np.testing.assert_array_equal(got[a], want[ra])
+                np.testing.assert_array_equal(bs.logits(b), want[rb])
+            else:
+                assert got == {}
+        stats = bs.engine_stats()
+        assert stats["steps"] == 12 and stats["decodes"] >= 12 and stats["cuts"] >= 1
+        assert stats["step_s"] >= stats["decode_s"] > 0 and stats["call_s"] >= stats["step_s"]
+        assert stats["cut_s"] >= stats["choose_s"] >= 0
+        out = ffi.new("double[]", lib.TOVA_STAT_COUNT + 1)
+        assert lib.tova_engine_stats(bs._engine, out, 5, False) == 0  # Session reads the first five
+        assert lib.tova_engine_stats(bs._engine, out, 0, False) == lib.TOVA_ERR_ARG
+        assert lib.tova_engine_stats(bs._engine, out, lib.TOVA_STAT_COUNT + 1, False) == lib.TOVA_ERR_ARG
+        bs.engine_stats(reset=True)
+        assert bs.engine_stats()["steps"] == 0 and bs.engine_stats()["step_s"] == 0
+        n_past = bs.n_past(a)
+        for bad in ("yes", 1, None):
+            with pytest.raises(ValueError, match="logits must be True or False"):
+                bs.step({a: [3]}, logits=bad)
+        assert bs.n_past(a) == n_past
 
 
 @pytest.mark.parametrize("n_ubatch", [64, 8], ids=["whole-pieces", "split-pieces"])
@@ -427,3 +495,31 @@ def test_engine_failure_empties_every_sequence(tiny):
             assert bs.n_past(seq) == 0 and bs.n_occupied(seq) == 0 and bs.pos_window(seq) == (-1, -1)
         bs.step({a: [3, 4], b: [5]})
         assert (bs.n_past(a), bs.n_past(b)) == (2, 1)
+
+
+def test_bench_batch_logits_flag_and_split(tiny, tmp_path, capsys):
+    """`tova bench batch` decodes without copying the logits unless --logits 1, says which in its table and CSV,
+    and writes the per-step split (engine, decode, python; score and cut parts) of what it measured."""
+    import csv
+
+    from tova_cpp.bench import main
+
+    path, _ = tiny
+    argv = ["batch", "-m", str(path), "--context", "128", "--full-seqs", "4", "--policies", "tova"]
+    argv += ["--budgets", "16", "--chunk", "8", "--seqs", "2", "-n", "8", "-r", "1", "--evict-interval", "4"]
+    argv += ["-t", "1", "--in-process", "--no-plot", "-fa", "1"]
+    rows = {}
+    for flag in ("0", "1"):
+        out = tmp_path / flag
+        assert main([*argv, "--logits", flag, "-o", str(out)]) == 0
+        with open(out / "batch.csv", newline="") as f:
+            (rows[flag],) = list(csv.DictReader(f))
+    table = capsys.readouterr().out
+    assert "| not read |" in table and "| copied |" in table
+    assert (rows["0"]["logits"], rows["1"]["logits"]) == ("False", "True")
+    for r in rows.values():
+        ms = {k: float(v) for k, v in r.items() if k.endswith("_ms")}
+        assert ms["engine_ms"] >= ms["decode_ms"] > 0 and ms["decode_unscored_ms"] > 0
+        assert ms["score_ms"] > 0 and ms["score_per_scored_ms"] >= ms["score_ms"]  # a cut every 4 steps
+        assert ms["cut_ms"] >= ms["choose_ms"] >= 0
+        assert abs(ms["score_ms"] - ms["score_build_ms"] - ms["score_compute_ms"] - ms["score_read_ms"]) < 0.5

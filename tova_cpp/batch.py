@@ -63,7 +63,27 @@ from .session import (
     swa_layers,
 )
 
-_STATS = ("scored_decodes", "capture_s", "score_s", "cuts", "cut_s")
+# tova_engine_stats' counters, in tova.h's order (TOVA_STAT_*)
+_STATS = (
+    "scored_decodes",
+    "capture_s",
+    "score_s",
+    "cuts",
+    "cut_s",
+    "decodes",
+    "decode_s",
+    "score_builds",
+    "score_build_s",
+    "score_compute_s",
+    "score_read_s",
+    "choose_s",
+    "move_s",
+    "logits_s",
+    "step_s",
+    "scored_decode_s",
+)
+# BatchSession.step's own split: building the C arguments, the C call, the result mapping
+_STEP_STATS = ("steps", "args_s", "call_s", "result_s")
 
 
 def _int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -222,7 +242,9 @@ class BatchSession:
         lib.tova_engine_set_threads(engine, n_threads)
         self.n_ubatch = n_ubatch
         self._seqs: dict[int, dict] = {}  # active id -> its settings
-        self._last: dict[int, np.ndarray] = {}  # id -> logits of its last evaluated token
+        # id -> logits of its last evaluated token (None: that step ran with logits=False)
+        self._last: dict[int, np.ndarray | None] = {}
+        self._step_stats = dict.fromkeys(_STEP_STATS, 0.0)
 
     def memory_of(self, budget: int, evict_interval: int) -> int:
         """Cells a sequence reserves: budget + max(chunk, evict_interval)."""
@@ -335,26 +357,45 @@ class BatchSession:
 
     # -- evaluation ---------------------------------------------------------------------------------------
     @_exclusive
-    def step(self, batch: Mapping[int, Sequence[int]]) -> dict[int, np.ndarray]:
+    def step(self, batch: Mapping[int, Sequence[int]], logits: bool = True) -> dict[int, np.ndarray]:
         """One batched step: each sequence of `batch` evaluates its tokens (1 or more: its next token, or a
         prompt), all together in shared llama_decode calls. Returns each sequence's last-token logits
-        (float32 [n_vocab]). Bad input (unknown id, empty token list, bad token ids): ValueError subclasses,
-        nothing changed. An engine failure after decoding began empties every sequence (EngineError says so)."""
+        (float32 [n_vocab]). logits=False skips copying them (n_seqs x n_vocab floats per step; a benchmark's
+        or a caller's that samples elsewhere): the result is empty and logits(seq) raises for these sequences
+        until their next step with logits=True; kept sets and later logits are the same either way. Bad input
+        (unknown id, empty token list, bad token ids): ValueError subclasses, nothing changed. An engine failure
+        after decoding began empties every sequence (EngineError says so)."""
+        t0 = time.perf_counter()
         if not isinstance(batch, Mapping) or not batch:
             raise ValueError("step takes a non-empty mapping {sequence id: tokens}")
-        seqs, counts, parts = [], [], []
+        if not isinstance(logits, bool):
+            raise ValueError(f"logits must be True or False, got {logits!r}")
+        seqs, counts, flat = [], [], []
+        n_vocab = self.n_vocab
         for seq, tokens in batch.items():
             seq = self._require_seq(seq)
-            toks = _token_ids(tokens, self.n_vocab)
-            if toks.size == 0:
-                raise ValueError(f"sequence {seq}: at least one token per sequence")
+            # a decode step's [token]: checked here, not through numpy (a step of 128 sequences pays it 128 times)
+            if (
+                type(tokens) is list
+                and len(tokens) == 1
+                and type(tokens[0]) is int
+                and 0 <= tokens[0] < n_vocab
+            ):
+                flat.append(tokens[0])
+                n = 1
+            else:
+                toks = _token_ids(tokens, n_vocab)
+                if toks.size == 0:
+                    raise ValueError(f"sequence {seq}: at least one token per sequence")
+                flat.extend(toks.tolist())
+                n = toks.size
             seqs.append(seq)
-            counts.append(toks.size)
-            parts.append(toks)
-        ids = np.ascontiguousarray(np.concatenate(parts), dtype=np.int32)
+            counts.append(n)
+        ids = np.array(flat, dtype=np.int32)
         seq_arr = np.asarray(seqs, dtype=np.int32)
         cnt_arr = np.asarray(counts, dtype=np.int32)
-        out = np.empty((len(seqs), self.n_vocab), dtype=np.float32)
+        out = np.empty((len(seqs), self.n_vocab), dtype=np.float32) if logits else None
+        t1 = time.perf_counter()
         rc = lib.tova_engine_decode_batch(
             self._engine,
             ffi.cast("void *", self._ctx),
@@ -362,8 +403,9 @@ class BatchSession:
             ffi.from_buffer("int32_t[]", cnt_arr),
             len(seqs),
             ffi.from_buffer("int32_t[]", ids),
-            ffi.from_buffer("float[]", out),
+            ffi.from_buffer("float[]", out) if logits else ffi.NULL,
         )
+        t2 = time.perf_counter()
         if rc == lib.TOVA_ERR_ARG:
             raise ValueError(self._error())
         if rc != 0:
@@ -371,8 +413,14 @@ class BatchSession:
             raise EngineError(f"tova engine error {rc}: {self._error()}; every sequence was emptied")
         result = {}
         for i, seq in enumerate(seqs):  # rows of this call's own array: nothing later writes them
-            self._last[seq] = result[seq] = out[i]
-        return result
+            self._last[seq] = result[seq] = out[i] if logits else None
+        t3 = time.perf_counter()
+        st = self._step_stats
+        st["steps"] += 1
+        st["args_s"] += t1 - t0
+        st["call_s"] += t2 - t1
+        st["result_s"] += t3 - t2
+        return result if logits else {}
 
     def eval(self, seq: int, tokens: Sequence[int]) -> np.ndarray:
         """Evaluate tokens (a prompt, or one token) of one sequence; returns its last token's logits."""
@@ -384,6 +432,11 @@ class BatchSession:
         seq = self._require_seq(seq)
         if seq not in self._last:
             raise RuntimeError(f"sequence {seq} has no evaluated token")
+        if self._last[seq] is None:
+            raise RuntimeError(
+                f"sequence {seq}: its last step ran with logits=False, which does not keep the logits; "
+                "step it with logits=True to read them"
+            )
         return self._last[seq].copy()
 
     @_exclusive
@@ -424,10 +477,18 @@ class BatchSession:
 
     @_exclusive
     def engine_stats(self, reset: bool = False) -> dict[str, float]:
-        """Cumulative engine costs (Session.engine_stats), over all sequences."""
-        out = ffi.new("double[5]")
-        self._call(lib.tova_engine_stats(self._engine, out, 5, reset))
-        return dict(zip(_STATS, list(out), strict=True))
+        """Cumulative engine costs (Session.engine_stats), over all sequences, with the finer split of
+        tova_engine_stats (tova.h, TOVA_STAT_*): decode_s (llama_decode and the wait for its graph; contains
+        capture_s), score_build_s / score_compute_s / score_read_s (parts of score_s), choose_s / move_s (parts
+        of cut_s), logits_s, step_s (the whole C call); and step's own Python split (steps, args_s, call_s,
+        result_s: building the arguments, the C call, the returned mapping). reset=True zeroes all of them."""
+        out = ffi.new(f"double[{len(_STATS)}]")
+        self._call(lib.tova_engine_stats(self._engine, out, len(_STATS), reset))
+        stats = dict(zip(_STATS, list(out), strict=True))
+        stats.update(self._step_stats)
+        if reset:
+            self._step_stats = dict.fromkeys(_STEP_STATS, 0.0)
+        return stats
 
     # -- park and resume one sequence (tova_cpp/state.py, docs/STATE.md) -------------------------------------
     def state_settings(self, seq: int) -> dict:

@@ -10,6 +10,12 @@ any depth, so its decode costs what it costs at the end of a `context`-token con
 together. `--seqs 1,8` measures those sequence counts instead of "as many as fit" (the CPU figure: 8 sequences
 vs 1 at one budget). Decode: one untimed warm-up block of --n-gen steps, then --reps timed blocks; each step is
 one BatchSession.step carrying one token of every sequence. Figures: mean ± std over the blocks.
+The decode steps run with logits=False by default, like llama-batched-bench (llama.cpp computes the last token's
+logits of every sequence, nobody copies them out); --logits 1 copies every sequence's row into the step's
+result as a sampling loop needs (n_seqs x n_vocab floats per step). The table says which ("logits" column).
+Per-step split (CSV/JSON, and one line per configuration on stderr): engine_ms (inside the C step), decode_ms
+(llama_decode and the wait for its graph), capture/score/cut (score: build/compute/read-back; cut:
+choose/move), logits_ms, python_ms (BatchSession.step outside the C call and the benchmark loop).
 GPU flags as `tova bench speed`: -ngl, -fa, -ctk/-ctv, --evict-interval, --synthetic 1b|8b.
 --kv-unified 1 keeps every sequence in one unified KV cache (attention over all sequences' cells, the others'
 masked); 0 gives each sequence its own stream (attention over its own cells only), which llama.cpp rounds up to
@@ -61,6 +67,20 @@ COLUMNS = [
     "score_ms",
     "cut_ms",
     "peak_rss_mib",
+    "logits",
+    "engine_ms",
+    "decode_ms",
+    "logits_ms",
+    "python_ms",
+    "score_builds",
+    "score_build_ms",
+    "score_compute_ms",
+    "score_read_ms",
+    "score_per_scored_ms",
+    "choose_ms",
+    "move_ms",
+    "decode_unscored_ms",
+    "decode_scored_ms",
 ]
 
 
@@ -95,6 +115,22 @@ class BatchResult:
     score_ms: float  # per timed step: the flash-attention scoring graph
     cut_ms: float  # per timed step: choosing, moving rows, removing metadata
     peak_rss_mib: float
+    logits: bool  # the decode steps copied every sequence's logits (--logits 1)
+    engine_ms: float  # per timed step: inside tova_engine_decode_batch
+    decode_ms: float  # per timed step: llama_decode and the wait for its graph (contains capture_ms)
+    logits_ms: float  # per timed step: reading (and with --logits 1 copying) the logits rows
+    python_ms: float  # per timed step: everything outside the C call (arguments, result, the loop)
+    score_builds: int  # scoring graphs built during the timed steps
+    score_build_ms: float  # per timed step: parts of score_ms
+    score_compute_ms: float
+    score_read_ms: float
+    score_per_scored_ms: float  # score_ms of one scored step (score_s / scored decodes)
+    choose_ms: float  # per timed step: parts of cut_ms
+    move_ms: float
+    decode_unscored_ms: (
+        float  # one llama_decode that scores nothing (no callback sync; vs llama-batched-bench)
+    )
+    decode_scored_ms: float  # one llama_decode that scores (its per-layer callback syncs included)
 
 
 def measure(
@@ -116,6 +152,7 @@ def measure(
     evict_interval: int,
     kv_unified: bool = True,
     verbose: bool = False,
+    logits: bool = False,
 ) -> dict:
     """One configuration in one BatchSession of kv_cells cells: prefill, warm-up, timed decode blocks."""
     from ..batch import BatchSession
@@ -158,15 +195,18 @@ def measure(
         t0 = time.perf_counter()
         bs.step({s: rng.integers(0, bs.n_vocab, prompt).tolist() for s in seqs})
         prefill_s = time.perf_counter() - t0
-        tg = []
+        tg, wall = [], 0.0
         for rep in range(reps + 1):
             if rep == 1:
                 bs.engine_stats(reset=True)
-            toks = rng.integers(0, bs.n_vocab, (n_gen, n))
+            toks = rng.integers(0, bs.n_vocab, (n_gen, n)).tolist()
+            # the steps' mappings, built before the clock starts
+            batches = [{s: [row[j]] for j, s in enumerate(seqs)} for row in toks]
             t0 = time.perf_counter()
-            for i in range(n_gen):
-                bs.step({s: [int(toks[i, j])] for j, s in enumerate(seqs)})
+            for batch in batches:
+                bs.step(batch, logits=logits)
             if rep:  # block 0 is the warm-up
+                wall += time.perf_counter() - t0
                 tg.append(n * n_gen / (time.perf_counter() - t0))
         try:
             row = bs.kv_row_bytes()
@@ -181,10 +221,26 @@ def measure(
         n_cells = bs.n_cells
         stats = bs.engine_stats()
     steps = n_gen * reps
+    per = {k: 1e3 * stats[k] / steps for k in stats if k.endswith("_s")}
     return {
-        "capture_ms": 1e3 * stats["capture_s"] / steps,
-        "score_ms": 1e3 * stats["score_s"] / steps,
-        "cut_ms": 1e3 * stats["cut_s"] / steps,
+        "capture_ms": per["capture_s"],
+        "score_ms": per["score_s"],
+        "cut_ms": per["cut_s"],
+        "engine_ms": per["step_s"],
+        "decode_ms": per["decode_s"],
+        "logits_ms": per["logits_s"],
+        "python_ms": 1e3 * wall / steps - per["step_s"],
+        "score_builds": int(stats["score_builds"]),
+        "score_build_ms": per["score_build_s"],
+        "score_compute_ms": per["score_compute_s"],
+        "score_read_ms": per["score_read_s"],
+        "score_per_scored_ms": 1e3 * stats["score_s"] / max(1.0, stats["scored_decodes"]),
+        "choose_ms": per["choose_s"],
+        "move_ms": per["move_s"],
+        "decode_unscored_ms": 1e3
+        * (stats["decode_s"] - stats["scored_decode_s"])
+        / max(1.0, stats["decodes"] - stats["scored_decodes"]),
+        "decode_scored_ms": 1e3 * stats["scored_decode_s"] / max(1.0, stats["scored_decodes"]),
         "tg": tg,
         "n_seqs": n,
         "cells_per_seq": per_seq,
@@ -226,6 +282,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--chunk", type=common._positive, default=64, help="prefill piece of a bounded sequence")
     p.add_argument("--in-process", action="store_true", help="no fresh process per configuration")
+    p.add_argument(
+        "--logits",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: each decode step copies every sequence's logits out (as sampling does); 0: llama-batched-bench's way",
+    )
     p.add_argument(
         "-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU (-1: all)"
     )
@@ -292,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
                     "evict_interval": args.evict_interval,
                     "kv_unified": bool(args.kv_unified),
                     "verbose": args.verbose,
+                    "logits": bool(args.logits),
                 }
                 t0 = time.perf_counter()
                 m = measure(**kw) if args.in_process else _in_fresh_process(**kw)
@@ -326,12 +390,41 @@ def run(args: argparse.Namespace) -> int:
                     m["score_ms"],
                     m["cut_ms"],
                     m["peak_rss_mib"],
+                    bool(args.logits),
+                    *(
+                        m[k]
+                        for k in (
+                            "engine_ms",
+                            "decode_ms",
+                            "logits_ms",
+                            "python_ms",
+                            "score_builds",
+                            "score_build_ms",
+                            "score_compute_ms",
+                            "score_read_ms",
+                            "score_per_scored_ms",
+                            "choose_ms",
+                            "move_ms",
+                            "decode_unscored_ms",
+                            "decode_scored_ms",
+                        )
+                    ),
                 )
                 results.append(r)
                 print(
                     f"{policy:>6} B={budget:<6} seqs={r.n_seqs:<4} tg {r.tg_tps:9.1f} ± {r.tg_tps_std:.1f} t/s "
                     f"({r.step_ms:.1f} ms/step: capture {r.capture_ms:.2f}, score {r.score_ms:.2f}, cut "
                     f"{r.cut_ms:.2f}; prefill {r.prefill_s:.1f} s, {time.perf_counter() - t0:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                print(
+                    f"{'':>6} per step: engine {r.engine_ms:.2f} ms (decode {r.decode_ms:.2f}, logits "
+                    f"{r.logits_ms:.2f}), python {r.python_ms:.2f}; score build {r.score_build_ms:.2f} "
+                    f"({r.score_builds} builds), compute {r.score_compute_ms:.2f}, read {r.score_read_ms:.2f} "
+                    f"({r.score_per_scored_ms:.2f} per scored step); cut choose {r.choose_ms:.2f}, move "
+                    f"{r.move_ms:.2f}; one decode: {r.decode_unscored_ms:.2f} unscored, {r.decode_scored_ms:.2f} "
+                    "scored",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -356,6 +449,7 @@ def run(args: argparse.Namespace) -> int:
             kv_cells=kv_cells,
             full_seqs=args.full_seqs,
             kv_unified=bool(args.kv_unified),
+            logits=bool(args.logits),
         ),
         rows,
     )
@@ -383,6 +477,7 @@ def table(results: list[BatchResult]) -> str:
             str(int(r.flash_attn)),
             "unified" if r.kv_unified else "streams",
             str(r.evict_interval),
+            "copied" if r.logits else "not read",
             f"{r.tg_tps:.1f} ± {r.tg_tps_std:.1f}",
             f"{r.step_ms:.1f}",
             f"{r.speedup:.2f}x",
@@ -400,10 +495,11 @@ def table(results: list[BatchResult]) -> str:
         "fa",
         "kv",
         "m",
+        "logits",
         "t/s",
         "ms/step",
     ]
-    return common.markdown_table(rows, [*header, "vs full"], right=set(range(3, 13)) - {8})
+    return common.markdown_table(rows, [*header, "vs full"], right=set(range(3, 14)) - {8, 10})
 
 
 def plot(results: list[BatchResult], path) -> None:
