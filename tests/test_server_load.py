@@ -103,6 +103,12 @@ def _metrics(url: str) -> dict[str, float]:
     return out
 
 
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def _rss(pid: int) -> int:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -174,6 +180,11 @@ def test_load_32_long_conversations(smollm2_path):
         wall = time.monotonic() - t0
         assert not errors, errors[:3]
         m1 = _metrics(url)
+        cpu = _cpu_seconds(proc.pid)
+        assert abs(m1["process_cpu_seconds_total"] - cpu) <= 1 + 0.02 * cpu, (
+            m1["process_cpu_seconds_total"],
+            cpu,
+        )
 
         # every stream complete; follow-ups reuse the slot and evaluate only the new turn
         n_prompt = n_reused = n_gen = n_evicted = 0
@@ -226,7 +237,9 @@ def test_load_32_long_conversations(smollm2_path):
         growth = max(warm) - warm[0]
         print(
             f"\n{N_CLIENTS} clients x {N_TURNS} turns in {wall:.0f} s; {n_prompt - n_reused} prompt tokens "
-            f"evaluated, {n_reused} reused, {n_gen} generated, {n_evicted} evicted; RSS MiB "
+            f"evaluated, {n_reused} reused, {n_gen} generated, {n_evicted} evicted; server CPU "
+            f"{delta('process_cpu_seconds_total'):.0f} s ({delta('tova_decode_seconds_total'):.0f} s in decode "
+            f"steps, {int(delta('tova_decode_steps_total'))} steps); RSS MiB "
             f"start {rss[0][1] / 2**20:.0f}, warm {warm[0] / 2**20:.0f}, max {max(warm) / 2**20:.0f}"
         )
         assert growth <= RSS_BOUND, [(round(t), round(b / 2**20), w) for t, b, w in rss]
