@@ -2,7 +2,8 @@
 
 For each concurrency level C it starts a fresh server with C slots (or uses --url, or one server of --slots
 slots for every level), runs C clients at once and reports, llama-bench style: requests, prompt and generated
-tokens, the shortest conversation's length at its last turn, wall time, aggregate generated tokens/s, time to
+tokens, the shortest conversation's length at its last turn, wall time, aggregate generated tokens/s, the
+server's CPU time (and tokens evaluated per CPU-second: what a shared machine's wall time hides), time to
 first token (p50 / p95), inter-token latency (p50), requests that failed, and the server's resident memory
 before and after. With a chat model every client holds a multi-turn conversation (each turn --words random
 words, a follow-up that reuses its slot); with --synthetic (a random-weight model without a tokenizer) every
@@ -172,6 +173,7 @@ def pct(xs: list[float], q: float) -> float:
 
 def level(url: str, args, n: int) -> dict:
     rss0 = metric(url, "process_resident_memory_bytes")
+    cpu0 = metric(url, "process_cpu_seconds_total")
     clients = [Client(url, args, seed=1000 * n + i) for i in range(n)]
     threads = [threading.Thread(target=c.run) for c in clients]
     t0 = time.perf_counter()
@@ -180,6 +182,7 @@ def level(url: str, args, n: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = metric(url, "process_cpu_seconds_total") - cpu0
     recs = [r for c in clients for r in c.records]
     # each conversation's length at its last turn: its whole prompt plus the reply
     conv = [c.records[-1]["prompt_tokens"] + c.records[-1]["completion_tokens"] for c in clients if c.records]
@@ -196,6 +199,8 @@ def level(url: str, args, n: int) -> dict:
         "wall_s": wall,
         "gen_tps": gen / wall,
         "total_tps": (prompt - sum(r["reused"] for r in recs) + gen) / wall,
+        "server_cpu_s": cpu,
+        "total_per_cpu_s": (prompt - sum(r["reused"] for r in recs) + gen) / cpu if cpu > 0 else float("nan"),
         "ttft_p50": pct([r["ttft"] for r in recs], 0.5),
         "ttft_p95": pct([r["ttft"] for r in recs], 0.95),
         "itl_p50_ms": 1e3
@@ -250,14 +255,15 @@ def main() -> int:
     print(f"model {Path(args.model).name}; server flags: {' '.join(extra)}")
     print(
         "| clients | requests | failed | conv tok (min) | prompt tok (reused) | gen tok | wall s | gen t/s "
-        "| prompt+gen t/s | TTFT p50 / p95 s | ITL p50 ms | RSS MiB before -> after |"
+        "| prompt+gen t/s | server CPU s (t per CPU s) | TTFT p50 / p95 s | ITL p50 ms | RSS MiB before -> after |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
             f"| {r['clients']} | {r['requests']} | {r['failed']} | {r['conversation_tokens_min']} "
             f"| {r['prompt_tokens']} ({r['reused_prompt_tokens']}) "
             f"| {r['generated_tokens']} | {r['wall_s']:.1f} | {r['gen_tps']:.1f} | {r['total_tps']:.1f} "
+            f"| {r['server_cpu_s']:.0f} ({r['total_per_cpu_s']:.0f}) "
             f"| {r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['itl_p50_ms']:.1f} "
             f"| {r['rss_before_mib']:.0f} -> {r['rss_after_mib']:.0f} |"
         )

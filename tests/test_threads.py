@@ -12,6 +12,7 @@ from tiny_gguf import write_tiny_llama
 
 from tova_cpp import Session
 from tova_cpp import threads as threads_mod
+from tova_cpp.batch import BatchSession
 from tova_cpp.threads import CLK_TCK, FreeCores, busy_ticks, read_cpu_ticks
 
 
@@ -147,3 +148,24 @@ def test_a_given_thread_count_is_never_changed(tiny, monkeypatch):
         for t in range(5):
             s.eval([t])
         assert s.n_threads == 2 and llama_cpp.llama_n_threads(s._ctx) == 2
+
+
+def test_batch_session_follows_the_governor_and_computes_the_same(tiny, monkeypatch):
+    plan = iter([2, 1, 1, 2, 1, 2, 2, 1] * 4)
+    monkeypatch.setattr(FreeCores, "poll", lambda self: next(plan))
+    rng = np.random.default_rng(1)
+    kw = {"n_seq_max": 3, "budget": 8, "chunk": 4, "type_k": "f32", "type_v": "f32"}
+    with BatchSession(tiny, **kw) as auto, BatchSession(tiny, n_threads=2, **kw) as fixed:
+        for s in (auto, fixed):
+            assert [s.add() for _ in range(3)] == [0, 1, 2]
+        seen = []
+        for step in range(12):
+            batch = {q: rng.integers(0, 64, 5 if step == q else 1).tolist() for q in range(3)}
+            got, want = auto.step(batch), fixed.step(batch)
+            seen.append(auto.n_threads)
+            assert llama_cpp.llama_n_threads(auto._ctx) == auto.n_threads
+            for q in range(3):
+                np.testing.assert_array_equal(got[q], want[q])
+                np.testing.assert_array_equal(auto.kept_positions(q), fixed.kept_positions(q))
+        assert set(seen) == {1, 2}
+        assert fixed.n_threads == 2 and llama_cpp.llama_n_threads(fixed._ctx) == 2

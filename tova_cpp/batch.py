@@ -62,6 +62,7 @@ from .session import (
     load_model,
     swa_layers,
 )
+from .threads import FreeCores
 
 # tova_engine_stats' counters, in tova.h's order (TOVA_STAT_*)
 _STATS = (
@@ -212,7 +213,9 @@ class BatchSession:
         cparams.n_seq_max = n_seq_max
         # unified: one stream of cells shared by all sequences, each reserving its share; else one stream each
         cparams.kv_unified = kv_unified
-        n_threads = n_threads or default_threads()
+        # no n_threads given: the team follows the cores other processes leave free (tova_cpp/threads.py)
+        self._free_cores = FreeCores(default_threads()) if n_threads is None else None
+        n_threads = self.n_threads = n_threads or default_threads()
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -276,6 +279,12 @@ class BatchSession:
         )
 
     # -- native calls -------------------------------------------------------------------------------------
+    def _set_threads(self, n: int) -> None:
+        if n != self.n_threads:
+            llama_cpp.llama_set_n_threads(self._ctx, n, n)
+            lib.tova_engine_set_threads(self._engine, n)
+            self.n_threads = n
+
     def _error(self) -> str:
         return ffi.string(lib.tova_engine_last_error(self._engine)).decode()
 
@@ -395,6 +404,8 @@ class BatchSession:
         seq_arr = np.asarray(seqs, dtype=np.int32)
         cnt_arr = np.asarray(counts, dtype=np.int32)
         out = np.empty((len(seqs), self.n_vocab), dtype=np.float32) if logits else None
+        if self._free_cores is not None:
+            self._set_threads(self._free_cores.poll())
         t1 = time.perf_counter()
         rc = lib.tova_engine_decode_batch(
             self._engine,

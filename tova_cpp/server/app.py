@@ -15,6 +15,7 @@ import contextlib
 import hmac
 import json
 import os
+import time
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -422,6 +423,12 @@ def _metrics(s: Scheduler, counts: dict) -> str:
     )
     metric("tova_parked_total", "counter", "Conversations parked to --park-dir", [({}, st.parked)])
     metric("tova_resumed_total", "counter", "Parked conversations loaded back", [({}, st.resumed)])
+    metric(
+        "process_cpu_seconds_total",
+        "counter",
+        "CPU time of the server process, user and system (all its threads)",
+        [({}, round(time.process_time(), 3))],
+    )
     metric(
         "process_resident_memory_bytes",
         "gauge",
