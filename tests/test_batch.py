@@ -523,3 +523,43 @@ def test_bench_batch_logits_flag_and_split(tiny, tmp_path, capsys):
         assert ms["score_ms"] > 0 and ms["score_per_scored_ms"] >= ms["score_ms"]  # a cut every 4 steps
         assert ms["cut_ms"] >= ms["choose_ms"] >= 0
         assert abs(ms["score_ms"] - ms["score_build_ms"] - ms["score_compute_ms"] - ms["score_read_ms"]) < 0.5
+
+
+def test_bench_batch_plain_rows(tiny, tmp_path):
+    """`tova bench batch --plain` follows each configuration with llama.cpp alone at its sequences, cells and
+    prompt (the reference a many-sequence target is set against): a row per sequence count, decoding."""
+    import csv
+    import math
+
+    from tova_cpp.bench import main
+
+    path, _ = tiny
+    argv = ["batch", "-m", str(path), "--context", "128", "--full-seqs", "4", "--policies", "tova", "--plain"]
+    argv += [
+        "--budgets",
+        "16",
+        "--chunk",
+        "8",
+        "--seqs",
+        "1,2",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "--evict-interval",
+        "4",
+    ]
+    argv += ["-t", "1", "--in-process", "--no-plot", "-o", str(tmp_path)]
+    assert main(argv) == 0
+    with open(tmp_path / "batch.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["policy"], r["n_seqs"]) for r in rows] == [
+        ("tova", "1"),
+        ("tova", "2"),
+        ("plain", "1"),
+        ("plain", "2"),
+    ]
+    for tova_row, plain_row in zip(rows[:2], rows[2:], strict=True):
+        assert plain_row["cells_per_seq"] == tova_row["cells_per_seq"]
+        assert plain_row["kv_cells"] == tova_row["kv_cells"]
+        assert float(plain_row["tg_tps"]) > 0 and math.isnan(float(plain_row["engine_ms"]))

@@ -31,6 +31,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -153,8 +154,10 @@ def measure(
     kv_unified: bool = True,
     verbose: bool = False,
     logits: bool = False,
+    plain: bool = False,
 ) -> dict:
-    """One configuration in one BatchSession of kv_cells cells: prefill, warm-up, timed decode blocks."""
+    """One configuration in one BatchSession of kv_cells cells: prefill, warm-up, timed decode blocks.
+    plain: llama.cpp alone (no tova) with the configuration's sequences, cells and prompt instead."""
     from ..batch import BatchSession
 
     full = policy == "full"
@@ -172,6 +175,26 @@ def measure(
     n = fit if n_seqs is None else n_seqs
     if n > fit:
         raise common.BenchError(f"{policy} B={budget}: {n} sequences do not fit ({fit} do)")
+    prompt = context - n_gen * (reps + 1) if full else b + chunk
+    if plain:
+        return _measure_plain(
+            path,
+            n,
+            prompt,
+            per_seq,
+            kv_cells if kv_unified else n * per_seq,
+            n_gen,
+            reps,
+            threads,
+            chunk,
+            n_gpu_layers,
+            flash_attn,
+            type_k,
+            type_v,
+            kv_unified,
+            verbose,
+            logits,
+        )
     with BatchSession(
         path,
         n_seq_max=n,
@@ -191,7 +214,6 @@ def measure(
     ) as bs:
         rng = np.random.default_rng(0)
         seqs = [bs.add() for _ in range(n)]
-        prompt = context - n_gen * (reps + 1) if full else b + chunk
         t0 = time.perf_counter()
         bs.step({s: rng.integers(0, bs.n_vocab, prompt).tolist() for s in seqs})
         prefill_s = time.perf_counter() - t0
@@ -252,6 +274,90 @@ def measure(
     }
 
 
+_NAN_SPLIT = (
+    "capture_ms", "score_ms", "cut_ms", "engine_ms", "decode_ms", "logits_ms", "python_ms", "score_build_ms",
+    "score_compute_ms", "score_read_ms", "score_per_scored_ms", "choose_ms", "move_ms", "decode_unscored_ms",
+    "decode_scored_ms",
+)  # fmt: skip
+
+
+def _measure_plain(
+    path, n, prompt, per_seq, n_ctx, n_gen, reps, threads, chunk, n_gpu_layers, flash_attn, type_k, type_v,
+    kv_unified, verbose, logits,
+) -> dict:  # fmt: skip
+    """llama.cpp alone, as llama-batched-bench runs it: n sequences of `prompt` random tokens in a context of
+    n_ctx cells, then each step one token of every sequence in one llama_decode (every sequence's logits computed;
+    copied out only with `logits`). The same protocol as measure(), without the engine."""
+    import llama_cpp
+
+    from ..session import CACHE_TYPES, load_model
+
+    model = load_model(Path(path), n_gpu_layers, verbose)
+    cp = llama_cpp.llama_context_default_params()
+    n_ub = max(chunk, n, 256)
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_ub, n_ub, n
+    cp.n_threads = cp.n_threads_batch = threads
+    cp.kv_unified = kv_unified
+    cp.flash_attn_type = 1 if flash_attn else 0
+    cp.type_k, cp.type_v = CACHE_TYPES[type_k], CACHE_TYPES[type_v]
+    ctx = llama_cpp.llama_init_from_model(model, cp)
+    batch = llama_cpp.llama_batch_init(n_ub, 0, 1) if ctx else None
+    try:
+        if not ctx:
+            raise common.BenchError(
+                f"llama.cpp could not create a context of {n_ctx} cells for {n} sequences"
+            )
+        n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+
+        def decode(items) -> None:  # (seq, pos, token, output)
+            batch.n_tokens = len(items)
+            for i, (s, p, t, o) in enumerate(items):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, p, 1, o
+                batch.seq_id[i][0] = s
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise common.BenchError("llama_decode failed in the plain run")
+
+        rng = np.random.default_rng(0)
+        t0 = time.perf_counter()
+        for s in range(n):
+            toks = rng.integers(0, n_vocab, prompt).tolist()
+            for a in range(0, prompt, n_ub):
+                decode([(s, a + i, t, a + i == prompt - 1) for i, t in enumerate(toks[a : a + n_ub])])
+        llama_cpp.llama_synchronize(ctx)
+        prefill_s = time.perf_counter() - t0
+        tg, pos = [], prompt
+        for rep in range(reps + 1):
+            toks = rng.integers(0, n_vocab, (n_gen, n))
+            steps = [[(s, pos + i, int(toks[i, s]), True) for s in range(n)] for i in range(n_gen)]
+            t0 = time.perf_counter()
+            for items in steps:
+                decode(items)
+                if logits:
+                    np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n, n_vocab)).copy()
+            llama_cpp.llama_synchronize(ctx)
+            if rep:  # block 0 is the warm-up
+                tg.append(n * n_gen / (time.perf_counter() - t0))
+            pos += n_gen
+    finally:
+        if batch is not None:
+            llama_cpp.llama_batch_free(batch)
+        if ctx:
+            llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+    return {
+        **dict.fromkeys(_NAN_SPLIT, float("nan")),
+        "score_builds": 0,
+        "tg": tg,
+        "n_seqs": n,
+        "cells_per_seq": per_seq,
+        "kv_cells": n_ctx,
+        "kv_bytes": 0,
+        "prefill_s": prefill_s,
+        "backend": "CPU" if n_gpu_layers == 0 else "GPU (offloaded)",
+        "peak_rss_mib": common.peak_rss_mib(),
+    }
+
+
 def _in_fresh_process(**kw) -> dict:
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(measure, **kw).result()
@@ -282,6 +388,11 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--chunk", type=common._positive, default=64, help="prefill piece of a bounded sequence")
     p.add_argument("--in-process", action="store_true", help="no fresh process per configuration")
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="after each configuration, a row of llama.cpp alone (no tova) with its sequences, cells and prompt",
+    )
     p.add_argument(
         "--logits",
         type=int,
@@ -333,10 +444,13 @@ def run(args: argparse.Namespace) -> int:
         path, threads, policies = common.resolve(args)
         kv_cells = args.full_seqs * args.context
         configs = [(p, b) for p in policies for b in ([args.context] if p == "full" else args.budgets)]
+        # --plain: after each configuration, llama.cpp alone with its sequences, cells and prompt
+        runs = [(p, b, plain) for p, b in configs for plain in ((False, True) if args.plain else (False,))]
         results: list[BatchResult] = []
-        for policy, budget in configs:
+        for policy, budget, plain in runs:
             for n_seqs in args.seqs or [None]:
                 kw = {
+                    "plain": plain,
                     "path": str(path),
                     "policy": policy,
                     "budget": budget,
@@ -362,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
                 tps = statistics.mean(m["tg"])
                 r = BatchResult(
                     path.name,
-                    policy,
+                    "plain" if plain else policy,
                     budget,
                     args.context,
                     m["n_seqs"],
@@ -376,7 +490,7 @@ def run(args: argparse.Namespace) -> int:
                     bool(args.kv_unified),
                     args.cache_type_k,
                     args.cache_type_v,
-                    1 if policy == "full" else args.evict_interval,
+                    1 if policy == "full" or plain else args.evict_interval,
                     args.chunk,
                     args.n_gen,
                     args.reps,
