@@ -526,7 +526,7 @@ def run(args: argparse.Namespace) -> int:
                 )
                 results.append(r)
                 print(
-                    f"{policy:>6} B={budget:<6} seqs={r.n_seqs:<4} tg {r.tg_tps:9.1f} ± {r.tg_tps_std:.1f} t/s "
+                    f"{r.policy:>6} B={budget:<6} seqs={r.n_seqs:<4} tg {r.tg_tps:9.1f} ± {r.tg_tps_std:.1f} t/s "
                     f"({r.step_ms:.1f} ms/step: capture {r.capture_ms:.2f}, score {r.score_ms:.2f}, cut "
                     f"{r.cut_ms:.2f}; prefill {r.prefill_s:.1f} s, {time.perf_counter() - t0:.0f} s)",
                     file=sys.stderr,
