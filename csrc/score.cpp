@@ -230,10 +230,14 @@ bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string
         const layer_view & lv = layers_[l];
         if (!lv.seen) continue;
         ggml_tensor * k = ggml_view_3d(ctx, cache_k[l], lv.ne[0], lv.ne[1], lv.ne[2], lv.nb[1], lv.nb[2], lv.offs);
-        ggml_tensor * q = ggml_view_3d(ctx, q_, head_dim_, 1, n_head_, head_dim_ * fs, head_dim_ * fs, l * q_->nb[2]);
-        // [n_kv, 1, n_head]; query head h reads KV head h / (n_head/n_head_kv)
-        ggml_tensor * kq = ggml_mul_mat(ctx, k, q);
+        // the r query heads of one KV head side by side (query head h reads KV head h / r): r columns per product,
+        // as in build_graph_streams (one column sends CUDA to its one-block-per-dot vector kernel)
+        const int64_t n_head_kv = lv.ne[2], r = n_head_ / n_head_kv;
+        ggml_tensor * q =
+            ggml_view_3d(ctx, q_, head_dim_, r, n_head_kv, head_dim_ * fs, r * head_dim_ * fs, l * q_->nb[2]);
+        ggml_tensor * kq = ggml_mul_mat(ctx, k, q);  // [n_kv, r, n_head_kv]
         ggml_prec_set_acc(kq, GGML_PREC_F32);
+        kq = ggml_reshape_3d(ctx, kq, n_kv_, 1, n_head_);  // [n_kv, 1, n_head], head h = g * r + j
         float sm_scale = lv.scale;
         if (lv.softcap != 0.0f) {  // flash attention: softcap * tanh(kq * scale / softcap), then the mask
             kq = ggml_tanh(ctx, ggml_scale(ctx, kq, lv.scale / lv.softcap));
