@@ -295,8 +295,10 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const ubatch_
     a.n_tokens = n;
     const double t_dec = tova::now_s();
     const int32_t rc = llama_decode(ctx, b);
-    // a GPU may still run the graph: wait here (the logits read or the cut would) so decode_s holds its cost
-    if (rc == 0) llama_synchronize(ctx);
+    // a GPU may still run the graph: a batched step or a scored decode waits here (its logits read or cut would)
+    // so decode_s holds its cost; a single sequence's unscored decode does not, so the host's next token overlaps
+    // the GPU's work as with llama.cpp alone (its decode_s then counts the launch only)
+    if (rc == 0 && (e->multi || a.scores)) llama_synchronize(ctx);
     const double dt = tova::now_s() - t_dec;
     e->stats[TOVA_STAT_DECODE_S] += dt;
     if (a.scores) e->stats[TOVA_STAT_SCORED_DECODE_S] += dt;

@@ -160,7 +160,8 @@ enum tova_stat {
     TOVA_STAT_CUTS = 3,              // cuts that evicted
     TOVA_STAT_CUT_S = 4,             // seconds choosing, moving rows and removing metadata (mover + seq_rm)
     TOVA_STAT_DECODES = 5,           // llama_decode calls (ubatches)
-    TOVA_STAT_DECODE_S = 6,          // seconds in llama_decode and the wait for its graph (includes capture_s)
+    TOVA_STAT_DECODE_S = 6,          // seconds in llama_decode and the wait for its graph (includes capture_s;
+                                     // a single sequence's unscored decode: the launch, no wait)
     TOVA_STAT_SCORE_BUILDS = 7,      // scoring graphs built (a new one whenever n_kv, the rows or the K views change)
     TOVA_STAT_SCORE_BUILD_S = 8,     // seconds building and allocating scoring graphs
     TOVA_STAT_SCORE_COMPUTE_S = 9,   // seconds computing the scoring graph (on its device, synchronous)
