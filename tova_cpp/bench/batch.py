@@ -38,6 +38,23 @@ import numpy as np
 from ..errors import TovaError
 from . import common
 
+# the per-step split measure() returns and BatchResult ends with (ms per timed step unless noted)
+SPLIT = (
+    "engine_ms",
+    "decode_ms",
+    "logits_ms",
+    "python_ms",
+    "score_builds",
+    "score_build_ms",
+    "score_compute_ms",
+    "score_read_ms",
+    "score_per_scored_ms",
+    "choose_ms",
+    "move_ms",
+    "decode_unscored_ms",
+    "decode_scored_ms",
+)
+
 COLUMNS = [
     "model",
     "policy",
@@ -69,19 +86,7 @@ COLUMNS = [
     "cut_ms",
     "peak_rss_mib",
     "logits",
-    "engine_ms",
-    "decode_ms",
-    "logits_ms",
-    "python_ms",
-    "score_builds",
-    "score_build_ms",
-    "score_compute_ms",
-    "score_read_ms",
-    "score_per_scored_ms",
-    "choose_ms",
-    "move_ms",
-    "decode_unscored_ms",
-    "decode_scored_ms",
+    *SPLIT,
 ]
 
 
@@ -274,13 +279,6 @@ def measure(
     }
 
 
-_NAN_SPLIT = (
-    "capture_ms", "score_ms", "cut_ms", "engine_ms", "decode_ms", "logits_ms", "python_ms", "score_build_ms",
-    "score_compute_ms", "score_read_ms", "score_per_scored_ms", "choose_ms", "move_ms", "decode_unscored_ms",
-    "decode_scored_ms",
-)  # fmt: skip
-
-
 def _measure_plain(
     path, n, prompt, per_seq, n_ctx, n_gen, reps, threads, chunk, n_gpu_layers, flash_attn, type_k, type_v,
     kv_unified, verbose, logits,
@@ -345,7 +343,7 @@ def _measure_plain(
             llama_cpp.llama_free(ctx)
         llama_cpp.llama_model_free(model)
     return {
-        **dict.fromkeys(_NAN_SPLIT, float("nan")),
+        **dict.fromkeys(("capture_ms", "score_ms", "cut_ms", *SPLIT), float("nan")),
         "score_builds": 0,
         "tg": tg,
         "n_seqs": n,
@@ -505,24 +503,7 @@ def run(args: argparse.Namespace) -> int:
                     m["cut_ms"],
                     m["peak_rss_mib"],
                     bool(args.logits),
-                    *(
-                        m[k]
-                        for k in (
-                            "engine_ms",
-                            "decode_ms",
-                            "logits_ms",
-                            "python_ms",
-                            "score_builds",
-                            "score_build_ms",
-                            "score_compute_ms",
-                            "score_read_ms",
-                            "score_per_scored_ms",
-                            "choose_ms",
-                            "move_ms",
-                            "decode_unscored_ms",
-                            "decode_scored_ms",
-                        )
-                    ),
+                    *(m[k] for k in SPLIT),
                 )
                 results.append(r)
                 print(
