@@ -37,16 +37,17 @@ def test_ties_evict_the_older_position():
     assert evict([0.2, 0.2, 0.2], [7, 3, 9], 1) == [1]
 
 
+@pytest.mark.parametrize("k", [1, 17, 32, 33, 100])  # k <= 32: one pass; larger: a partial sort
 @pytest.mark.parametrize("seed", range(5))
-def test_matches_numpy_argsort(seed):
+def test_matches_numpy_argsort(seed, k):
     rng = np.random.default_rng(seed)
     score = rng.random(300).astype(np.float32)
+    score[rng.random(300) < 0.3] = 0.5  # many ties: the older position goes first
     pos = rng.permutation(300).astype(np.int32)
     pos[rng.random(300) < 0.2] = -1
-    k = 17
     occupied = np.flatnonzero(pos >= 0)
-    expect = sorted(occupied[np.argsort(score[occupied], kind="stable")[:k]].tolist())
-    assert evict(score, pos, k) == expect
+    expect = occupied[np.lexsort((pos[occupied], score[occupied]))[:k]]
+    assert sorted(evict(score, pos, k)) == sorted(expect.tolist())
 
 
 # -- every policy through tova_policy_choose ------------------------------------------------------------
