@@ -10,7 +10,7 @@ words, a follow-up that reuses its slot); with --synthetic (a random-weight mode
 client streams one completion of --prompt-tokens random token ids.
 
     # the load test's long conversations (tests/test_server_load.py): 12 turns, about 3,100 tokens each
-    python scripts/load_server.py --clients 1,8,32 --turns 12 --words 240 --max-tokens 16 \
+    python scripts/load_server.py --clients 1,8,32 --turns 12 --words 240 --max-tokens 16 \\
         --server-args "--budget 32 --chunk 64 -b 512"
     python scripts/load_server.py --synthetic 8b --slots 64 --clients 1,8,64 --prompt-tokens 512 \\
         --max-tokens 128 --server-args "-ngl 99 -fa on --budget 256"
