@@ -16,15 +16,18 @@ np.argmax against one np.argmax(axis=1). docs/SERVER.md records a run.
 from __future__ import annotations
 
 import argparse
-import ctypes
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
-import llama_cpp
 import numpy as np
 
-from tova_cpp.batch import _TOKEN_DATA, sample_logits
+from tova_cpp.batch import sample_logits
 from tova_cpp.generate import Sampler, log_normalizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from sampling_reference import reference_sample  # the path before: a fresh token-data array per token
 
 CHAINS = {
     "greedy": dict(temperature=0.0),
@@ -35,24 +38,10 @@ CHAINS = {
 }  # fmt: skip
 
 
-def sample_before(sampler: Sampler, logits: np.ndarray) -> int:
-    """sample_logits as it was: a fresh token-data array per token, always through the chain."""
-    data = np.zeros(logits.size, dtype=_TOKEN_DATA)
-    data["id"] = np.arange(logits.size, dtype=np.int32)
-    data["logit"] = logits
-    arr = llama_cpp.llama_token_data_array(
-        data=data.ctypes.data_as(llama_cpp.llama_token_data_p), size=logits.size, selected=-1, sorted=False
-    )
-    llama_cpp.llama_sampler_apply(sampler.chain, ctypes.byref(arr))
-    tok = int(arr.data[arr.selected].id)
-    llama_cpp.llama_sampler_accept(sampler.chain, tok)
-    return tok
-
-
 def step_before(sampler, lg, logprob: bool) -> int:
     if not np.isfinite(lg).all():
         raise ValueError("non-finite logits")
-    tok = sample_before(sampler, lg)
+    tok = reference_sample(sampler, lg)
     if logprob:
         float(lg[tok]) - float(np.logaddexp.reduce(lg.astype(np.float64)))
     return tok

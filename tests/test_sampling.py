@@ -6,7 +6,6 @@ LSE_TOL of np.logaddexp.reduce in float64."""
 
 from __future__ import annotations
 
-import ctypes
 import math
 import re
 import threading
@@ -15,10 +14,11 @@ from types import SimpleNamespace
 import llama_cpp
 import numpy as np
 import pytest
+from sampling_reference import reference_sample
 from tiny_gguf import write_tiny_llama
 
 from tova_cpp import Session
-from tova_cpp.batch import _TOKEN_DATA, sample_logits
+from tova_cpp.batch import sample_logits
 from tova_cpp.generate import Sampler, log_normalizer
 
 # |log_normalizer - float64 logaddexp.reduce|; the largest measured over the cases below was 3e-7
@@ -44,21 +44,6 @@ CHAINS = {
     "mirostat 2": dict(mirostat_mode=2),
 }
 FAST = {"greedy", "greedy, penalties off by penalty_last_n=0"}
-
-
-def reference_sample(sampler: Sampler, logits: np.ndarray) -> int:
-    """The path before the fast ones: a fresh token-data array (ids 0..n-1, the logits, p = 0) through the
-    chain, its selection accepted."""
-    data = np.zeros(logits.size, dtype=_TOKEN_DATA)
-    data["id"] = np.arange(logits.size, dtype=np.int32)
-    data["logit"] = logits
-    arr = llama_cpp.llama_token_data_array(
-        data=data.ctypes.data_as(llama_cpp.llama_token_data_p), size=logits.size, selected=-1, sorted=False
-    )
-    llama_cpp.llama_sampler_apply(sampler.chain, ctypes.byref(arr))
-    tok = int(arr.data[arr.selected].id)
-    llama_cpp.llama_sampler_accept(sampler.chain, tok)
-    return tok
 
 
 def vocab(n: int = N_VOCAB) -> SimpleNamespace:
