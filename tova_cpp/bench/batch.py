@@ -232,9 +232,10 @@ def measure(
             t0 = time.perf_counter()
             for batch in batches:
                 bs.step(batch, logits=logits)
+            dt = time.perf_counter() - t0
             if rep:  # block 0 is the warm-up
-                wall += time.perf_counter() - t0
-                tg.append(n * n_gen / (time.perf_counter() - t0))
+                wall += dt
+                tg.append(n * n_gen / dt)
         try:
             row = bs.kv_row_bytes()
         except ValueError:
