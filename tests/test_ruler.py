@@ -86,7 +86,7 @@ def test_answer_modes_cut_once_or_per_chunk(monkeypatch):
     seen = []
 
     class FakeSession:
-        def __init__(self, path, *, budget, policy, chunk, n_threads, verbose=False):
+        def __init__(self, path, *, budget, policy, chunk, n_threads, **kwargs):
             seen.append((policy, budget, chunk))
 
         def __enter__(self):
@@ -181,3 +181,44 @@ def test_ruler_command(smollm2_path, tmp_path, capsys):
         == 0
     )
     assert main(["ruler", "--modes", "fits,nope", "-o", str(tmp_path / "x")]) == 2
+
+
+def test_prepared_samples_run_without_the_generators(smollm2_path, tmp_path, monkeypatch, capsys):
+    """--prepare writes the tokenized samples and stops; --data runs them with the generators unavailable and
+    answers as a run that generated them; another model's file or too few samples is a typed error."""
+    prep = tmp_path / "prep"
+    base = ["ruler", "-m", str(smollm2_path), "--tasks", "vt", "--length", "1024", "-t", "1", "--no-plot"]
+    assert main([*base, "--n-samples", "2", "--prepare", "-o", str(prep)]) == 0
+    assert not (prep / "ruler-samples.csv").exists()
+    lines = (prep / ruler.DATA_FILE).read_text().splitlines()
+    assert len(lines) == 2
+    import json
+
+    first = json.loads(lines[0])
+    assert first["model"] == smollm2_path.name and first["kind"] == "variable_tracking"
+    assert 512 < len(first["tokens"]) <= 1024 and first["outputs"]
+
+    def no_generators():
+        raise AssertionError("--data must not touch the generators")
+
+    monkeypatch.setattr(ruler, "task_configs", no_generators)
+    run = [*base, "--n-samples", "2", "--policies", "full,tova", "--compressions", "0.5", "--modes", "fits"]
+    assert main([*run, "--data", str(prep / ruler.DATA_FILE), "-o", str(tmp_path / "a")]) == 0
+    monkeypatch.undo()
+    assert main([*run, "-o", str(tmp_path / "b")]) == 0  # generates the same samples (same seed)
+
+    def rows(d):
+        with open(tmp_path / d / "ruler-samples.csv", newline="") as f:
+            return [(r["policy"], r["n_prompt"], r["budget"], r["pred"]) for r in csv.DictReader(f)]
+
+    assert rows("a") == rows("b") and len(rows("a")) == 4
+    capsys.readouterr()
+    other = tmp_path / "other.jsonl"
+    other.write_text(lines[0].replace(smollm2_path.name, "another.gguf") + "\n")
+    assert main([*run, "--data", str(other), "-o", str(tmp_path / "c")]) == 2
+    assert "tokenized for another.gguf" in capsys.readouterr().err
+    assert main([*base, "--n-samples", "3", "--data", str(prep / ruler.DATA_FILE), "-o", str(tmp_path / "d")]) == 2
+    assert "2 sample(s) of 'vt', 3 asked" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"task": "vt"}\n')
+    assert main([*run, "--data", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "e")]) == 2
+    assert "not a ruler-data.jsonl" in capsys.readouterr().err

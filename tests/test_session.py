@@ -299,3 +299,41 @@ def test_keep_is_set_before_the_first_decode_only(tiny_path):
         assert lib.tova_engine_set_keep(s._engine, 3) == -3  # TOVA_ERR_STATE while tokens are held
         s.reset()
         assert lib.tova_engine_set_keep(s._engine, 3) == 0
+
+
+def _handle(s: Session) -> int:
+    import ctypes
+
+    return ctypes.cast(s._model, ctypes.c_void_p).value
+
+
+def test_shared_models_load_once_and_free_when_the_last_holder_closes(smollm2_path, tiny_path):
+    """Inside shared_models(), sessions on the same file and n_gpu_layers share one model and answer as
+    sessions with their own; a session outliving the block keeps it until it closes; another file loads its own."""
+    from tova_cpp import session as session_mod
+
+    prompt = list(range(1, 40))
+    with Session(smollm2_path, budget=16, chunk=8) as alone:
+        alone.eval(prompt)
+        expect = alone.logits().copy()
+    with tova_cpp.shared_models():
+        a = Session(smollm2_path, budget=16, chunk=8)
+        with tova_cpp.shared_models():  # nested: same pool
+            b = Session(smollm2_path, budget=16, policy="h2o", chunk=8)
+        c = Session(tiny_path, budget=8)
+        assert _handle(a) == _handle(b) != _handle(c)
+        assert session_mod._SHARED.refs[_handle(a)] == 3  # the block's hold + a + b
+        a.eval(prompt)
+        b.eval(prompt)
+        np.testing.assert_array_equal(a.logits(), expect)
+        a.close()
+        c.close()
+        assert session_mod._SHARED.refs[_handle(b)] == 2
+    assert session_mod._SHARED.refs == {_handle(b): 1}  # the block is gone, b still holds the model
+    b.reset()
+    b.eval(prompt)
+    assert b.logits().shape == expect.shape
+    b.close()
+    assert session_mod._SHARED.refs == {} and session_mod._SHARED.by_key == {}
+    with Session(smollm2_path, budget=16, chunk=8) as d:  # outside any block: its own model again
+        assert _handle(d) not in session_mod._SHARED.refs

@@ -19,7 +19,7 @@ from .errors import (
 from .generate import GenerationResponse, generate, stream_generate
 from .llama import Llama
 from .models import default_model_path
-from .session import POLICIES, Session
+from .session import POLICIES, Session, shared_models
 
 __all__ = [
     "POLICIES",
@@ -39,6 +39,7 @@ __all__ = [
     "UnsupportedModelError",
     "default_model_path",
     "generate",
+    "shared_models",
     "stream_generate",
 ]
 __version__ = "0.1.0"

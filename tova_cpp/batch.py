@@ -58,8 +58,9 @@ from .session import (
     _physical_memory,
     _refusal,
     _token_ids,
+    acquire_model,
     default_threads,
-    load_model,
+    release_model,
     swa_layers,
 )
 from .threads import FreeCores
@@ -165,7 +166,7 @@ class BatchSession:
         n_ubatch = min(n_ubatch, n_ctx)
         path = Path(model_path)
         self.model_path = str(path)
-        self._model = model = load_model(path, n_gpu_layers, verbose)
+        self._model = model = acquire_model(path, n_gpu_layers, verbose)
         why = _refusal(model, path)
         if why is None and any(s for s in swa_layers(model, path) if s is True):
             why = (
@@ -676,7 +677,7 @@ class BatchSession:
             lib.tova_engine_free(self._engine)
             self._engine = None
         if self._model:
-            llama_cpp.llama_model_free(self._model)
+            release_model(self._model)
             self._model = None
         self._seqs = {}
         self._last = {}

@@ -48,6 +48,7 @@ budget >= n_swa - 1, so that no cut frees a position a sliding-window layer stil
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -124,6 +125,74 @@ def load_model(path: Path, n_gpu_layers: int, verbose: bool, *, vocab_only: bool
             raise ModelLoadError(f"llama.cpp could not load the vocabulary of {path}")
         raise ModelLoadError(f"llama.cpp could not load {path} (truncated or unsupported GGUF?)")
     return model
+
+
+class _SharedModels:
+    """The models a `shared_models()` block keeps loaded, with the number of sessions holding each."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0  # open shared_models() blocks
+        self.by_key: dict[tuple[str, int], object] = {}  # (resolved path, n_gpu_layers) -> model
+        self.refs: dict[
+            int, int
+        ] = {}  # id of a model's handle -> sessions holding it (+1 while a block is open)
+
+
+_SHARED = _SharedModels()
+
+
+def _handle_id(model) -> int:
+    return ctypes.cast(model, ctypes.c_void_p).value or 0
+
+
+def acquire_model(path: Path, n_gpu_layers: int, verbose: bool):
+    """load_model, or, inside a `shared_models()` block, the model already loaded there for the same file and
+    n_gpu_layers. Give it back with release_model."""
+    with _SHARED.lock:
+        if _SHARED.depth == 0:
+            return load_model(path, n_gpu_layers, verbose)
+        key = (str(Path(path).resolve()), n_gpu_layers)
+        model = _SHARED.by_key.get(key)
+        if model is None:
+            model = load_model(path, n_gpu_layers, verbose)
+            _SHARED.by_key[key] = model
+            _SHARED.refs[_handle_id(model)] = 1  # the block's own hold
+        _SHARED.refs[_handle_id(model)] += 1
+        return model
+
+
+def release_model(model) -> None:
+    """A session is done with `model`: freed unless a shared_models() block or another session still holds it."""
+    with _SHARED.lock:
+        hid = _handle_id(model)
+        if hid in _SHARED.refs:
+            _SHARED.refs[hid] -= 1
+            if _SHARED.refs[hid] > 0:
+                return
+            del _SHARED.refs[hid]
+    llama_cpp.llama_model_free(model)
+
+
+@contextlib.contextmanager
+def shared_models():
+    """Within this block, Sessions and BatchSessions that open the same GGUF file with the same n_gpu_layers
+    share one loaded model (llama.cpp's weights, on the GPU too) instead of loading it each time; each session
+    still has its own context and cache. A model is freed when the block ends and no open session holds it (a
+    session still open frees it when it closes). Blocks nest. For many short sessions on one model: the
+    benchmarks run one session per (policy, budget) or per sample inside one."""
+    with _SHARED.lock:
+        _SHARED.depth += 1
+    try:
+        yield
+    finally:
+        with _SHARED.lock:
+            _SHARED.depth -= 1
+            ending = list(_SHARED.by_key.values()) if _SHARED.depth == 0 else []
+            if _SHARED.depth == 0:
+                _SHARED.by_key.clear()
+        for model in ending:
+            release_model(model)
 
 
 def swa_min_budget(n_swa: int) -> int:
@@ -309,7 +378,7 @@ class Session:
             raise ValueError(f"a quantized V cache ({type_v}) needs flash attention in llama.cpp")
         path = Path(model_path)
         self.model_path = str(path)
-        self._model = model = load_model(path, n_gpu_layers, verbose)
+        self._model = model = acquire_model(path, n_gpu_layers, verbose)
         why = _refusal(model, path)
         if why:
             self.close()
@@ -838,7 +907,7 @@ class Session:
             lib.tova_engine_free(self._engine)
             self._engine = None
         if self._model:
-            llama_cpp.llama_model_free(self._model)
+            release_model(self._model)
             self._model = None
 
     def __enter__(self) -> Session:

@@ -399,9 +399,7 @@ def add_parser(sub) -> None:
         default=0,
         help="1: each decode step copies every sequence's logits out (as sampling does); 0: llama-batched-bench's way",
     )
-    p.add_argument(
-        "-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU (-1: all)"
-    )
+    common.add_ngl_arg(p)
     p.add_argument("-fa", "--flash-attn", type=int, choices=(0, 1), default=0, help="flash attention")
     p.add_argument("-ctk", "--cache-type-k", default="f16", help="K cache type (f16, f32, bf16, q8_0, q4_0)")
     p.add_argument("-ctv", "--cache-type-v", default="f16", help="V cache type (quantized needs -fa 1)")

@@ -127,6 +127,12 @@ def add_common_args(p: argparse.ArgumentParser, *, out: str) -> None:
     p.add_argument("--verbose", action="store_true", help="llama.cpp logs and tracebacks")
 
 
+def add_ngl_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU (-1: all; default 0)"
+    )
+
+
 def resolve(args: argparse.Namespace) -> tuple[Path, int, list[str]]:
     """Model path, thread count and policies from the common arguments."""
     path = model_path(args.model)

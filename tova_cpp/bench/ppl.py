@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TovaError
-from ..session import POLICIES, Session
+from ..session import POLICIES, Session, shared_models
 from . import common
 
 COLUMNS = [
@@ -208,6 +208,7 @@ def run_one(
     type_v: str = "f16",
     flash_attn: bool = False,
     prefix_batch: bool = True,
+    n_gpu_layers: int = 0,
     verbose=False,
     quiet=False,
     info: dict | None = None,
@@ -226,6 +227,7 @@ def run_one(
         evict_interval=1 if policy == "full" else evict_interval,
         n_ubatch=PREFIX_BLOCK if prefix_batch else 1,
         n_threads=threads,
+        n_gpu_layers=n_gpu_layers,
         flash_attn=flash_attn,
         type_k=type_k,
         type_v=type_v,
@@ -336,6 +338,7 @@ def add_parser(sub) -> None:
         metavar="CSV",
         help="run nothing: merge the ppl.csv files of earlier runs into one table, CSV, JSON and plot",
     )
+    common.add_ngl_arg(p)
     common.add_common_args(p, out="bench_results/ppl")
     p.set_defaults(func=run)
 
@@ -383,6 +386,11 @@ def _order(r: PplResult) -> tuple:
 def run(args: argparse.Namespace) -> int:
     if args.combine:
         return combine(args)
+    with shared_models():  # one loaded model for every session of the run
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         text_name, text = common.load_text(args.texts)
         path, threads, policies = common.resolve(args)
@@ -412,6 +420,7 @@ def run(args: argparse.Namespace) -> int:
             ctx=args.ctx,
             n_windows=len(windows),
             first_window=args.first_window,
+            n_gpu_layers=args.n_gpu_layers,
             protocol="token-by-token" + ("" if args.no_prefix_batch else ", first `budget` tokens batched"),
         )
         for st in runs:
@@ -461,6 +470,7 @@ def run(args: argparse.Namespace) -> int:
                 type_v=st.type_v,
                 flash_attn=st.flash_attn,
                 prefix_batch=not args.no_prefix_batch,
+                n_gpu_layers=args.n_gpu_layers,
                 verbose=args.verbose,
                 info=info,
                 checkpoint=keep_partial,

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import TovaError
-from ..session import Session
+from ..session import Session, shared_models
 from . import common
 
 # issue 16's seven: niah single and multikey, variable tracking, common and frequent words, QA on SQuAD/HotpotQA
@@ -276,6 +276,8 @@ def answer(
     threads: int,
     chunk: int,
     verbose: bool = False,
+    n_gpu_layers: int = 0,
+    flash_attn: bool = False,
 ) -> tuple[str, int]:
     """Greedy answer and the budget used."""
     n = len(tokens)
@@ -290,6 +292,8 @@ def answer(
         policy=policy,
         chunk=piece,
         n_threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        flash_attn=flash_attn,
         verbose=verbose,
         **common.session_kwargs(policy),
     ) as s:
@@ -320,6 +324,18 @@ def add_parser(sub) -> None:
     p.add_argument("--modes", default="fits,stream", help="comma list of fits, stream")
     p.add_argument("--chunk", type=common._positive, default=256, help="stream mode: tokens per prompt piece")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("-fa", "--flash-attn", action="store_true", help="flash attention on (h2o is skipped)")
+    p.add_argument(
+        "--prepare",
+        action="store_true",
+        help="generate the samples, write them (tokenized) to the output folder's ruler-data.jsonl and stop",
+    )
+    p.add_argument(
+        "--data",
+        metavar="JSONL",
+        help="samples from an earlier --prepare (same model) instead of the generators: runs where the "
+        "generators' packages are missing",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
@@ -331,6 +347,7 @@ def add_parser(sub) -> None:
         metavar="CSV",
         help="run nothing: merge ruler-samples.csv files of earlier runs",
     )
+    common.add_ngl_arg(p)
     common.add_common_args(p, out="bench_results/ruler")
     p.set_defaults(func=run)
 
@@ -396,6 +413,11 @@ def summarize(samples: list[SampleResult], seconds: dict | None = None) -> list[
 def run(args: argparse.Namespace) -> int:
     if args.combine:
         return combine(args)
+    with shared_models():  # one loaded model for every session of the run
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         path, threads, policies = common.resolve(args)
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -403,24 +425,28 @@ def run(args: argparse.Namespace) -> int:
             raise common.BenchError(f"--modes takes a comma list of {','.join(MODES)}, got {args.modes!r}")
         if any(not 0 < c < 1 for c in args.compressions):
             raise common.BenchError("--compressions must lie strictly between 0 and 1")
-        configs = task_configs()
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        for t in tasks:
-            if t not in configs:
-                raise common.BenchError(f"unknown RULER task {t!r}; choose from {','.join(configs)}")
         out = common.out_dir(args)
+        data = read_data(Path(args.data), path, tasks, args.n_samples) if args.data else None
+        if data is None:
+            data = prepare(path, tasks, args, out, threads)
+        if args.prepare:
+            print(f"wrote {out / DATA_FILE}: {sum(len(v) for v in data.values())} sample(s)")
+            return 0
+        if args.flash_attn:
+            policies = [p for p in policies if p != "h2o"]  # h2o needs every query's attention row
         settings = [("full", 0.0, "-")] if "full" in policies else []
         settings += [(p, c, m) for m in modes for p in policies if p != "full" for c in args.compressions]
-        data: dict[str, list[dict]] = {}
-        with Session(path, budget=1, policy="full", chunk=1, n_threads=threads, verbose=args.verbose) as tok:
-            for t in tasks:
-                print(f"# generating {args.n_samples} {t} sample(s) of {args.length} tokens", flush=True)
-                data[t] = [
-                    {**d, "tokens": chat_tokens(tok, configs[t]["kind"], d["input"])}
-                    for d in generate(t, path, args.n_samples, args.length, out / "data", args.seed)
-                ]
         meta = common.meta(
-            args, path, threads, tasks=tasks, length=args.length, n_samples=args.n_samples, chunk=args.chunk
+            args,
+            path,
+            threads,
+            tasks=tasks,
+            length=args.length,
+            n_samples=args.n_samples,
+            chunk=args.chunk,
+            n_gpu_layers=args.n_gpu_layers,
+            flash_attn=int(args.flash_attn),
         )
         samples: list[SampleResult] = []
         if args.resume and (out / "ruler-samples.csv").is_file():
@@ -432,7 +458,7 @@ def run(args: argparse.Namespace) -> int:
             bar.unit = "answer"
             for i in range(args.n_samples):  # sample-major: an interrupted run has every setting on i samples
                 for t in tasks:
-                    d, kind = data[t][i], configs[t]["kind"]
+                    d, kind = data[t][i], data[t][i]["kind"]
                     for policy, comp, mode in settings:
                         if (t, i, mode, policy, comp) in done:
                             bar.update(1)
@@ -444,10 +470,12 @@ def run(args: argparse.Namespace) -> int:
                             policy,
                             comp,
                             mode,
-                            configs[t]["tokens_to_generate"],
+                            d["tokens_to_generate"],
                             threads,
                             args.chunk,
                             args.verbose,
+                            args.n_gpu_layers,
+                            args.flash_attn,
                         )
                         dt = time.perf_counter() - t0
                         r = SampleResult(
@@ -472,6 +500,69 @@ def run(args: argparse.Namespace) -> int:
         plot(summary, out / "ruler.png")
     print(f"\nwrote {out}/ruler.csv, ruler.json, ruler-samples.csv" + ("" if args.no_plot else ", ruler.png"))
     return 0
+
+
+DATA_FILE = "ruler-data.jsonl"
+
+
+def prepare(path: Path, tasks: list[str], args: argparse.Namespace, out: Path, threads: int) -> dict:
+    """Generate each task's samples with the package's generators, tokenized in the model's chat template, and
+    write them to out/ruler-data.jsonl (one line per sample, --data reads it back)."""
+    configs = task_configs()
+    for t in tasks:
+        if t not in configs:
+            raise common.BenchError(f"unknown RULER task {t!r}; choose from {','.join(configs)}")
+    data: dict[str, list[dict]] = {}
+    with Session(path, budget=1, policy="full", chunk=1, n_threads=threads, verbose=args.verbose) as tok:
+        for t in tasks:
+            print(f"# generating {args.n_samples} {t} sample(s) of {args.length} tokens", flush=True)
+            cfg = configs[t]
+            data[t] = [
+                {
+                    "model": path.name,
+                    "task": t,
+                    "index": i,
+                    "kind": cfg["kind"],
+                    "tokens_to_generate": cfg["tokens_to_generate"],
+                    "length": args.length,
+                    "seed": args.seed,
+                    "outputs": d["outputs"],
+                    "tokens": chat_tokens(tok, cfg["kind"], d["input"]),
+                }
+                for i, d in enumerate(generate(t, path, args.n_samples, args.length, out / "data", args.seed))
+            ]
+    with common.replacing(out / DATA_FILE) as tmp:
+        tmp.write_text("".join(json.dumps(d) + "\n" for t in tasks for d in data[t]))
+    return data
+
+
+def read_data(file: Path, path: Path, tasks: list[str], n_samples: int) -> dict:
+    """The samples of `tasks` in a ruler-data.jsonl from --prepare, the first n_samples of each; BenchError when
+    the file is missing or damaged, was made for another model, or lacks a task or samples."""
+    data: dict[str, list[dict]] = {}
+    try:
+        for line in file.read_text().splitlines():
+            if line.strip():
+                d = json.loads(line)
+                data.setdefault(d["task"], []).append(d)
+                if d["model"] != path.name:
+                    raise common.BenchError(
+                        f"{file} holds samples tokenized for {d['model']}, not {path.name}: run --prepare with -m "
+                        f"{path.name}"
+                    )
+                missing = {"kind", "tokens_to_generate", "outputs", "tokens", "index"} - d.keys()
+                if missing:
+                    raise KeyError(", ".join(sorted(missing)))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise common.BenchError(
+            f"{file} is not a ruler-data.jsonl from `tova bench ruler --prepare`: {e}"
+        ) from None
+    for t in tasks:
+        if len(data.get(t, [])) < n_samples:
+            raise common.BenchError(
+                f"{file} has {len(data.get(t, []))} sample(s) of {t!r}, {n_samples} asked (--n-samples)"
+            )
+    return {t: sorted(data[t], key=lambda d: d["index"])[:n_samples] for t in tasks}
 
 
 def save(samples: list[SampleResult], summary: list[Summary], out: Path, meta: dict) -> None:

@@ -266,9 +266,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--in-process", action="store_true", help="no fresh process per run (peak RSS is then shared)"
     )
-    p.add_argument(
-        "-ngl", "--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU (-1: all)"
-    )
+    common.add_ngl_arg(p)
     p.add_argument("-fa", "--flash-attn", type=int, choices=(0, 1), default=0, help="flash attention")
     p.add_argument("-ctk", "--cache-type-k", default="f16", help="K cache type (f16, f32, bf16, q8_0, q4_0)")
     p.add_argument("-ctv", "--cache-type-v", default="f16", help="V cache type (quantized needs -fa 1)")

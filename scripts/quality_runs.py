@@ -1,0 +1,169 @@
+"""Issue 16's quality grid on one model, as many `tova bench` processes at once (one GPU serves several: each
+process's step is mostly waits, so the card has room for the others), then one combined table per part.
+
+Parts (each job is one `tova bench` command; its log and results go to OUT/<part>/<job>/):
+  ppl    perplexity of --n-windows windows of --ctx tokens for every policy at every budget (flash attention
+         off, h2o included) and TOVA at evict_interval 8 and 32
+  quant  TOVA and the full cache with f16, q8_0 and q4_0 caches, flash attention on, every budget
+  ruler  RULER from a `tova bench ruler --prepare` file: full, then every bounded policy per task (both modes,
+         every compression)
+Then `tova bench ppl|ruler --combine` merges each part into OUT/<part>-all/ (CSV, JSON; plots with --plot).
+
+Jobs start longest first; a job whose results are already in its folder is skipped (rerun the same command to
+finish an interrupted grid). --stop-after SECONDS starts no job after that many seconds (those left are listed).
+
+    python scripts/quality_runs.py -m qwen.gguf -ngl 99 --jobs 12 --ruler-data ruler-data.jsonl -o q16
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+BOUNDED = ("tova", "h2o", "sink", "window")
+
+
+@dataclass
+class Job:
+    part: str
+    name: str
+    argv: list[str]  # after `python -m tova_cpp.bench`
+    weight: float  # rough relative cost, for longest-first order
+    done_file: str  # exists in the job's folder once it has finished
+
+
+def ppl_jobs(a: argparse.Namespace) -> list[Job]:
+    base = ["ppl", "-m", a.model, "-ngl", str(a.ngl), "--texts", a.texts, "--ctx", str(a.ctx)]
+    base += ["--n-windows", str(a.n_windows), "-t", str(a.threads), "--no-plot"]
+    jobs = [Job("ppl", "full", [*base, "--policies", "full"], 0.1, "ppl.csv")]
+    for b in a.budgets:
+        steps = max(a.ctx - b, 1) / a.ctx  # tokens fed one at a time (the first `budget` are batched)
+        for p in BOUNDED:
+            ei = ["--evict-interval", "1,8,32"] if p == "tova" else []
+            jobs.append(Job("ppl", f"{p}-{b}", [*base, "--policies", p, "--budgets", str(b), *ei],
+                            steps * (2.2 if p == "tova" else 1), "ppl.csv"))  # fmt: skip
+    return jobs
+
+
+def quant_jobs(a: argparse.Namespace) -> list[Job]:
+    base = ["ppl", "-m", a.model, "-ngl", str(a.ngl), "--texts", a.texts, "--ctx", str(a.ctx), "-fa"]
+    base += ["--n-windows", str(a.n_windows), "-t", str(a.threads), "--no-plot"]
+    jobs = []
+    for ct in ("f16", "q8_0", "q4_0"):
+        cache = ["-ctk", ct, "-ctv", ct]
+        jobs.append(Job("quant", f"full-{ct}", [*base, *cache, "--policies", "full"], 0.1, "ppl.csv"))
+        for b in a.budgets:
+            steps = max(a.ctx - b, 1) / a.ctx
+            jobs.append(Job("quant", f"tova-{ct}-{b}", [*base, *cache, "--policies", "tova", "--budgets", str(b)],
+                            steps, "ppl.csv"))  # fmt: skip
+    return jobs
+
+
+def ruler_jobs(a: argparse.Namespace) -> list[Job]:
+    if not a.ruler_data:
+        raise SystemExit("the ruler part needs --ruler-data (a `tova bench ruler --prepare` file)")
+    base = ["ruler", "-m", a.model, "-ngl", str(a.ngl), "--data", a.ruler_data, "-t", str(a.threads)]
+    base += ["--n-samples", str(a.n_samples), "--no-plot"]
+    jobs = []
+    for t in a.tasks.split(","):
+        jobs.append(Job("ruler", f"{t}-full", [*base, "--tasks", t, "--policies", "full"], 1, "ruler.csv"))
+        for p in BOUNDED:
+            jobs.append(Job("ruler", f"{t}-{p}", [*base, "--tasks", t, "--policies", p], 6, "ruler.csv"))
+    return jobs
+
+
+PARTS = {"ppl": ppl_jobs, "quant": quant_jobs, "ruler": ruler_jobs}
+
+
+def run_job(job: Job, out: Path) -> tuple[Job, int, float]:
+    folder = out / job.part / job.name
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(folder / "log.txt", "w") as log:
+        rc = subprocess.run(
+            [sys.executable, "-m", "tova_cpp.bench", *job.argv, "-o", str(folder)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=False,
+        ).returncode
+    return job, rc, time.perf_counter() - t0
+
+
+def combine(part: str, out: Path, plot: bool) -> int:
+    kind = "ruler" if part == "ruler" else "ppl"
+    csvs = sorted(
+        str(p) for p in (out / part).glob(f"*/{kind}-samples.csv" if kind == "ruler" else "*/ppl.csv")
+    )
+    if not csvs:
+        return 0
+    argv = [kind, "--combine", *csvs, "-o", str(out / f"{part}-all")] + ([] if plot else ["--no-plot"])
+    with open(out / f"{part}-all.txt", "w") as f:
+        return subprocess.run([sys.executable, "-m", "tova_cpp.bench", *argv], stdout=f, stderr=subprocess.STDOUT,
+                              check=False).returncode  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("-ngl", type=int, default=99)
+    ap.add_argument("--parts", default="ppl,quant,ruler")
+    ap.add_argument("--jobs", type=int, default=8, help="processes at once")
+    ap.add_argument("-t", "--threads", type=int, default=1, help="threads per process")
+    ap.add_argument("--texts", default="pg")
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--n-windows", type=int, default=2)
+    ap.add_argument("--budgets", default="64,128,256,512,1024,2048")
+    ap.add_argument("--ruler-data")
+    ap.add_argument("--tasks", default="niah_single_2,niah_multikey_1,vt,cwe,fwe,qa_1,qa_2")
+    ap.add_argument("--n-samples", type=int, default=25)
+    ap.add_argument("--stop-after", type=float, default=None, help="start no job after this many seconds")
+    ap.add_argument("--plot", action="store_true", help="plots in the combined folders (needs matplotlib)")
+    ap.add_argument("-o", "--out", default="quality_runs")
+    a = ap.parse_args(argv)
+    a.budgets = [int(b) for b in a.budgets.split(",")]
+    out = Path(a.out)
+    jobs = [j for part in a.parts.split(",") for j in PARTS[part](a)]
+    todo = [j for j in jobs if not (out / j.part / j.name / j.done_file).is_file()]
+    todo.sort(key=lambda j: -j.weight)
+    print(f"# {len(jobs)} jobs, {len(jobs) - len(todo)} done already, {len(todo)} to run, {a.jobs} at once",
+          flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    failed, skipped = [], []
+
+    def submit(pool, job):
+        if a.stop_after is not None and time.perf_counter() - t0 > a.stop_after:
+            skipped.append(job.name)
+            return None
+        return pool.submit(run_job, job, out)
+
+    with ThreadPoolExecutor(a.jobs) as pool:
+        queue = list(todo)
+        running = {f for f in (submit(pool, queue.pop(0)) for _ in range(min(a.jobs, len(queue)))) if f}
+        while running:
+            for fut in as_completed(running):
+                running.remove(fut)
+                job, rc, dt = fut.result()
+                print(
+                    f"{time.perf_counter() - t0:7.1f}s {job.part}/{job.name}: rc {rc}, {dt:.1f} s", flush=True
+                )
+                if rc != 0:
+                    failed.append(f"{job.part}/{job.name}")
+                while queue:
+                    nxt = submit(pool, queue.pop(0))
+                    if nxt is not None:
+                        running.add(nxt)
+                        break
+                break
+    for part in dict.fromkeys(j.part for j in jobs):
+        combine(part, out, a.plot)
+    print(f"# {time.perf_counter() - t0:.0f} s; failed: {failed or 'none'}; not started: {skipped or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
