@@ -9,8 +9,9 @@ Parts (each job is one `tova bench` command; its log and results go to OUT/<part
          every compression)
 Then `tova bench ppl|ruler --combine` merges each part into OUT/<part>-all/ (CSV, JSON; plots with --plot).
 
-Jobs start longest first; a job whose results are already in its folder is skipped (rerun the same command to
-finish an interrupted grid). --stop-after SECONDS starts no job after that many seconds (those left are listed).
+Jobs start part by part in the order of --parts, longest first within a part; a job whose results are already
+in its folder is skipped (rerun the same command to finish an interrupted grid). --stop-after SECONDS starts no
+job after that many seconds (those left are listed).
 
     python scripts/quality_runs.py -m qwen.gguf -ngl 99 --jobs 12 --ruler-data ruler-data.jsonl -o q16
 """
@@ -72,8 +73,9 @@ def ruler_jobs(a: argparse.Namespace) -> list[Job]:
     jobs = []
     for t in a.tasks.split(","):
         jobs.append(Job("ruler", f"{t}-full", [*base, "--tasks", t, "--policies", "full"], 1, "ruler.csv"))
-        for p in BOUNDED:
-            jobs.append(Job("ruler", f"{t}-{p}", [*base, "--tasks", t, "--policies", p], 6, "ruler.csv"))
+        for p in BOUNDED:  # h2o last: on a GPU its capture reads every query's attention row back to the host
+            w = 0.5 if p == "h2o" else 6
+            jobs.append(Job("ruler", f"{t}-{p}", [*base, "--tasks", t, "--policies", p], w, "ruler.csv"))
     return jobs
 
 
@@ -129,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     jobs = [j for part in a.parts.split(",") for j in PARTS[part](a)]
     todo = [j for j in jobs if not (out / j.part / j.name / j.done_file).is_file()]
-    todo.sort(key=lambda j: -j.weight)
+    parts = a.parts.split(",")
+    todo.sort(
+        key=lambda j: (parts.index(j.part), -j.weight)
+    )  # parts in the order given, longest first in each
     print(f"# {len(jobs)} jobs, {len(jobs) - len(todo)} done already, {len(todo)} to run, {a.jobs} at once",
           flush=True)  # fmt: skip
     t0 = time.perf_counter()
