@@ -517,3 +517,19 @@ def test_compare_nll_script(tmp_path, capsys):
     assert "positions 0..7 (8 predicted tokens)" in out
     assert "a - b.partial: mean loss -0.25000" in out  # (6 x -0.5 + 2 x +0.5) / 8
     assert "| 0-3 |" in out and "| 4-7 |" in out
+
+
+def test_ppl_plots_switch_to_a_log_axis_when_one_policy_is_far_off():
+    class Ax:
+        scale = "linear"
+
+        def set_yscale(self, s):
+            self.scale = s
+
+    def rows(*values):
+        return [ppl.PplResult("m", "t", "tova", 8, 64, 1, 63, v, 0.1, 1.0, 1.0, 1.0) for v in values]
+
+    for values, scale in (((15.5, 16.2, 53.4), "linear"), ((15.5, 16.2, 108.3), "log")):
+        ax = Ax()
+        ppl._log_y_when_spread(ax, rows(*values))
+        assert ax.scale == scale

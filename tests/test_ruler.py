@@ -217,7 +217,10 @@ def test_prepared_samples_run_without_the_generators(smollm2_path, tmp_path, mon
     other.write_text(lines[0].replace(smollm2_path.name, "another.gguf") + "\n")
     assert main([*run, "--data", str(other), "-o", str(tmp_path / "c")]) == 2
     assert "tokenized for another.gguf" in capsys.readouterr().err
-    assert main([*base, "--n-samples", "3", "--data", str(prep / ruler.DATA_FILE), "-o", str(tmp_path / "d")]) == 2
+    assert (
+        main([*base, "--n-samples", "3", "--data", str(prep / ruler.DATA_FILE), "-o", str(tmp_path / "d")])
+        == 2
+    )
     assert "2 sample(s) of 'vt', 3 asked" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"task": "vt"}\n')
     assert main([*run, "--data", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "e")]) == 2

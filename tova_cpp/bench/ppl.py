@@ -605,6 +605,13 @@ def _title(results: list[PplResult]) -> str:
     return f"{r0.model}: {', '.join(texts)}, {r0.n_windows} x {r0.ctx}-token window(s), token-by-token"
 
 
+def _log_y_when_spread(ax, results: list[PplResult]) -> None:
+    """A log perplexity axis when the values span more than 4x: else one poor policy flattens every curve."""
+    ppls = [r.ppl for r in results]
+    if max(ppls) / min(ppls) > 4:
+        ax.set_yscale("log")
+
+
 def plot(results: list[PplResult], path: Path) -> None:
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -626,9 +633,7 @@ def plot(results: list[PplResult], path: Path) -> None:
     budgets = sorted({r.budget for r in results if r.policy != "full"})
     if budgets:
         ax.set_xticks(budgets, [str(b) for b in budgets])
-    ppls = [r.ppl for r in results]
-    if max(ppls) / min(ppls) > 20:
-        ax.set_yscale("log")
+    _log_y_when_spread(ax, results)
     ax.set_xlabel("budget (KV cells per layer)")
     ax.set_ylabel("perplexity")
     ax.set_title(_title(results), fontsize=9)
@@ -662,9 +667,7 @@ def plot_kv(results: list[PplResult], path: Path) -> None:
             **style,
         )
     ax.set_xscale("log", base=2)
-    ppls = [r.ppl for r in results]
-    if max(ppls) / min(ppls) > 20:
-        ax.set_yscale("log")
+    _log_y_when_spread(ax, results)
     ax.set_xlabel("KV cache held (MiB, all layers)")
     ax.set_ylabel("perplexity")
     ax.set_title(_title(results), fontsize=9)
