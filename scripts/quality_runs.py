@@ -1,5 +1,8 @@
-"""Issue 16's quality grid on one model, as many `tova bench` processes at once (one GPU serves several: each
-process's step is mostly waits, so the card has room for the others), then one combined table per part.
+"""Issue 16's quality grid on one model, as a few `tova bench` processes at once, then one combined table per
+part. Processes sharing one GPU time-slice it: on an H200 with Qwen2.5-Coder-1.5B two TOVA processes ran at
+94 + 113 tokens/s against ~130 alone (1.6x in total), while twelve (TOVA, h2o, sink, window) ran each TOVA
+process at 8.8 tokens/s, about what running them one after another gives (docs/RESULTS.md section 6). Keep
+--jobs at 2 on a GPU; on a CPU, cores / threads.
 
 Parts (each job is one `tova bench` command; its log and results go to OUT/<part>/<job>/):
   ppl    perplexity of --n-windows windows of --ctx tokens for every policy at every budget (flash attention
@@ -13,7 +16,7 @@ Jobs start part by part in the order of --parts, longest first within a part; a 
 in its folder is skipped (rerun the same command to finish an interrupted grid). --stop-after SECONDS starts no
 job after that many seconds (those left are listed).
 
-    python scripts/quality_runs.py -m qwen.gguf -ngl 99 --jobs 12 --ruler-data ruler-data.jsonl -o q16
+    python scripts/quality_runs.py -m qwen.gguf -ngl 99 --jobs 2 --ruler-data ruler-data.jsonl -o q16
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-m", "--model", required=True)
     ap.add_argument("-ngl", type=int, default=99)
     ap.add_argument("--parts", default="ppl,quant,ruler")
-    ap.add_argument("--jobs", type=int, default=8, help="processes at once")
+    ap.add_argument("--jobs", type=int, default=2, help="processes at once (a GPU: 2-3)")
     ap.add_argument("-t", "--threads", type=int, default=1, help="threads per process")
     ap.add_argument("--texts", default="pg")
     ap.add_argument("--ctx", type=int, default=4096)
