@@ -212,6 +212,10 @@ def test_prepared_samples_run_without_the_generators(smollm2_path, tmp_path, mon
             return [(r["policy"], r["n_prompt"], r["budget"], r["pred"]) for r in csv.DictReader(f)]
 
     assert rows("a") == rows("b") and len(rows("a")) == 4
+    assert (
+        main([*run, "--data", str(prep / ruler.DATA_FILE), "--batch", "2", "-o", str(tmp_path / "a2")]) == 0
+    )
+    assert sorted(rows("a2")) == sorted(rows("a"))  # the batched path: same answers, grouped by policy
     capsys.readouterr()
     other = tmp_path / "other.jsonl"
     other.write_text(lines[0].replace(smollm2_path.name, "another.gguf") + "\n")
@@ -225,3 +229,23 @@ def test_prepared_samples_run_without_the_generators(smollm2_path, tmp_path, mon
     (tmp_path / "bad.jsonl").write_text('{"task": "vt"}\n')
     assert main([*run, "--data", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "e")]) == 2
     assert "not a ruler-data.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("policy", "mode"), [("tova", "fits"), ("tova", "stream"), ("h2o", "fits"), ("full", "-")]
+)
+def test_batched_answers_are_the_lone_sessions(smollm2_path, policy, mode):
+    """--batch: prompts of different lengths and budgets through one BatchSession of 2 sequences (so the third
+    waits for a free place) give the same greedy answers and budgets as one Session each."""
+    from tova_cpp import Session
+
+    with Session(smollm2_path, budget=1, policy="full", chunk=1, n_threads=1) as tok:
+        text = " ".join(f"Item {k} is a {['red', 'blue', 'green'][k % 3]} box." for k in range(60))
+        base = tok.tokenize(text + " Question: which colour is item 7? Answer:", add_special=True)
+    items = [(base[:n], comp, 6) for n, comp in ((300, 0.5), (260, 0.75), (420, 0.875))]
+    items = [(t[:-40] + base[-40:], c, m) for t, c, m in items]  # every prompt ends with the question
+    alone = [ruler.answer(smollm2_path, t, policy, c, mode, m, 1, 64) for t, c, m in items]
+    batched = ruler.answer_batch(smollm2_path, items, policy, mode, 2, 1, 64)
+    assert batched == alone
+    assert any(pred.strip() for pred, _ in alone)  # answers, not three immediate end-of-generation tokens
+    assert len({b for _, b in batched}) == 3  # three budgets in one session

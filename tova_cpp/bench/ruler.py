@@ -280,12 +280,7 @@ def answer(
     flash_attn: bool = False,
 ) -> tuple[str, int]:
     """Greedy answer and the budget used."""
-    n = len(tokens)
-    if policy == "full":
-        budget, piece = n + max_new, min(n, 512)
-    else:
-        budget = budget_for(n, compression)
-        piece = n if mode == "fits" else chunk  # fits: one piece holds the whole prompt, one cut after it
+    budget, piece = _budget_and_piece(len(tokens), policy, compression, mode, max_new, chunk)
     with Session(
         path,
         budget=budget,
@@ -308,6 +303,71 @@ def answer(
         return s.detokenize(out), budget
 
 
+def _budget_and_piece(n: int, policy: str, compression: float, mode: str, max_new: int, chunk: int) -> tuple:
+    """(budget, prompt piece) of one answer: full holds everything (pieces of 512), fits takes the whole
+    prompt as one piece (one cut after it), stream pieces of `chunk` (a cut after each)."""
+    if policy == "full":
+        return n + max_new, min(n, 512)
+    return budget_for(n, compression), n if mode == "fits" else chunk
+
+
+def answer_batch(
+    path: Path,
+    items: list[tuple[list[int], float, int]],
+    policy: str,
+    mode: str,
+    n_seqs: int,
+    threads: int,
+    chunk: int,
+    verbose: bool = False,
+    n_gpu_layers: int = 0,
+    flash_attn: bool = False,
+) -> list[tuple[str, int]]:
+    """`answer` for many prompts of one policy and mode at once: each item (tokens, compression, max_new) is a
+    sequence of one BatchSession of `n_seqs` sequences, with its own budget; prompts and greedy decode steps of
+    all running sequences share each llama_decode, and a finished sequence's place goes to the next prompt.
+    Per sequence the semantics are answer's (BatchSession keeps the same per-layer sets as a sequence alone).
+    Named deviation: h2o sums every query row of a prompt piece, and a piece that a shared step splits into
+    several ubatches is summed in another order, so near-ties can resolve differently and an h2o answer can
+    differ from the lone session's (tova and full answers matched in every check)."""
+    from ..batch import BatchSession
+
+    plans = [_budget_and_piece(len(t), policy, c, mode, m, chunk) for t, c, m in items]
+    piece = max(p for _, p in plans)
+    out: list[tuple[str, int] | None] = [None] * len(items)
+    with BatchSession(
+        path,
+        n_seq_max=min(n_seqs, len(items)),
+        budget=max(b for b, _ in plans),
+        policy=policy,
+        chunk=piece,
+        n_threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        flash_attn=flash_attn,
+        verbose=verbose,
+        **common.session_kwargs(policy),
+    ) as bs:
+        queue = list(range(len(items)))
+        running: dict[int, tuple[int, list[int]]] = {}  # seq -> (item, generated tokens)
+        feed: dict[int, list[int]] = {}
+        while queue or running:
+            while queue and bs.can_add(plans[queue[0]][0]):
+                i = queue.pop(0)
+                seq = bs.add(budget=plans[i][0])
+                running[seq], feed[seq] = (i, []), list(items[i][0])
+            for seq, lg in bs.step(feed).items():
+                i, gen = running[seq]
+                tok = int(lg.argmax())
+                if bs.is_eog(tok) or len(gen) >= items[i][2]:
+                    out[i] = (bs.detokenize(gen), plans[i][0])
+                    bs.remove(seq)
+                    del running[seq], feed[seq]
+                    continue
+                gen.append(tok)
+                feed[seq] = [tok]
+    return out  # type: ignore[return-value]
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "ruler",
@@ -325,6 +385,14 @@ def add_parser(sub) -> None:
     p.add_argument("--chunk", type=common._positive, default=256, help="stream mode: tokens per prompt piece")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("-fa", "--flash-attn", action="store_true", help="flash attention on (h2o is skipped)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="answer N prompts at once through one BatchSession per policy and mode (many sequences per step; "
+        "0: one Session per answer)",
+    )
     p.add_argument(
         "--prepare",
         action="store_true",
@@ -425,6 +493,8 @@ def _run(args: argparse.Namespace) -> int:
             raise common.BenchError(f"--modes takes a comma list of {','.join(MODES)}, got {args.modes!r}")
         if any(not 0 < c < 1 for c in args.compressions):
             raise common.BenchError("--compressions must lie strictly between 0 and 1")
+        if args.batch < 0:
+            raise common.BenchError(f"--batch takes a number of sequences >= 0, got {args.batch}")
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         out = common.out_dir(args)
         data = read_data(Path(args.data), path, tasks, args.n_samples) if args.data else None
@@ -447,6 +517,7 @@ def _run(args: argparse.Namespace) -> int:
             chunk=args.chunk,
             n_gpu_layers=args.n_gpu_layers,
             flash_attn=int(args.flash_attn),
+            batch=args.batch,
         )
         samples: list[SampleResult] = []
         if args.resume and (out / "ruler-samples.csv").is_file():
@@ -454,11 +525,45 @@ def _run(args: argparse.Namespace) -> int:
         done = {(r.task, r.index, r.mode, r.policy, r.compression) for r in samples}
         seconds: dict[tuple, float] = {}
         total = len(tasks) * args.n_samples * len(settings)
+
+        def record(t: str, i: int, mode: str, policy: str, comp: float, pred: str, budget: int, dt: float):
+            d = data[t][i]
+            r = SampleResult(
+                path.name, t, i, mode, policy, comp, budget, len(d["tokens"]), score(d["kind"], pred, d["outputs"]),
+                pred,
+            )  # fmt: skip
+            samples.append(r)
+            for m in modes if mode == "-" else [mode]:
+                key = (r.model, t, m, policy, comp)
+                seconds[key] = seconds.get(key, 0.0) + dt
+
+        gpu = {"n_gpu_layers": args.n_gpu_layers, "flash_attn": args.flash_attn}
         with common.progress(total, "ruler", disable=False) as bar:
             bar.unit = "answer"
-            for i in range(args.n_samples):  # sample-major: an interrupted run has every setting on i samples
-                for t in tasks:
-                    d, kind = data[t][i], data[t][i]["kind"]
+            if (
+                args.batch
+            ):  # one BatchSession per (policy, mode), every (task, sample, compression) through it
+                for policy, mode in dict.fromkeys((p, m) for p, _, m in settings):
+                    todo = [(t, i, c) for i in range(args.n_samples) for t in tasks
+                            for p, c, m in settings if (p, m) == (policy, mode)
+                            and (t, i, mode, policy, c) not in done]  # fmt: skip
+                    bar.update(len(tasks) * args.n_samples * sum((p, m) == (policy, mode) for p, _, m in settings)
+                               - len(todo))  # fmt: skip
+                    if not todo:
+                        continue
+                    items = [(data[t][i]["tokens"], c, data[t][i]["tokens_to_generate"]) for t, i, c in todo]
+                    t0 = time.perf_counter()
+                    answers = answer_batch(
+                        path, items, policy, mode, args.batch, threads, args.chunk, args.verbose, **gpu
+                    )
+                    dt = (time.perf_counter() - t0) / len(todo)  # the group's time, shared evenly
+                    for (t, i, c), (pred, budget) in zip(todo, answers, strict=True):
+                        record(t, i, mode, policy, c, pred, budget, dt)
+                    bar.update(len(todo))
+                    save(samples, summarize(samples, seconds), out, meta)  # after every group
+            for i in range(args.n_samples if not args.batch else 0):  # sample-major: an interrupted run has
+                for t in tasks:  # every setting on i samples
+                    d = data[t][i]
                     for policy, comp, mode in settings:
                         if (t, i, mode, policy, comp) in done:
                             bar.update(1)
@@ -474,18 +579,9 @@ def _run(args: argparse.Namespace) -> int:
                             threads,
                             args.chunk,
                             args.verbose,
-                            args.n_gpu_layers,
-                            args.flash_attn,
+                            **gpu,
                         )
-                        dt = time.perf_counter() - t0
-                        r = SampleResult(
-                            path.name, t, i, mode, policy, comp, budget, len(d["tokens"]),
-                            score(kind, pred, d["outputs"]), pred,
-                        )  # fmt: skip
-                        samples.append(r)
-                        for m in modes if mode == "-" else [mode]:
-                            key = (r.model, t, m, policy, comp)
-                            seconds[key] = seconds.get(key, 0.0) + dt
+                        record(t, i, mode, policy, comp, pred, budget, time.perf_counter() - t0)
                         bar.update(1)
                 # after every sample, so an interrupted run keeps what it measured
                 save(samples, summarize(samples, seconds), out, meta)
