@@ -281,17 +281,8 @@ def answer(
 ) -> tuple[str, int]:
     """Greedy answer and the budget used."""
     budget, piece = _budget_and_piece(len(tokens), policy, compression, mode, max_new, chunk)
-    with Session(
-        path,
-        budget=budget,
-        policy=policy,
-        chunk=piece,
-        n_threads=threads,
-        n_gpu_layers=n_gpu_layers,
-        flash_attn=flash_attn,
-        verbose=verbose,
-        **common.session_kwargs(policy),
-    ) as s:
+    opts = _options(policy, threads, verbose, n_gpu_layers, flash_attn)
+    with Session(path, budget=budget, chunk=piece, **opts) as s:
         s.eval(tokens)
         out: list[int] = []
         for _ in range(max_new):
@@ -301,6 +292,18 @@ def answer(
             out.append(tok)
             s.eval([tok])
         return s.detokenize(out), budget
+
+
+def _options(policy: str, threads: int, verbose: bool, n_gpu_layers: int, flash_attn: bool) -> dict:
+    """The session keywords an answer's Session or BatchSession shares (all but budget and piece)."""
+    return {
+        "policy": policy,
+        "n_threads": threads,
+        "n_gpu_layers": n_gpu_layers,
+        "flash_attn": flash_attn,
+        "verbose": verbose,
+        **common.session_kwargs(policy),
+    }
 
 
 def _budget_and_piece(n: int, policy: str, compression: float, mode: str, max_new: int, chunk: int) -> tuple:
@@ -335,18 +338,9 @@ def answer_batch(
     plans = [_budget_and_piece(len(t), policy, c, mode, m, chunk) for t, c, m in items]
     piece = max(p for _, p in plans)
     out: list[tuple[str, int] | None] = [None] * len(items)
-    with BatchSession(
-        path,
-        n_seq_max=min(n_seqs, len(items)),
-        budget=max(b for b, _ in plans),
-        policy=policy,
-        chunk=piece,
-        n_threads=threads,
-        n_gpu_layers=n_gpu_layers,
-        flash_attn=flash_attn,
-        verbose=verbose,
-        **common.session_kwargs(policy),
-    ) as bs:
+    opts = _options(policy, threads, verbose, n_gpu_layers, flash_attn)
+    budget = max(b for b, _ in plans)  # sizes every sequence's stream; each has its own
+    with BatchSession(path, n_seq_max=min(n_seqs, len(items)), budget=budget, chunk=piece, **opts) as bs:
         queue = list(range(len(items)))
         running: dict[int, tuple[int, list[int]]] = {}  # seq -> (item, generated tokens)
         feed: dict[int, list[int]] = {}
