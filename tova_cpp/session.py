@@ -134,9 +134,8 @@ class _SharedModels:
         self.lock = threading.Lock()
         self.depth = 0  # open shared_models() blocks
         self.by_key: dict[tuple[str, int], object] = {}  # (resolved path, n_gpu_layers) -> model
-        self.refs: dict[
-            int, int
-        ] = {}  # id of a model's handle -> sessions holding it (+1 while a block is open)
+        # id of a model's handle -> sessions holding it (+1 while a block is open)
+        self.refs: dict[int, int] = {}
 
 
 _SHARED = _SharedModels()
@@ -149,17 +148,17 @@ def _handle_id(model) -> int:
 def acquire_model(path: Path, n_gpu_layers: int, verbose: bool):
     """load_model, or, inside a `shared_models()` block, the model already loaded there for the same file and
     n_gpu_layers. Give it back with release_model."""
-    with _SHARED.lock:
-        if _SHARED.depth == 0:
-            return load_model(path, n_gpu_layers, verbose)
-        key = (str(Path(path).resolve()), n_gpu_layers)
-        model = _SHARED.by_key.get(key)
-        if model is None:
-            model = load_model(path, n_gpu_layers, verbose)
-            _SHARED.by_key[key] = model
-            _SHARED.refs[_handle_id(model)] = 1  # the block's own hold
-        _SHARED.refs[_handle_id(model)] += 1
-        return model
+    with _SHARED.lock:  # held while loading inside a block, so that two threads never load one file twice
+        if _SHARED.depth > 0:
+            key = (str(Path(path).resolve()), n_gpu_layers)
+            model = _SHARED.by_key.get(key)
+            if model is None:
+                model = load_model(path, n_gpu_layers, verbose)
+                _SHARED.by_key[key] = model
+                _SHARED.refs[_handle_id(model)] = 1  # the block's own hold
+            _SHARED.refs[_handle_id(model)] += 1
+            return model
+    return load_model(path, n_gpu_layers, verbose)  # outside any block: its own model, no lock held
 
 
 def release_model(model) -> None:
