@@ -533,3 +533,13 @@ def test_ppl_plots_switch_to_a_log_axis_when_one_policy_is_far_off():
         ax = Ax()
         ppl._log_y_when_spread(ax, rows(*values))
         assert ax.scale == scale
+
+
+def test_speed_checks_name_the_target_of_the_device_and_interval():
+    def row(policy, ngl, m, ms):
+        return speed.SpeedResult("m", policy, 512, 512, 64, 2, 4, "CPU", ngl, True, "f16", "f16", m,
+                                 1.0, 0.0, 1000 / ms, 0.0, ms, 0.0, 0.0, 0.0, 0, 0, 0.0)  # fmt: skip
+
+    for ngl, m, target in ((0, 1, "1.10"), (-1, 1, "1.25"), (-1, 8, "1.05")):
+        out = speed.checks([row("window", ngl, m, 2.0), row("tova", ngl, m, 3.0)])
+        assert out == f"per-token cost tova / window, B=512, d512: 1.500 (target <= {target})"
