@@ -280,12 +280,6 @@ class BatchSession:
         )
 
     # -- native calls -------------------------------------------------------------------------------------
-    def _set_threads(self, n: int) -> None:
-        if n != self.n_threads:
-            llama_cpp.llama_set_n_threads(self._ctx, n, n)
-            lib.tova_engine_set_threads(self._engine, n)
-            self.n_threads = n
-
     def _error(self) -> str:
         return ffi.string(lib.tova_engine_last_error(self._engine)).decode()
 
@@ -666,6 +660,7 @@ class BatchSession:
     _require_tokenizer = Session._require_tokenizer
     kv_row_bytes = Session.kv_row_bytes
     _kv_row_bytes = Session._kv_row_bytes
+    _set_threads = Session._set_threads
 
     @_exclusive(require_open=False)
     def close(self) -> None:
