@@ -9,15 +9,16 @@ usage: python scripts/kv_type_check.py [-m MODEL] [--n 1024] [-t THREADS]
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import llama_cpp
 import numpy as np
 
 from tova_cpp.bench import common
+from tova_cpp.bench.ppl import _nll, perplexity
+from tova_cpp.session import CACHE_TYPES
 
-TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml_type
+TYPES = ("f16", "q8_0", "q4_0")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,19 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     path = common.model_path(a.model)
     _, text = common.load_text("pg")
-    for name, t in TYPES.items():
+    for name in TYPES:
+        t = CACHE_TYPES[name]
         llm = llama_cpp.Llama(str(path), n_ctx=a.n, n_batch=a.n, n_ubatch=a.n, logits_all=True, flash_attn=True,
                               type_k=t, type_v=t, n_threads=a.threads, verbose=False)  # fmt: skip
         toks = llm.tokenize(text[: a.n * 8].encode(), add_bos=False)[: a.n]
         t0 = time.perf_counter()
         llm.eval(toks)
-        lg = np.array(llm.scores[: len(toks)], dtype=np.float64)
-        top = lg.max(axis=1, keepdims=True)
-        lse = top[:, 0] + np.log(np.exp(lg - top).sum(axis=1))
-        nll = lse[:-1] - lg[np.arange(len(toks) - 1), toks[1:]]
-        print(
-            f"{name}: PPL {math.exp(nll.mean()):.4f} over {nll.size} tokens ({time.perf_counter() - t0:.0f} s)"
-        )
+        nll = _nll(llm.scores[: len(toks) - 1], np.asarray(toks[1:]))
+        ppl, _ = perplexity(nll)
+        print(f"{name}: PPL {ppl:.4f} over {nll.size} tokens ({time.perf_counter() - t0:.0f} s)")
         llm.close()
     return 0
 
