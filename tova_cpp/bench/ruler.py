@@ -534,9 +534,8 @@ def _run(args: argparse.Namespace) -> int:
         gpu = {"n_gpu_layers": args.n_gpu_layers, "flash_attn": args.flash_attn}
         with common.progress(total, "ruler", disable=False) as bar:
             bar.unit = "answer"
-            if (
-                args.batch
-            ):  # one BatchSession per (policy, mode), every (task, sample, compression) through it
+            # --batch: one BatchSession per (policy, mode), every (task, sample, compression) through it
+            if args.batch:
                 for policy, mode in dict.fromkeys((p, m) for p, _, m in settings):
                     todo = [(t, i, c) for i in range(args.n_samples) for t in tasks
                             for p, c, m in settings if (p, m) == (policy, mode)
@@ -555,30 +554,31 @@ def _run(args: argparse.Namespace) -> int:
                         record(t, i, mode, policy, c, pred, budget, dt)
                     bar.update(len(todo))
                     save(samples, summarize(samples, seconds), out, meta)  # after every group
-            for i in range(args.n_samples if not args.batch else 0):  # sample-major: an interrupted run has
-                for t in tasks:  # every setting on i samples
-                    d = data[t][i]
-                    for policy, comp, mode in settings:
-                        if (t, i, mode, policy, comp) in done:
+            else:  # sample-major: an interrupted run has every setting on i samples
+                for i in range(args.n_samples):
+                    for t in tasks:
+                        d = data[t][i]
+                        for policy, comp, mode in settings:
+                            if (t, i, mode, policy, comp) in done:
+                                bar.update(1)
+                                continue
+                            t0 = time.perf_counter()
+                            pred, budget = answer(
+                                path,
+                                d["tokens"],
+                                policy,
+                                comp,
+                                mode,
+                                d["tokens_to_generate"],
+                                threads,
+                                args.chunk,
+                                args.verbose,
+                                **gpu,
+                            )
+                            record(t, i, mode, policy, comp, pred, budget, time.perf_counter() - t0)
                             bar.update(1)
-                            continue
-                        t0 = time.perf_counter()
-                        pred, budget = answer(
-                            path,
-                            d["tokens"],
-                            policy,
-                            comp,
-                            mode,
-                            d["tokens_to_generate"],
-                            threads,
-                            args.chunk,
-                            args.verbose,
-                            **gpu,
-                        )
-                        record(t, i, mode, policy, comp, pred, budget, time.perf_counter() - t0)
-                        bar.update(1)
-                # after every sample, so an interrupted run keeps what it measured
-                save(samples, summarize(samples, seconds), out, meta)
+                    # after every sample, so an interrupted run keeps what it measured
+                    save(samples, summarize(samples, seconds), out, meta)
     except TovaError as e:
         if args.verbose:
             raise
@@ -630,16 +630,13 @@ def read_data(file: Path, path: Path, tasks: list[str], n_samples: int) -> dict:
     """The samples of `tasks` in a ruler-data.jsonl from --prepare, the first n_samples of each; BenchError when
     the file is missing or damaged, was made for another model, or lacks a task or samples."""
     data: dict[str, list[dict]] = {}
+    models = set()
     try:
         for line in file.read_text().splitlines():
             if line.strip():
                 d = json.loads(line)
                 data.setdefault(d["task"], []).append(d)
-                if d["model"] != path.name:
-                    raise common.BenchError(
-                        f"{file} holds samples tokenized for {d['model']}, not {path.name}: run --prepare with -m "
-                        f"{path.name}"
-                    )
+                models.add(d["model"])
                 missing = {"kind", "tokens_to_generate", "outputs", "tokens", "index"} - d.keys()
                 if missing:
                     raise KeyError(", ".join(sorted(missing)))
@@ -647,6 +644,12 @@ def read_data(file: Path, path: Path, tasks: list[str], n_samples: int) -> dict:
         raise common.BenchError(
             f"{file} is not a ruler-data.jsonl from `tova bench ruler --prepare`: {e}"
         ) from None
+    others = sorted(models - {path.name})
+    if others:
+        raise common.BenchError(
+            f"{file} holds samples tokenized for {', '.join(others)}, not {path.name}: run --prepare with -m "
+            f"{path.name}"
+        )
     for t in tasks:
         if len(data.get(t, [])) < n_samples:
             raise common.BenchError(
