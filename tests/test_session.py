@@ -302,9 +302,9 @@ def test_keep_is_set_before_the_first_decode_only(tiny_path):
 
 
 def _handle(s: Session) -> int:
-    import ctypes
+    from tova_cpp.session import _handle_id
 
-    return ctypes.cast(s._model, ctypes.c_void_p).value
+    return _handle_id(s._model)
 
 
 def test_shared_models_load_once_and_free_when_the_last_holder_closes(smollm2_path, tiny_path):

@@ -185,10 +185,11 @@ def shared_models():
     try:
         yield
     finally:
+        ending = []
         with _SHARED.lock:
             _SHARED.depth -= 1
-            ending = list(_SHARED.by_key.values()) if _SHARED.depth == 0 else []
-            if _SHARED.depth == 0:
+            if _SHARED.depth == 0:  # the outermost block: give back its hold on every model
+                ending = list(_SHARED.by_key.values())
                 _SHARED.by_key.clear()
         for model in ending:
             release_model(model)
