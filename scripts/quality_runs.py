@@ -25,7 +25,7 @@ import argparse
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,30 +41,36 @@ class Job:
     done_file: str  # exists in the job's folder once it has finished
 
 
+def _ppl_base(a: argparse.Namespace) -> list[str]:
+    return ["ppl", "-m", a.model, "-ngl", str(a.ngl), "--texts", a.texts, "--ctx", str(a.ctx),
+            "--n-windows", str(a.n_windows), "-t", str(a.threads), "--no-plot"]  # fmt: skip
+
+
+def _steps(a: argparse.Namespace, budget: int) -> float:
+    """Share of a window fed one token at a time (the first `budget` tokens are batched): a job's rough cost."""
+    return max(a.ctx - budget, 1) / a.ctx
+
+
 def ppl_jobs(a: argparse.Namespace) -> list[Job]:
-    base = ["ppl", "-m", a.model, "-ngl", str(a.ngl), "--texts", a.texts, "--ctx", str(a.ctx)]
-    base += ["--n-windows", str(a.n_windows), "-t", str(a.threads), "--no-plot"]
+    base = _ppl_base(a)
     jobs = [Job("ppl", "full", [*base, "--policies", "full"], 0.1, "ppl.csv")]
     for b in a.budgets:
-        steps = max(a.ctx - b, 1) / a.ctx  # tokens fed one at a time (the first `budget` are batched)
         for p in BOUNDED:
             ei = ["--evict-interval", "1,8,32"] if p == "tova" else []
             jobs.append(Job("ppl", f"{p}-{b}", [*base, "--policies", p, "--budgets", str(b), *ei],
-                            steps * (2.2 if p == "tova" else 1), "ppl.csv"))  # fmt: skip
+                            _steps(a, b) * (2.2 if p == "tova" else 1), "ppl.csv"))  # fmt: skip
     return jobs
 
 
 def quant_jobs(a: argparse.Namespace) -> list[Job]:
-    base = ["ppl", "-m", a.model, "-ngl", str(a.ngl), "--texts", a.texts, "--ctx", str(a.ctx), "-fa"]
-    base += ["--n-windows", str(a.n_windows), "-t", str(a.threads), "--no-plot"]
+    base = [*_ppl_base(a), "-fa"]
     jobs = []
     for ct in ("f16", "q8_0", "q4_0"):
         cache = ["-ctk", ct, "-ctv", ct]
         jobs.append(Job("quant", f"full-{ct}", [*base, *cache, "--policies", "full"], 0.1, "ppl.csv"))
         for b in a.budgets:
-            steps = max(a.ctx - b, 1) / a.ctx
             jobs.append(Job("quant", f"tova-{ct}-{b}", [*base, *cache, "--policies", "tova", "--budgets", str(b)],
-                            steps, "ppl.csv"))  # fmt: skip
+                            _steps(a, b), "ppl.csv"))  # fmt: skip
     return jobs
 
 
@@ -132,41 +138,38 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.budgets = [int(b) for b in a.budgets.split(",")]
     out = Path(a.out)
-    jobs = [j for part in a.parts.split(",") for j in PARTS[part](a)]
-    todo = [j for j in jobs if not (out / j.part / j.name / j.done_file).is_file()]
     parts = a.parts.split(",")
-    todo.sort(
-        key=lambda j: (parts.index(j.part), -j.weight)
-    )  # parts in the order given, longest first in each
+    jobs = [j for part in parts for j in PARTS[part](a)]
+    todo = [j for j in jobs if not (out / j.part / j.name / j.done_file).is_file()]
+    # parts in the order given, longest first in each
+    todo.sort(key=lambda j: (parts.index(j.part), -j.weight))
     print(f"# {len(jobs)} jobs, {len(jobs) - len(todo)} done already, {len(todo)} to run, {a.jobs} at once",
           flush=True)  # fmt: skip
     t0 = time.perf_counter()
     failed, skipped = [], []
 
-    def submit(pool, job):
-        if a.stop_after is not None and time.perf_counter() - t0 > a.stop_after:
-            skipped.append(job.name)
-            return None
-        return pool.submit(run_job, job, out)
+    def submit(pool, queue: list[Job], running: set) -> None:
+        """Start the next queued job, unless --stop-after has passed (then every queued job is listed)."""
+        if queue and a.stop_after is not None and time.perf_counter() - t0 > a.stop_after:
+            skipped.extend(j.name for j in queue)
+            queue.clear()
+        if queue:
+            running.add(pool.submit(run_job, queue.pop(0), out))
 
     with ThreadPoolExecutor(a.jobs) as pool:
-        queue = list(todo)
-        running = {f for f in (submit(pool, queue.pop(0)) for _ in range(min(a.jobs, len(queue)))) if f}
+        queue, running = list(todo), set()
+        for _ in range(a.jobs):
+            submit(pool, queue, running)
         while running:
-            for fut in as_completed(running):
-                running.remove(fut)
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
                 job, rc, dt = fut.result()
                 print(
                     f"{time.perf_counter() - t0:7.1f}s {job.part}/{job.name}: rc {rc}, {dt:.1f} s", flush=True
                 )
                 if rc != 0:
                     failed.append(f"{job.part}/{job.name}")
-                while queue:
-                    nxt = submit(pool, queue.pop(0))
-                    if nxt is not None:
-                        running.add(nxt)
-                        break
-                break
+                submit(pool, queue, running)
     for part in dict.fromkeys(j.part for j in jobs):
         combine(part, out, a.plot)
     print(f"# {time.perf_counter() - t0:.0f} s; failed: {failed or 'none'}; not started: {skipped or 'none'}")
