@@ -53,16 +53,22 @@ static int64_t cell_base(const tova_engine * e, int64_t i) {
 }
 
 // h2o: acc[cell] += sum over the batch's queries of their head-averaged attention. The rows of ALL queries of
-// the batch count (what H2O does with a prompt), not only the last one; empty and masked cells hold 0.
+// the batch count (what H2O does with a prompt), not only the last one; empty and masked cells hold 0. A device
+// (or force_graph) sums on the device and hands back n_kv floats per stream (reduce.h).
 static void accumulate_scores(tova_engine * e, ggml_tensor * t, int il, const softmax_layout & L) {
-    const float * p = (const float *) t->data;
-    if (!ggml_backend_buffer_is_host(t->buffer)) {
-        e->scratch_f.resize((size_t) ggml_nelements(t));
-        ggml_backend_tensor_get(t, e->scratch_f.data(), 0, e->scratch_f.size() * sizeof(float));
-        p = e->scratch_f.data();
-    }
-    std::vector<double> & sum = e->scratch_d;
     double * out = e->st.acc(il);
+    if (e->force_graph || !ggml_backend_buffer_is_host(t->buffer)) {
+        if (!e->sums.column_sums(t, e->devs, e->scratch_f, e->armed.error)) return;
+        for (int64_t i = 0; i < L.n_stream; i++) {
+            double * o = out + cell_base(e, i);
+            const float * c = &e->scratch_f[(size_t) (i * L.n_kv)];
+            for (int64_t j = 0; j < L.n_kv; j++) o[j] += (double) c[j] / (double) L.n_head;
+        }
+        e->scored[il] = 1;
+        return;
+    }
+    const float * p = (const float *) t->data;
+    std::vector<double> & sum = e->scratch_d;
     for (int64_t i = 0; i < L.n_stream; i++) {
         sum.assign(L.n_kv, 0.0);
         for (int64_t h = 0; h < L.n_head; h++)
@@ -96,8 +102,9 @@ static void capture_scores(tova_engine * e, ggml_tensor * t, int il) {
     }
     float * out = &e->scores[(size_t) il * n_cells];
     std::fill(out, out + n_cells, 0.0f);
-    e->scratch_f.resize(L.n_kv);
-    const bool host = ggml_backend_buffer_is_host(t->buffer);
+    // a device (or force_graph) sums the heads of every row there and reads back only the captured rows
+    const bool device = e->force_graph || !ggml_backend_buffer_is_host(t->buffer);
+    if (device && !e->sums.head_sums(t, e->devs, e->scratch_f, e->armed.error)) return;
     // each captured row is one sequence's newest token (batch row r: token r % n_tps of stream r / n_tps). In a
     // unified cache it is 0 on every other sequence's cells (masked), so adding the rows gives each cell the
     // score of its own sequence's row; with per-sequence streams each row covers its own stream only.
@@ -107,11 +114,13 @@ static void capture_scores(tova_engine * e, ggml_tensor * t, int il) {
         float * o = out + cell_base(e, i);
         if (last >= 0 && i != last) divide_rows(out + cell_base(e, last), L);
         last = i;
+        if (device) {
+            const float * src = &e->scratch_f[(size_t) ((i * L.n_tps + tk) * L.n_kv)];
+            for (int64_t j = 0; j < L.n_kv; j++) o[j] += src[j];
+            continue;
+        }
         for (int64_t h = 0; h < L.n_head; h++) {
-            const size_t off = (size_t) ((i * L.n_head + h) * L.n_tps + tk) * L.n_kv * sizeof(float);
-            const float * src = e->scratch_f.data();
-            if (host) src = (const float *) ((const char *) t->data + off);
-            else ggml_backend_tensor_get(t, e->scratch_f.data(), off, L.n_kv * sizeof(float));
+            const float * src = (const float *) t->data + ((i * L.n_head + h) * L.n_tps + tk) * L.n_kv;
             for (int64_t j = 0; j < L.n_kv; j++) o[j] += src[j];
         }
     }

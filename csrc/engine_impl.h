@@ -8,6 +8,7 @@
 
 #include "backend.h"
 #include "mover.h"
+#include "reduce.h"
 #include "score.h"
 #include "state.h"
 #include "tova.h"
@@ -45,7 +46,7 @@ struct tova_engine {
     int32_t budget;
     int32_t memory;              // most cells ever occupied: budget + max(chunk, evict_interval)
     bool v_trans;                // also: flash attention off (llama.cpp stores V transposed exactly when FA is off)
-    bool force_graph = false;    // env: TOVA_MOVER=graph forces the ggml-graph mover
+    bool force_graph = false;    // env: TOVA_MOVER=graph forces the device paths (graph mover, attention sums)
     bool verify_cells = false;   // env: TOVA_CHECK_CELLS=1 reads attn_inp_k_idxs on every decode, even on a device
     int32_t keep = 0;            // original positions < keep are never evicted
     int32_t n_sink = 4;          // TOVA_POLICY_SINK: original positions < n_sink are never evicted
@@ -75,6 +76,7 @@ struct tova_engine {
     tova::backends devs;
     tova::mover mover;
     tova::scorer fa;                     // flash attention on: scores recomputed from the newest query
+    tova::reducer sums;                  // flash attention off, cache on a device: attention sums made there
     double stats[TOVA_STAT_COUNT] = {};  // tova_engine_stats
     std::string error;
 

@@ -68,7 +68,8 @@ int32_t tova_engine_set_cells(tova_engine * e, int32_t n_cells);
 int32_t tova_engine_set_evict_interval(tova_engine * e, int32_t m);
 // CPU threads for the flash-attention scoring graph when the cache is in host memory; may change between decodes.
 void tova_engine_set_threads(tova_engine * e, int32_t n_threads);
-// Force the ggml-graph mover even for host buffers (tests).
+// Take the device paths even for host buffers (tests): the ggml-graph mover, and with flash attention off the
+// attention sums formed by a ggml graph (reduce.h) instead of reading the softmax rows.
 void tova_engine_set_force_graph_mover(tova_engine * e, bool force);
 
 // llama_context_params.cb_eval; user_data = the engine. Runs on the llama_decode thread; wants no node outside

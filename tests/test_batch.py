@@ -52,9 +52,12 @@ def tiny(tmp_path_factory):
     return path, write_tiny_llama(path)
 
 
-def run_batch(path, policy, flash_attn, n_vocab, n_ctx=None, plan=PLAN, logits_at=None, **kw):
+def run_batch(
+    path, policy, flash_attn, n_vocab, n_ctx=None, plan=PLAN, logits_at=None, device_paths=False, **kw
+):
     """Runs PLAN in one BatchSession; returns per name: the token stream, and per step (kept, logits).
-    logits_at(step) False: that step runs with logits=False (its logits entry is None)."""
+    logits_at(step) False: that step runs with logits=False (its logits entry is None). device_paths: the
+    engine takes its device code paths on the CPU's cache (set_force_graph_mover)."""
     kw = {"type_k": "f32", "type_v": "f32", "n_threads": 2, **kw}
     rng = np.random.default_rng(7)
     streams = {name: rng.integers(0, n_vocab, size=n + STEPS).tolist() for name, n, *_ in plan}
@@ -69,6 +72,7 @@ def run_batch(path, policy, flash_attn, n_vocab, n_ctx=None, plan=PLAN, logits_a
         flash_attn=flash_attn,
         **kw,
     ) as bs:
+        bs.set_force_graph_mover(device_paths)
         ids, fed = {}, {}
         for t in range(STEPS):
             for name, *_, stop in plan:
@@ -203,6 +207,18 @@ def test_each_sequence_matches_itself_alone_and_the_oracle(tiny, policy, flash_a
             assert np.allclose(logits, r_logits, rtol=RTOL_REF[flash_attn], atol=tol), f"{name} step {step}"
     mode = "unified" if kv_unified else "streams"
     print(f"\n{policy} fa={flash_attn} {mode}: worst |batch - alone| / max|logit| = {worst:.2e}")
+
+
+@pytest.mark.parametrize("kv_unified", [True, False], ids=["unified", "streams"])
+@pytest.mark.parametrize("policy", ["tova", "h2o"])
+def test_device_attention_sums_match_the_oracle(tiny, policy, kv_unified):
+    """The path a GPU cache takes with flash attention off, forced on the CPU: the attention sums formed by a
+    ggml graph where the softmax lies (tova: the head sums of each sequence's scored row; h2o: every row's column
+    sums, per stream) keep the oracle's sets at every step of the plan, pieces split across ubatches included."""
+    path, model = tiny
+    streams, got = run_batch(path, policy, False, model.n_vocab, kv_unified=kv_unified, device_paths=True)
+    for name, *_ in PLAN:
+        assert replay_against_reference(model, name, streams, got, policy, RTOL_REF[False]) is None
 
 
 @pytest.mark.parametrize("kv_unified", [True, False], ids=["unified", "streams"])

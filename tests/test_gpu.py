@@ -74,6 +74,27 @@ def test_offloaded_engine_matches_reference(
     assert buffer and not buffer.startswith("CPU"), f"the KV cache is in {buffer!r}, not on the GPU"
 
 
+@pytest.mark.parametrize("prompt_len", [10, 50], ids=["prompt<budget", "chunked"])
+def test_offloaded_h2o_matches_reference(tiny, prompt_len):
+    """h2o with the cache on the GPU: each decode's column sums (every query row of a prompt piece, every head)
+    formed on the device by csrc/reduce.cpp, n_kv floats read back per layer; GPU bounds."""
+    path, model = tiny
+    rng = np.random.default_rng(prompt_len + 1)
+    tokens = rng.integers(0, model.n_vocab, size=prompt_len + STEPS).tolist()
+    with gpu_session(path, policy="h2o") as s:
+        ref = Reference(model, BUDGET, CHUNK, "h2o")
+        msg = first_mismatch(
+            s,
+            ref,
+            tokens[:prompt_len],
+            tokens[prompt_len:],
+            max_ties=GPU_MAX_TIES,
+            rtol=GPU_RTOL,
+            tie_rtol=GPU_TIE_RTOL,
+        )
+    assert msg is None
+
+
 # q4_0 is left out: CUDA's q4_0 flash attention is already 0.2 away from the oracle's logits on the prompt
 # (before any eviction) and ~10x apart on the smallest scores; q4_0 is checked exactly on the CPU
 # (test_reference.py) and for invariants with the rotation on, below.
@@ -159,20 +180,25 @@ def test_offloaded_unscored_decodes_read_no_node(tiny, policy, m):
 
 
 @pytest.mark.parametrize("kv_unified", [True, False], ids=["unified", "streams"])
-@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+@pytest.mark.parametrize(
+    "policy, flash_attn", [("tova", False), ("tova", True), ("h2o", False)], ids=["fa-off", "fa-on", "h2o"]
+)
 @pytest.mark.parametrize("check_cells", ["0", "1"], ids=["predicted-cells", "read-cells"])
-def test_offloaded_many_sequences_match_reference(tiny, flash_attn, check_cells, kv_unified, monkeypatch):
+def test_offloaded_many_sequences_match_reference(
+    tiny, policy, flash_attn, check_cells, kv_unified, monkeypatch
+):
     """tests/test_batch.py's plan (5 sequences, different prompts, budgets, keep, evict_interval, start times,
     one removed; prompts within memory) in one BatchSession on the GPU: each sequence against the oracle run
     alone, GPU bounds. With flash attention the scores come from the batched scoring graph (one row per
-    sequence; streams: one row per stream, over that stream's cells)."""
+    sequence; streams: one row per stream, over that stream's cells); without, from the device's attention sums
+    (csrc/reduce.cpp: tova the scored rows' head sums, h2o every row's column sums per stream)."""
     from test_batch import PLAN_ONE_PIECE, replay_against_reference, run_batch
 
     monkeypatch.setenv("TOVA_CHECK_CELLS", check_cells)
     path, model = tiny
     plan = PLAN_ONE_PIECE  # prompts in one piece: the oracle can follow every near-tie cut (see test_batch)
     streams, got = run_batch(
-        path, "tova", flash_attn, model.n_vocab, plan=plan, n_gpu_layers=-1, kv_unified=kv_unified
+        path, policy, flash_attn, model.n_vocab, plan=plan, n_gpu_layers=-1, kv_unified=kv_unified
     )
     for name, *_ in plan:
         msg = replay_against_reference(
@@ -180,7 +206,7 @@ def test_offloaded_many_sequences_match_reference(tiny, flash_attn, check_cells,
             name,
             streams,
             got,
-            "tova",
+            policy,
             GPU_RTOL,
             max_ties=GPU_MAX_TIES,
             tie_rtol=GPU_TIE_RTOL,

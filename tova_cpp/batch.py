@@ -661,6 +661,7 @@ class BatchSession:
     kv_row_bytes = Session.kv_row_bytes
     _kv_row_bytes = Session._kv_row_bytes
     _set_threads = Session._set_threads
+    set_force_graph_mover = Session.set_force_graph_mover
 
     @_exclusive(require_open=False)
     def close(self) -> None:

@@ -684,7 +684,8 @@ class Session:
 
     @_exclusive
     def set_force_graph_mover(self, force: bool) -> None:
-        """Move rows with the ggml graph (the device path) even when the cache is in host memory."""
+        """Take the device paths even when the cache is in host memory: rows moved by the ggml graph and, with
+        flash attention off, the attention sums formed by a ggml graph instead of read row by row (tests)."""
         lib.tova_engine_set_force_graph_mover(self._engine, force)
 
     @_exclusive

@@ -1,0 +1,84 @@
+#include "reduce.h"
+
+#include "backend.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml.h"
+
+namespace tova {
+
+reducer::~reducer() {
+    if (galloc_) ggml_gallocr_free(galloc_);
+}
+
+bool reducer::head_sums(ggml_tensor * p, backends & devs, std::vector<float> & out, std::string & err) {
+    return run(p, false, devs, out, err);
+}
+
+bool reducer::column_sums(ggml_tensor * p, backends & devs, std::vector<float> & out, std::string & err) {
+    return run(p, true, devs, out, err);
+}
+
+// SUM_ROWS adds along dim 0, so the summed axes go first: a permuted copy (as large as p, on the device), then
+// one SUM_ROWS. over_rows: [n_kv, n_tps * n_head, n_stream] -> [n_tps * n_head, n_kv, n_stream]; otherwise
+// [n_kv, n_tps, n_head, n_stream] -> [n_head, n_kv, n_tps, n_stream].
+bool reducer::run(ggml_tensor * p, bool over_rows, backends & devs, std::vector<float> & out, std::string & err) {
+    if (p->type != GGML_TYPE_F32 || !ggml_is_contiguous(p)) {
+        err = std::string("cannot reduce ") + p->name + ": not a contiguous F32 tensor";
+        return false;
+    }
+    ggml_backend * b = devs.for_tensor(p, err);
+    if (!b) return false;
+    if (b != backend_ && galloc_) {
+        ggml_gallocr_free(galloc_);
+        galloc_ = nullptr;
+    }
+    backend_ = b;
+    if (!galloc_) galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(b));
+    if (!galloc_) {
+        err = "cannot create the attention-sum allocator";
+        return false;
+    }
+    const int64_t n_kv = p->ne[0], n_tps = p->ne[1], n_head = p->ne[2], n_stream = p->ne[3];
+    const size_t n_nodes = 8;
+    ggml_init_params ip = {n_nodes * ggml_tensor_overhead() + ggml_graph_overhead_custom(n_nodes, false), nullptr,
+                           true};
+    ggml_context * ctx = ggml_init(ip);
+    if (!ctx) {
+        err = "ggml_init failed for the attention sums";
+        return false;
+    }
+    // p as a leaf of this graph (p itself would pull in the whole model graph behind it)
+    ggml_tensor * in = ggml_new_tensor(ctx, GGML_TYPE_F32, GGML_MAX_DIMS, p->ne);
+    in->buffer = p->buffer;
+    in->data = p->data;
+    ggml_tensor * x = over_rows
+                          ? ggml_permute(ctx, ggml_reshape_3d(ctx, in, n_kv, n_tps * n_head, n_stream), 1, 0, 2, 3)
+                          : ggml_permute(ctx, in, 1, 2, 0, 3);
+    ggml_tensor * s = ggml_sum_rows(ctx, ggml_cont(ctx, x));
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_nodes, false);
+    ggml_build_forward_expand(gf, s);
+    bool ok = false;
+    for (int i = 0; i < ggml_graph_n_nodes(gf); i++) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (!ggml_backend_supports_op(b, node)) {
+            err = std::string("the cache's backend (") + ggml_backend_name(b) + ") cannot run " + ggml_op_desc(node) +
+                  " for the attention sums";
+            ggml_free(ctx);
+            return false;
+        }
+    }
+    if (!ggml_gallocr_alloc_graph(galloc_, gf)) {
+        err = "cannot allocate the attention sums on the cache's device";
+    } else if (ggml_backend_graph_compute(b, gf) != GGML_STATUS_SUCCESS) {
+        err = "the attention-sum graph failed on the cache's backend";
+    } else {
+        out.resize((size_t) ggml_nelements(s));
+        ggml_backend_tensor_get(s, out.data(), 0, out.size() * sizeof(float));
+        ok = true;
+    }
+    ggml_free(ctx);
+    return ok;
+}
+
+}  // namespace tova

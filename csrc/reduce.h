@@ -1,0 +1,39 @@
+// reduce: sums of one layer's attention probabilities (kq_soft_max-<il>, F32 [n_kv, n_tps, n_head, n_stream])
+// formed on the device that holds them, so that a GPU hands back n_kv floats per row or per stream instead of
+// the whole tensor (the host path read every head of every row: for h2o, every query row of a prompt piece).
+// Called from the eval callback's data phase: the scheduler has synchronized the node's backend, and the graph
+// here runs on the same device's backend (shared with the mover and the scorer) and is synchronous.
+// Sums are F32 on the device (the host path adds F32 rows in F64): an h2o or TOVA near-tie may resolve the
+// other way than on a host cache (docs/ARCHITECTURE.md, "h2o on a GPU").
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct ggml_tensor;
+struct ggml_backend;
+struct ggml_gallocr;
+
+namespace tova {
+
+class backends;
+
+class reducer {
+public:
+    reducer() = default;
+    reducer(const reducer &) = delete;
+    reducer & operator=(const reducer &) = delete;
+    ~reducer();
+    // out[(i * n_tps + t) * n_kv + j] = sum over heads h of p[j, t, h, i]: every row's head sum.
+    bool head_sums(ggml_tensor * p, backends & devs, std::vector<float> & out, std::string & err);
+    // out[i * n_kv + j] = sum over rows t and heads h of p[j, t, h, i]: each stream's column sums (h2o).
+    bool column_sums(ggml_tensor * p, backends & devs, std::vector<float> & out, std::string & err);
+
+private:
+    bool run(ggml_tensor * p, bool over_rows, backends & devs, std::vector<float> & out, std::string & err);
+    ggml_backend * backend_ = nullptr;  // owned by `backends`
+    ggml_gallocr * galloc_ = nullptr;   // its buffer grows to the largest reduction seen and is reused
+};
+
+}  // namespace tova
