@@ -337,3 +337,26 @@ def test_shared_models_load_once_and_free_when_the_last_holder_closes(smollm2_pa
     assert session_mod._SHARED.refs == {} and session_mod._SHARED.by_key == {}
     with Session(smollm2_path, budget=16, chunk=8) as d:  # outside any block: its own model again
         assert _handle(d) not in session_mod._SHARED.refs
+
+
+def test_llama_cpp_errors_print_without_verbose(tiny_path, tmp_path, capsys):
+    """llama.cpp's error lines reach stderr with verbose off (llama-cpp-python 0.3.36's own callback reads ggml's
+    ERROR level as DEBUG and drops it: a CUDA failure printed only ggml's abort line); its info lines print only
+    with verbose on."""
+    import llama_cpp
+
+    from tova_cpp import session as session_mod
+
+    session_mod._set_verbose(False)
+    with Session(tiny_path, budget=8, n_threads=1):
+        pass
+    assert "print_info" not in capsys.readouterr().err
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(tiny_path.read_bytes()[:4096])
+    assert not llama_cpp.llama_model_load_from_file(str(bad).encode(), llama_cpp.llama_model_default_params())
+    err = capsys.readouterr().err
+    assert "error loading model" in err
+    with Session(tiny_path, budget=8, n_threads=1, verbose=True):
+        pass
+    assert "print_info" in capsys.readouterr().err
+    session_mod._set_verbose(False)

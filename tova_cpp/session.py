@@ -51,7 +51,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -110,11 +112,32 @@ def _meta(model, key: str) -> str | None:
 SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "gpt-oss": 2}
 
 
+# llama-cpp-python 0.3.36's log callback reads ggml's levels by an older enum (ERROR = 3): the ERROR of the ggml it
+# ships (ggml.h: DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5) reaches it as DEBUG and is dropped unless verbose, so a
+# failing CUDA call printed only ggml's abort line, never its error text. This callback maps ggml's own enum and
+# keeps llama-cpp-python's verbose switch (its logger's level): errors always print, the rest when verbose.
+_GGML_LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_last_log_level = [logging.CRITICAL]
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    lvl = _last_log_level[0] if level == 5 else _GGML_LEVELS.get(level, logging.ERROR)  # 5: continues the last
+    _last_log_level[0] = lvl
+    if llama_cpp._logger.logger.level <= lvl:
+        print(text.decode("utf-8", errors="replace"), end="", flush=True, file=sys.stderr)
+
+
+def _set_verbose(verbose: bool) -> None:
+    llama_cpp._logger.set_verbose(verbose)
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))  # process-wide, as llama-cpp-python's own
+
+
 def load_model(path: Path, n_gpu_layers: int, verbose: bool, *, vocab_only: bool = False):
     """Checks the file and loads it (or only its vocabulary) into llama.cpp: the model handle, or
     ModelLoadError when it cannot."""
     _check_gguf_file(path)
-    llama_cpp._logger.set_verbose(verbose)
+    _set_verbose(verbose)
     _ensure_backend()
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = n_gpu_layers
