@@ -231,6 +231,49 @@ def test_prepared_samples_run_without_the_generators(smollm2_path, tmp_path, mon
     assert "not a ruler-data.jsonl" in capsys.readouterr().err
 
 
+def test_batched_group_keeps_its_answers_when_it_dies(smollm2_path, tmp_path, monkeypatch):
+    """--batch writes each group's answers as they come (every SAVE_EVERY_S; 0 here: at every answer), so a group
+    that dies midway (a crash, Ctrl-C) leaves those answers, and --resume answers only the rest: the rows equal
+    an uninterrupted run's."""
+    prep = tmp_path / "prep"
+    base = ["ruler", "-m", str(smollm2_path), "--tasks", "vt", "--length", "1024", "-t", "1", "--no-plot"]
+    assert main([*base, "--n-samples", "2", "--prepare", "-o", str(prep)]) == 0
+    run = [*base, "--n-samples", "2", "--data", str(prep / ruler.DATA_FILE), "--policies", "tova"]
+    run += ["--compressions", "0.5,0.875", "--modes", "fits", "--batch", "2"]
+    assert main([*run, "-o", str(tmp_path / "whole")]) == 0
+    monkeypatch.setattr(ruler, "SAVE_EVERY_S", 0.0)
+    real = ruler.answer_batch
+
+    def dies_after_two(*a, on_answer=None, **kw):
+        seen = []
+
+        def count(*x):
+            on_answer(*x)
+            seen.append(x)
+            if len(seen) == 2:
+                raise KeyboardInterrupt  # what Ctrl-C raises between two steps
+
+        return real(*a, on_answer=count, **kw)
+
+    monkeypatch.setattr(ruler, "answer_batch", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        main([*run, "-o", str(tmp_path / "cut")])
+    monkeypatch.setattr(ruler, "answer_batch", real)
+
+    def rows(d):
+        with open(tmp_path / d / "ruler-samples.csv", newline="") as f:
+            return sorted((r["index"], r["compression"], r["budget"], r["pred"]) for r in csv.DictReader(f))
+
+    assert len(rows("cut")) == 2 and set(rows("cut")) < set(rows("whole"))
+    calls = []
+    monkeypatch.setattr(
+        ruler, "answer_batch", lambda p, items, *a, **kw: calls.append(len(items)) or real(p, items, *a, **kw)
+    )
+    assert main([*run, "--resume", "-o", str(tmp_path / "cut")]) == 0
+    assert calls == [2]  # only the two answers the interrupted group had not given
+    assert rows("cut") == rows("whole")
+
+
 @pytest.mark.parametrize(
     ("policy", "mode"), [("tova", "fits"), ("tova", "stream"), ("h2o", "fits"), ("full", "-")]
 )

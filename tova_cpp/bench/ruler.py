@@ -23,6 +23,7 @@ strings found in it (string_match_all), QA scores 1 when any reference is found 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import math
@@ -31,6 +32,7 @@ import runpy
 import sys
 import time
 import types
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -325,10 +327,12 @@ def answer_batch(
     verbose: bool = False,
     n_gpu_layers: int = 0,
     flash_attn: bool = False,
+    on_answer: Callable[[int, str, int], None] | None = None,
 ) -> list[tuple[str, int]]:
     """`answer` for many prompts of one policy and mode at once: each item (tokens, compression, max_new) is a
     sequence of one BatchSession of `n_seqs` sequences, with its own budget; prompts and greedy decode steps of
     all running sequences share each llama_decode, and a finished sequence's place goes to the next prompt.
+    on_answer(item, answer, budget) is called as each answer is complete (answers finish out of order).
     Per sequence the semantics are answer's (BatchSession keeps the same per-layer sets as a sequence alone).
     Named deviation: h2o sums every query row of a prompt piece, and a piece that a shared step splits into
     several ubatches is summed in another order, so near-ties can resolve differently and an h2o answer can
@@ -354,6 +358,8 @@ def answer_batch(
                 tok = int(lg.argmax())
                 if bs.is_eog(tok) or len(gen) >= items[i][2]:
                     out[i] = (bs.detokenize(gen), plans[i][0])
+                    if on_answer:
+                        on_answer(i, *out[i])
                     bs.remove(seq)
                     del running[seq], feed[seq]
                     continue
@@ -535,6 +541,18 @@ def _run(args: argparse.Namespace) -> int:
         with common.progress(total, "ruler", disable=False) as bar:
             bar.unit = "answer"
             # --batch: one BatchSession per (policy, mode), every (task, sample, compression) through it
+            last_save = [time.perf_counter()]
+
+            def done_one(todo: list, mode: str, policy: str, k: int, pred: str, budget: int) -> None:
+                # every answer as it comes, saved every SAVE_EVERY_S: a group of hundreds of answers that dies
+                # (a crash, an interrupt) leaves what it answered for --resume
+                t, i, c = todo[k]
+                record(t, i, mode, policy, c, pred, budget, 0.0)
+                bar.update(1)
+                if time.perf_counter() - last_save[0] >= SAVE_EVERY_S:
+                    save(samples, summarize(samples, seconds), out, meta)
+                    last_save[0] = time.perf_counter()
+
             if args.batch:
                 for policy, mode in dict.fromkeys((p, m) for p, _, m in settings):
                     todo = [(t, i, c) for i in range(args.n_samples) for t in tasks
@@ -546,13 +564,15 @@ def _run(args: argparse.Namespace) -> int:
                         continue
                     items = [(data[t][i]["tokens"], c, data[t][i]["tokens_to_generate"]) for t, i, c in todo]
                     t0 = time.perf_counter()
-                    answers = answer_batch(
-                        path, items, policy, mode, args.batch, threads, args.chunk, args.verbose, **gpu
-                    )
+                    answer_batch(
+                        path, items, policy, mode, args.batch, threads, args.chunk, args.verbose, **gpu,
+                        on_answer=functools.partial(done_one, todo, mode, policy),
+                    )  # fmt: skip
                     dt = (time.perf_counter() - t0) / len(todo)  # the group's time, shared evenly
-                    for (t, i, c), (pred, budget) in zip(todo, answers, strict=True):
-                        record(t, i, mode, policy, c, pred, budget, dt)
-                    bar.update(len(todo))
+                    for t, _, c in todo:
+                        for m in modes if mode == "-" else [mode]:
+                            key = (path.name, t, m, policy, c)
+                            seconds[key] = seconds.get(key, 0.0) + dt
                     save(samples, summarize(samples, seconds), out, meta)  # after every group
             else:  # sample-major: an interrupted run has every setting on i samples
                 for i in range(args.n_samples):
@@ -593,6 +613,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 DATA_FILE = "ruler-data.jsonl"
+SAVE_EVERY_S = 60.0  # --batch: how often the answers of a group in progress are written
 
 
 def prepare(path: Path, tasks: list[str], args: argparse.Namespace, out: Path, threads: int) -> dict:
@@ -742,7 +763,8 @@ def plot(summary: list[Summary], path: Path) -> None:
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel(f"RULER score ({task})")
     n = min(s.n_samples for s in rows)
-    fig.suptitle(f"{rows[0].model}: RULER {task}, {n} sample(s) per task", fontsize=10)
+    # two lines: one panel's width holds neither a long model name nor the rest beside it
+    fig.suptitle(f"{Path(rows[0].model).stem}\nRULER {task}, {n} sample(s) per task", fontsize=10)
     fig.tight_layout()
     common.save_figure(fig, path, dpi=110)
     plt.close(fig)
