@@ -102,20 +102,43 @@ static void capture_scores(tova_engine * e, ggml_tensor * t, int il) {
     }
     float * out = &e->scores[(size_t) il * n_cells];
     std::fill(out, out + n_cells, 0.0f);
-    // a device (or force_graph) sums the heads of every row there and reads back only the captured rows
+    // a device (or force_graph) gathers the captured rows there, sums their heads and reads back n_kv floats per
+    // row: r_s rows per stream (streams: one sequence each, at most one row; unified: every row in stream 0),
+    // a stream with fewer repeating its first (or token 0), whose sums are not read
     const bool device = e->force_graph || !ggml_backend_buffer_is_host(t->buffer);
-    if (device && !e->sums.head_sums(t, e->devs, e->scratch_f, e->armed.error)) return;
+    std::vector<int64_t> & slot = e->row_slot;  // per captured row: its place in the read-back
+    if (device) {
+        std::vector<int32_t> & per = e->row_count;
+        per.assign((size_t) L.n_stream, 0);
+        for (int32_t r : e->armed.rows) per[(size_t) (r / L.n_tps)]++;
+        const int64_t r_s = std::max<int64_t>(1, *std::max_element(per.begin(), per.end()));
+        std::vector<int32_t> & tk = e->row_tk;
+        tk.assign((size_t) (r_s * L.n_stream), -1);
+        slot.clear();
+        per.assign((size_t) L.n_stream, 0);
+        for (int32_t r : e->armed.rows) {
+            const int64_t i = r / L.n_tps;
+            slot.push_back(i * r_s + per[(size_t) i]);
+            tk[(size_t) slot.back()] = (int32_t) (r % L.n_tps);
+            per[(size_t) i]++;
+        }
+        for (int64_t i = 0; i < L.n_stream; i++)
+            for (int64_t k = 0; k < r_s; k++)
+                if (tk[(size_t) (i * r_s + k)] < 0) tk[(size_t) (i * r_s + k)] = k > 0 ? tk[(size_t) (i * r_s)] : 0;
+        if (!e->sums.head_sums(t, tk, r_s, e->devs, e->scratch_f, e->armed.error)) return;
+    }
     // each captured row is one sequence's newest token (batch row r: token r % n_tps of stream r / n_tps). In a
     // unified cache it is 0 on every other sequence's cells (masked), so adding the rows gives each cell the
     // score of its own sequence's row; with per-sequence streams each row covers its own stream only.
     int64_t last = -1;
-    for (int32_t r : e->armed.rows) {  // ascending
+    for (size_t k = 0; k < e->armed.rows.size(); k++) {  // ascending
+        const int32_t r = e->armed.rows[k];
         const int64_t i = r / L.n_tps, tk = r % L.n_tps;
         float * o = out + cell_base(e, i);
         if (last >= 0 && i != last) divide_rows(out + cell_base(e, last), L);
         last = i;
         if (device) {
-            const float * src = &e->scratch_f[(size_t) ((i * L.n_tps + tk) * L.n_kv)];
+            const float * src = &e->scratch_f[(size_t) (slot[k] * L.n_kv)];
             for (int64_t j = 0; j < L.n_kv; j++) o[j] += src[j];
             continue;
         }

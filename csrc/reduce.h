@@ -1,6 +1,7 @@
 // reduce: sums of one layer's attention probabilities (kq_soft_max-<il>, F32 [n_kv, n_tps, n_head, n_stream])
 // formed on the device that holds them, so that a GPU hands back n_kv floats per row or per stream instead of
 // the whole tensor (the host path read every head of every row: for h2o, every query row of a prompt piece).
+// h2o's column sums copy p once (permuted) on its device; TOVA's head sums gather only the scored rows.
 // Called from the eval callback's data phase: the scheduler has synchronized the node's backend, and the graph
 // here runs on the same device's backend (shared with the mover and the scorer) and is synchronous.
 // Sums are F32 on the device (the host path adds F32 rows in F64): an h2o or TOVA near-tie may resolve the
@@ -25,13 +26,18 @@ public:
     reducer(const reducer &) = delete;
     reducer & operator=(const reducer &) = delete;
     ~reducer();
-    // out[(i * n_tps + t) * n_kv + j] = sum over heads h of p[j, t, h, i]: every row's head sum.
-    bool head_sums(ggml_tensor * p, backends & devs, std::vector<float> & out, std::string & err);
+    // The head sums of chosen rows, r_s of them in each stream: tk[i * r_s + r] is the r-th row (token index) of
+    // stream i (repeat any row to fill a stream that has fewer). out[(i * r_s + r) * n_kv + j] = sum over heads h
+    // of p[j, tk[i * r_s + r], h, i]. Only those rows are gathered (GET_ROWS), so the device's extra memory is
+    // r_s x n_kv x n_head x n_stream floats, not p's size.
+    bool head_sums(ggml_tensor * p, const std::vector<int32_t> & tk, int64_t r_s, backends & devs,
+                   std::vector<float> & out, std::string & err);
     // out[i * n_kv + j] = sum over rows t and heads h of p[j, t, h, i]: each stream's column sums (h2o).
     bool column_sums(ggml_tensor * p, backends & devs, std::vector<float> & out, std::string & err);
 
 private:
-    bool run(ggml_tensor * p, bool over_rows, backends & devs, std::vector<float> & out, std::string & err);
+    bool run(ggml_tensor * p, const std::vector<int32_t> * tk, int64_t r_s, backends & devs, std::vector<float> & out,
+             std::string & err);
     ggml_backend * backend_ = nullptr;  // owned by `backends`
     ggml_gallocr * galloc_ = nullptr;   // its buffer grows to the largest reduction seen and is reused
 };
