@@ -273,7 +273,10 @@ def test_model_that_fails_to_load(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     r = tova("generate", "-p", "hi", "-m", bad, cwd=tmp_path, timeout=120)
-    assert r.returncode == 1 and r.stderr.startswith("error: llama.cpp could not load")
+    # llama.cpp's own error lines say why (they print without --verbose: session.py's log callback), then ours
+    *why, last = r.stderr.splitlines()
+    assert r.returncode == 1 and last.startswith("error: llama.cpp could not load")
+    assert why and all("gguf" in w or "llama_model_load" in w for w in why), why
     assert "Traceback" not in r.stderr
     r = tova("generate", "-p", "hi", "-m", bad, "--verbose", cwd=tmp_path, timeout=120)
     assert r.returncode == 1 and "Traceback" in r.stderr
