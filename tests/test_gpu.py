@@ -38,6 +38,11 @@ def tiny(tmp_path_factory):
     return path, write_tiny_llama(path, n_embd=256, n_ff=256)
 
 
+def gpu_mismatch(s, ref, prompt, stream):
+    """test_reference.first_mismatch within the GPU bounds above."""
+    return first_mismatch(s, ref, prompt, stream, max_ties=GPU_MAX_TIES, rtol=GPU_RTOL, tie_rtol=GPU_TIE_RTOL)
+
+
 def gpu_session(path, **kw):
     kw.setdefault("type_k", "f32")
     kw.setdefault("type_v", "f32")
@@ -60,15 +65,7 @@ def test_offloaded_engine_matches_reference(
     tokens = rng.integers(0, model.n_vocab, size=prompt_len + STEPS).tolist()
     with gpu_session(path, flash_attn=flash_attn, evict_interval=evict_interval) as s:
         ref = Reference(model, BUDGET, CHUNK, evict_interval=evict_interval)
-        msg = first_mismatch(
-            s,
-            ref,
-            tokens[:prompt_len],
-            tokens[prompt_len:],
-            max_ties=GPU_MAX_TIES,
-            rtol=GPU_RTOL,
-            tie_rtol=GPU_TIE_RTOL,
-        )
+        msg = gpu_mismatch(s, ref, tokens[:prompt_len], tokens[prompt_len:])
         buffer = s.cache_buffer
     assert msg is None
     assert buffer and not buffer.startswith("CPU"), f"the KV cache is in {buffer!r}, not on the GPU"
@@ -83,15 +80,7 @@ def test_offloaded_h2o_matches_reference(tiny, prompt_len):
     tokens = rng.integers(0, model.n_vocab, size=prompt_len + STEPS).tolist()
     with gpu_session(path, policy="h2o") as s:
         ref = Reference(model, BUDGET, CHUNK, "h2o")
-        msg = first_mismatch(
-            s,
-            ref,
-            tokens[:prompt_len],
-            tokens[prompt_len:],
-            max_ties=GPU_MAX_TIES,
-            rtol=GPU_RTOL,
-            tie_rtol=GPU_TIE_RTOL,
-        )
+        msg = gpu_mismatch(s, ref, tokens[:prompt_len], tokens[prompt_len:])
     assert msg is None
 
 
@@ -124,9 +113,7 @@ def test_offloaded_wrong_policies_fail_the_gpu_bounds(tiny, variant, flash_attn)
     tokens = np.random.default_rng(7).integers(0, model.n_vocab, size=20 + STEPS).tolist()
     with gpu_session(path, flash_attn=flash_attn) as s:
         ref = Reference(model, BUDGET, CHUNK, variant)
-        msg = first_mismatch(
-            s, ref, tokens[:20], tokens[20:], max_ties=GPU_MAX_TIES, rtol=GPU_RTOL, tie_rtol=GPU_TIE_RTOL
-        )
+        msg = gpu_mismatch(s, ref, tokens[:20], tokens[20:])
     assert msg is not None and "differ" in msg
 
 
