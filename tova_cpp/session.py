@@ -122,7 +122,8 @@ _last_log_level = [logging.CRITICAL]
 
 @llama_cpp.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    lvl = _last_log_level[0] if level == 5 else _GGML_LEVELS.get(level, logging.ERROR)  # 5: continues the last
+    # 5 (CONT) continues the last line at its level
+    lvl = _last_log_level[0] if level == 5 else _GGML_LEVELS.get(level, logging.ERROR)
     _last_log_level[0] = lvl
     if llama_cpp._logger.logger.level <= lvl:
         print(text.decode("utf-8", errors="replace"), end="", flush=True, file=sys.stderr)

@@ -316,6 +316,9 @@ def _budget_and_piece(n: int, policy: str, compression: float, mode: str, max_ne
     return budget_for(n, compression), n if mode == "fits" else chunk
 
 
+UBATCH_TOKENS = 2048  # answer_batch: ubatch size when pieces are smaller (stream mode, full)
+
+
 def answer_batch(
     path: Path,
     items: list[tuple[list[int], float, int]],
@@ -344,7 +347,11 @@ def answer_batch(
     out: list[tuple[str, int] | None] = [None] * len(items)
     opts = _options(policy, threads, verbose, n_gpu_layers, flash_attn)
     budget = max(b for b, _ in plans)  # sizes every sequence's stream; each has its own
-    with BatchSession(path, n_seq_max=min(n_seqs, len(items)), budget=budget, chunk=piece, **opts) as bs:
+    n_seq = min(n_seqs, len(items))
+    # ubatches that hold several sequences' whole pieces (BatchSession's default holds one piece): fewer, larger
+    # decodes; the CUDA aborts of docs/BATCH.md all came with 16 tokens per stream per ubatch
+    n_ubatch = min(piece * n_seq, max(piece, UBATCH_TOKENS))
+    with BatchSession(path, n_seq_max=n_seq, budget=budget, chunk=piece, n_ubatch=n_ubatch, **opts) as bs:
         queue = list(range(len(items)))
         running: dict[int, tuple[int, list[int]]] = {}  # seq -> (item, generated tokens)
         feed: dict[int, list[int]] = {}
