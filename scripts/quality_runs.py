@@ -8,12 +8,13 @@ Parts (each job is one `tova bench` command; its log and results go to OUT/<part
   ppl    perplexity of --n-windows windows of --ctx tokens for every policy at every budget (flash attention
          off, h2o included) and TOVA at evict_interval 8 and 32
   quant  TOVA and the full cache with f16, q8_0 and q4_0 caches, flash attention on, every budget
-  ruler  RULER from a `tova bench ruler --prepare` file: full, then every bounded policy per task (both modes,
-         every compression)
+  ruler  RULER from a `tova bench ruler --prepare` file: full (one Session per answer), then each bounded policy
+         in each of --ruler-modes as one job answering --ruler-batch prompts at once (every task and compression)
 Then `tova bench ppl|ruler --combine` merges each part into OUT/<part>-all/ (CSV, JSON; plots with --plot).
 
-Jobs start part by part in the order of --parts, longest first within a part; a job whose results are already
-in its folder is skipped (rerun the same command to finish an interrupted grid). --stop-after SECONDS starts no
+Jobs start part by part in the order of --parts, longest first within a part; a job whose command finished
+(OUT/<part>/<job>/done.txt) is skipped, and a job that was interrupted resumes where its results stop (every
+command runs with --resume): rerun the same command to finish an interrupted grid. --stop-after SECONDS starts no
 job after that many seconds (those left are listed).
 
     python scripts/quality_runs.py -m qwen.gguf -ngl 99 --jobs 2 --ruler-data ruler-data.jsonl -o q16
@@ -38,12 +39,16 @@ class Job:
     name: str
     argv: list[str]  # after `python -m tova_cpp.bench`
     weight: float  # rough relative cost, for longest-first order
-    done_file: str  # exists in the job's folder once it has finished
+
+
+DONE = (
+    "done.txt"  # written into a job's folder when its command exits 0 (results files are saved as they come)
+)
 
 
 def _ppl_base(a: argparse.Namespace) -> list[str]:
     return ["ppl", "-m", a.model, "-ngl", str(a.ngl), "--texts", a.texts, "--ctx", str(a.ctx),
-            "--n-windows", str(a.n_windows), "-t", str(a.threads), "--no-plot"]  # fmt: skip
+            "--n-windows", str(a.n_windows), "-t", str(a.threads), "--no-plot", "--resume"]  # fmt: skip
 
 
 def _steps(a: argparse.Namespace, budget: int) -> float:
@@ -53,12 +58,12 @@ def _steps(a: argparse.Namespace, budget: int) -> float:
 
 def ppl_jobs(a: argparse.Namespace) -> list[Job]:
     base = _ppl_base(a)
-    jobs = [Job("ppl", "full", [*base, "--policies", "full"], 0.1, "ppl.csv")]
+    jobs = [Job("ppl", "full", [*base, "--policies", "full"], 0.1)]
     for b in a.budgets:
         for p in BOUNDED:
             ei = ["--evict-interval", "1,8,32"] if p == "tova" else []
             jobs.append(Job("ppl", f"{p}-{b}", [*base, "--policies", p, "--budgets", str(b), *ei],
-                            _steps(a, b) * (2.2 if p == "tova" else 1), "ppl.csv"))  # fmt: skip
+                            _steps(a, b) * (2.2 if p == "tova" else 1)))  # fmt: skip
     return jobs
 
 
@@ -67,24 +72,27 @@ def quant_jobs(a: argparse.Namespace) -> list[Job]:
     jobs = []
     for ct in ("f16", "q8_0", "q4_0"):
         cache = ["-ctk", ct, "-ctv", ct]
-        jobs.append(Job("quant", f"full-{ct}", [*base, *cache, "--policies", "full"], 0.1, "ppl.csv"))
+        jobs.append(Job("quant", f"full-{ct}", [*base, *cache, "--policies", "full"], 0.1))
         for b in a.budgets:
             jobs.append(Job("quant", f"tova-{ct}-{b}", [*base, *cache, "--policies", "tova", "--budgets", str(b)],
-                            _steps(a, b), "ppl.csv"))  # fmt: skip
+                            _steps(a, b)))  # fmt: skip
     return jobs
 
 
 def ruler_jobs(a: argparse.Namespace) -> list[Job]:
+    """full once, one Session per answer; each bounded policy in each mode as one job answering --ruler-batch
+    prompts at once (BatchSession). Weights from the H200 run of docs/RESULTS.md section 6b (525 answers in fits
+    mode, 4-7 processes sharing the GPU): tova 14 min, h2o 10, sink and window 4.4, full's 175 answers 1.8."""
     if not a.ruler_data:
         raise SystemExit("the ruler part needs --ruler-data (a `tova bench ruler --prepare` file)")
     base = ["ruler", "-m", a.model, "-ngl", str(a.ngl), "--data", a.ruler_data, "-t", str(a.threads)]
-    base += ["--n-samples", str(a.n_samples), "--no-plot"]
-    jobs = []
-    for t in a.tasks.split(","):
-        jobs.append(Job("ruler", f"{t}-full", [*base, "--tasks", t, "--policies", "full"], 1, "ruler.csv"))
-        for p in BOUNDED:  # h2o last: on a GPU its capture reads every query's attention row back to the host
-            w = 0.5 if p == "h2o" else 6
-            jobs.append(Job("ruler", f"{t}-{p}", [*base, "--tasks", t, "--policies", p], w, "ruler.csv"))
+    base += ["--tasks", a.tasks, "--n-samples", str(a.n_samples), "--no-plot", "--resume"]
+    jobs = [Job("ruler", "full", [*base, "--policies", "full", "--batch", "0"], 1.8)]
+    weight = {"tova": 14, "h2o": 10, "sink": 4.4, "window": 4.4}
+    for mode in a.ruler_modes.split(","):
+        for p in BOUNDED:
+            argv = [*base, "--policies", p, "--modes", mode, "--batch", str(a.ruler_batch)]
+            jobs.append(Job("ruler", f"{p}-{mode}", argv, weight[p]))
     return jobs
 
 
@@ -102,7 +110,10 @@ def run_job(job: Job, out: Path) -> tuple[Job, int, float]:
             stderr=subprocess.STDOUT,
             check=False,
         ).returncode
-    return job, rc, time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    if rc == 0:
+        (folder / DONE).write_text(f"{' '.join(job.argv)}\n{dt:.1f} s\n")
+    return job, rc, dt
 
 
 def combine(part: str, out: Path, plot: bool) -> int:
@@ -132,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ruler-data")
     ap.add_argument("--tasks", default="niah_single_2,niah_multikey_1,vt,cwe,fwe,qa_1,qa_2")
     ap.add_argument("--n-samples", type=int, default=25)
+    ap.add_argument("--ruler-modes", default="fits,stream")
+    ap.add_argument("--ruler-batch", type=int, default=16, help="prompts answered at once per ruler job")
     ap.add_argument("--stop-after", type=float, default=None, help="start no job after this many seconds")
     ap.add_argument("--plot", action="store_true", help="plots in the combined folders (needs matplotlib)")
     ap.add_argument("-o", "--out", default="quality_runs")
@@ -140,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     parts = a.parts.split(",")
     jobs = [j for part in parts for j in PARTS[part](a)]
-    todo = [j for j in jobs if not (out / j.part / j.name / j.done_file).is_file()]
+    todo = [j for j in jobs if not (out / j.part / j.name / DONE).is_file()]
     # parts in the order given, longest first in each
     todo.sort(key=lambda j: (parts.index(j.part), -j.weight))
     print(f"# {len(jobs)} jobs, {len(jobs) - len(todo)} done already, {len(todo)} to run, {a.jobs} at once",
