@@ -41,9 +41,8 @@ class Job:
     weight: float  # rough relative cost, for longest-first order
 
 
-DONE = (
-    "done.txt"  # written into a job's folder when its command exits 0 (results files are saved as they come)
-)
+# written into a job's folder when its command exits 0 (results files are saved as they come)
+DONE = "done.txt"
 
 
 def _ppl_base(a: argparse.Namespace) -> list[str]:

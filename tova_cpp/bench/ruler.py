@@ -533,34 +533,36 @@ def _run(args: argparse.Namespace) -> int:
         seconds: dict[tuple, float] = {}
         total = len(tasks) * args.n_samples * len(settings)
 
-        def record(t: str, i: int, mode: str, policy: str, comp: float, pred: str, budget: int, dt: float):
+        def spend(t: str, mode: str, policy: str, comp: float, dt: float) -> None:
+            for m in modes if mode == "-" else [mode]:  # full ("-") counts in every mode
+                key = (path.name, t, m, policy, comp)
+                seconds[key] = seconds.get(key, 0.0) + dt
+
+        def record(t: str, i: int, mode: str, policy: str, comp: float, pred: str, budget: int) -> None:
             d = data[t][i]
-            r = SampleResult(
+            samples.append(SampleResult(
                 path.name, t, i, mode, policy, comp, budget, len(d["tokens"]), score(d["kind"], pred, d["outputs"]),
                 pred,
-            )  # fmt: skip
-            samples.append(r)
-            for m in modes if mode == "-" else [mode]:
-                key = (r.model, t, m, policy, comp)
-                seconds[key] = seconds.get(key, 0.0) + dt
+            ))  # fmt: skip
 
         gpu = {"n_gpu_layers": args.n_gpu_layers, "flash_attn": args.flash_attn}
         with common.progress(total, "ruler", disable=False) as bar:
             bar.unit = "answer"
-            # --batch: one BatchSession per (policy, mode), every (task, sample, compression) through it
-            last_save = [time.perf_counter()]
+            if (
+                args.batch
+            ):  # one BatchSession per (policy, mode), every (task, sample, compression) through it
+                last_save = [time.perf_counter()]
 
-            def done_one(todo: list, mode: str, policy: str, k: int, pred: str, budget: int) -> None:
-                # every answer as it comes, saved every SAVE_EVERY_S: a group of hundreds of answers that dies
-                # (a crash, an interrupt) leaves what it answered for --resume
-                t, i, c = todo[k]
-                record(t, i, mode, policy, c, pred, budget, 0.0)
-                bar.update(1)
-                if time.perf_counter() - last_save[0] >= SAVE_EVERY_S:
-                    save(samples, summarize(samples, seconds), out, meta)
-                    last_save[0] = time.perf_counter()
+                def done_one(todo: list, mode: str, policy: str, k: int, pred: str, budget: int) -> None:
+                    # every answer as it comes, saved every SAVE_EVERY_S: a group of hundreds of answers that dies
+                    # (a crash, an interrupt) leaves what it answered for --resume
+                    t, i, c = todo[k]
+                    record(t, i, mode, policy, c, pred, budget)
+                    bar.update(1)
+                    if time.perf_counter() - last_save[0] >= SAVE_EVERY_S:
+                        save(samples, summarize(samples, seconds), out, meta)
+                        last_save[0] = time.perf_counter()
 
-            if args.batch:
                 for policy, mode in dict.fromkeys((p, m) for p, _, m in settings):
                     todo = [(t, i, c) for i in range(args.n_samples) for t in tasks
                             for p, c, m in settings if (p, m) == (policy, mode)
@@ -577,9 +579,7 @@ def _run(args: argparse.Namespace) -> int:
                     )  # fmt: skip
                     dt = (time.perf_counter() - t0) / len(todo)  # the group's time, shared evenly
                     for t, _, c in todo:
-                        for m in modes if mode == "-" else [mode]:
-                            key = (path.name, t, m, policy, c)
-                            seconds[key] = seconds.get(key, 0.0) + dt
+                        spend(t, mode, policy, c, dt)
                     save(samples, summarize(samples, seconds), out, meta)  # after every group
             else:  # sample-major: an interrupted run has every setting on i samples
                 for i in range(args.n_samples):
@@ -602,7 +602,8 @@ def _run(args: argparse.Namespace) -> int:
                                 args.verbose,
                                 **gpu,
                             )
-                            record(t, i, mode, policy, comp, pred, budget, time.perf_counter() - t0)
+                            record(t, i, mode, policy, comp, pred, budget)
+                            spend(t, mode, policy, comp, time.perf_counter() - t0)
                             bar.update(1)
                     # after every sample, so an interrupted run keeps what it measured
                     save(samples, summarize(samples, seconds), out, meta)
