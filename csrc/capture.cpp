@@ -104,7 +104,7 @@ static void capture_scores(tova_engine * e, ggml_tensor * t, int il) {
     std::fill(out, out + n_cells, 0.0f);
     // a device (or force_graph) gathers the captured rows there, sums their heads and reads back n_kv floats per
     // row: r_s rows per stream (streams: one sequence each, at most one row; unified: every row in stream 0),
-    // a stream with fewer repeating its first (or token 0), whose sums are not read
+    // a stream with fewer filled with token 0, whose sums are not read
     const bool device = e->force_graph || !ggml_backend_buffer_is_host(t->buffer);
     std::vector<int64_t> & slot = e->row_slot;  // per captured row: its place in the read-back
     if (device) {
@@ -113,7 +113,7 @@ static void capture_scores(tova_engine * e, ggml_tensor * t, int il) {
         for (int32_t r : e->armed.rows) per[(size_t) (r / L.n_tps)]++;
         const int64_t r_s = std::max<int64_t>(1, *std::max_element(per.begin(), per.end()));
         std::vector<int32_t> & tk = e->row_tk;
-        tk.assign((size_t) (r_s * L.n_stream), -1);
+        tk.assign((size_t) (r_s * L.n_stream), 0);
         slot.clear();
         per.assign((size_t) L.n_stream, 0);
         for (int32_t r : e->armed.rows) {
@@ -122,9 +122,6 @@ static void capture_scores(tova_engine * e, ggml_tensor * t, int il) {
             tk[(size_t) slot.back()] = (int32_t) (r % L.n_tps);
             per[(size_t) i]++;
         }
-        for (int64_t i = 0; i < L.n_stream; i++)
-            for (int64_t k = 0; k < r_s; k++)
-                if (tk[(size_t) (i * r_s + k)] < 0) tk[(size_t) (i * r_s + k)] = k > 0 ? tk[(size_t) (i * r_s)] : 0;
         if (!e->sums.head_sums(t, tk, r_s, e->devs, e->scratch_f, e->armed.error)) return;
     }
     // each captured row is one sequence's newest token (batch row r: token r % n_tps of stream r / n_tps). In a

@@ -27,7 +27,7 @@ public:
     reducer & operator=(const reducer &) = delete;
     ~reducer();
     // The head sums of chosen rows, r_s of them in each stream: tk[i * r_s + r] is the r-th row (token index) of
-    // stream i (repeat any row to fill a stream that has fewer). out[(i * r_s + r) * n_kv + j] = sum over heads h
+    // stream i (any row < n_tps fills a stream that has fewer). out[(i * r_s + r) * n_kv + j] = sum over heads h
     // of p[j, tk[i * r_s + r], h, i]. Only those rows are gathered (GET_ROWS), so the device's extra memory is
     // r_s x n_kv x n_head x n_stream floats, not p's size.
     bool head_sums(ggml_tensor * p, const std::vector<int32_t> & tk, int64_t r_s, backends & devs,
