@@ -445,6 +445,7 @@ static int32_t cut(tova_engine * e, llama_context * ctx, const std::vector<int32
         std::string err;
         if (!e->mover.apply(plan, e->v_trans, e->force_graph, e->devs, err)) return fail(e, TOVA_ERR_BACKEND, err);
         e->stats[TOVA_STAT_MOVE_S] += tova::now_s() - t_move;
+        e->stats[TOVA_STAT_MOVE_NODES] += e->mover.take_nodes();
         for (int32_t l = 0; l < e->n_layer; l++)
             for (const auto & m : plan[l].moves) st.move(l, m.first, m.second);  // bookkeeping travels with rows
     }
@@ -1026,6 +1027,7 @@ extern "C" int32_t tova_engine_truncate(tova_engine * e, llama_context * ctx, in
             llama_synchronize(ctx);
             std::string err;
             if (!e->mover.apply(plan, e->v_trans, e->force_graph, e->devs, err)) return fail(e, TOVA_ERR_BACKEND, err);
+            e->stats[TOVA_STAT_MOVE_NODES] += e->mover.take_nodes();
             for (int32_t l = 0; l < e->n_layer; l++)
                 for (const auto & m : plan[l].moves) st.move(l, m.first, m.second);
         }

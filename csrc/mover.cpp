@@ -1,5 +1,6 @@
 #include "mover.h"
 
+#include <algorithm>
 #include <cstring>
 #include <initializer_list>
 
@@ -12,6 +13,7 @@ namespace tova {
 
 mover::~mover() {
     if (scratch_) ggml_backend_buffer_free(scratch_);
+    if (galloc_t_) ggml_gallocr_free(galloc_t_);
 }
 
 // Cells are numbered across streams as llama.cpp's attn_inp_k_idxs does: cell g is cell g % kv_size of stream
@@ -93,12 +95,13 @@ static ggml_tensor * copy_cell(ggml_context * ctx, ggml_tensor * t, ggml_tensor 
 // The indices of all layers travel in one upload. Sources and destinations are disjoint; the scatter runs after
 // the gather (graph order, one stream).
 bool mover::add_batched(ggml_context * ctx, ggml_cgraph * gf, ggml_backend * backend,
-                        const std::vector<const layer_moves *> & layers, std::string & err) {
+                        const std::vector<const layer_moves *> & layers, bool with_v, std::string & err) {
     size_t n_idx = 0, tmp_bytes = 0;
     const size_t align = 256;
     for (const layer_moves * l : layers) {
         n_idx += 2 * l->moves.size();
-        for (ggml_tensor * t : {l->k, l->v}) tmp_bytes += GGML_PAD(t->nb[1] * l->moves.size(), align);
+        for (ggml_tensor * t : {l->k, with_v ? l->v : nullptr})
+            if (t) tmp_bytes += GGML_PAD(t->nb[1] * l->moves.size(), align);
     }
     const size_t need = GGML_PAD(n_idx * sizeof(int32_t), align) + tmp_bytes + align;
     if (!scratch_ || scratch_backend_ != backend || ggml_backend_buffer_get_size(scratch_) < need) {
@@ -126,7 +129,8 @@ bool mover::add_batched(ggml_context * ctx, ggml_cgraph * gf, ggml_backend * bac
         for (const auto & m : l->moves) idx_host_.push_back(m.second);
         ggml_tensor * src = ggml_view_1d(ctx, idx, (int64_t) n, off);
         ggml_tensor * dst = ggml_view_1d(ctx, idx, (int64_t) n, off + n * sizeof(int32_t));
-        for (ggml_tensor * t : {l->k, l->v}) {
+        for (ggml_tensor * t : {l->k, with_v ? l->v : nullptr}) {
+            if (!t) continue;
             ggml_tensor * rows = ggml_get_rows(ctx, i32_alias(ctx, t), src);  // I32 [words, n]
             ggml_tensor * as_f32 = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, rows->ne[0], rows->ne[1]);
             if (ggml_backend_tensor_alloc(scratch_, rows, tmp) != GGML_STATUS_SUCCESS ||
@@ -141,6 +145,107 @@ bool mover::add_batched(ggml_context * ctx, ggml_cgraph * gf, ggml_backend * bac
     }
     pending_idx_ = idx;
     return true;
+}
+
+// A transposed V cache whose columns add_columns can move: a float type (a transposed V is never quantized
+// in llama.cpp), [n_embd, kv_size, n_stream] with each stream's n_embd x kv_size elements contiguous.
+static bool transposable(const ggml_tensor * t) {
+    const bool flt = t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_F32 || t->type == GGML_TYPE_BF16;
+    return flt && ggml_is_contiguous(t) && t->ne[3] == 1;
+}
+
+// Transposed V (flash attention off): a cell is a column, one strided element per dim, so a copy per cell is one
+// kernel per move, which on a GPU made a cut of hundreds of moves per layer (a prompt piece, a sequence's first
+// cut) cost one launch per row and layer. Per layer instead: the streams the moves touch are copied to a scratch
+// tensor with a row per cell (transposed copy), the rows gathered and scattered there (GET_ROWS gives F32,
+// SET_ROWS writes the cache's type back: F16/BF16 -> F32 -> F16/BF16 is exact), and the scratch copied back
+// transposed: a handful of nodes per layer, whatever the count, at two passes over those streams' V. Appends one
+// layer to gf; its indices go to `uploads`, to be set once the graph is allocated.
+using upload_list = std::vector<std::pair<ggml_tensor *, std::vector<int32_t>>>;
+
+static void add_columns(ggml_context * ctx, ggml_cgraph * gf, const layer_moves * l, upload_list & uploads) {
+    ggml_tensor * t = l->v;
+    const int64_t kv = t->ne[1], n_embd = t->ne[0];
+    int64_t s_lo = t->ne[2], s_hi = -1;
+    for (const auto & m : l->moves)
+        for (int32_t g : {m.first, m.second}) {
+            s_lo = std::min<int64_t>(s_lo, g / kv);
+            s_hi = std::max<int64_t>(s_hi, g / kv);
+        }
+    const int64_t ns = s_hi - s_lo + 1;
+    // streams s_lo..s_hi as stored, [kv, n_embd, ns], and as a row per cell, [n_embd, kv, ns] (a view)
+    ggml_tensor * stored =
+        ggml_view_3d(ctx, t, kv, n_embd, ns, kv * ggml_type_size(t->type), t->nb[2], s_lo * t->nb[2]);
+    ggml_tensor * by_cell = ggml_permute(ctx, stored, 1, 0, 2, 3);
+    ggml_tensor * rows = ggml_reshape_2d(ctx, ggml_cont(ctx, by_cell), n_embd, kv * ns);
+    const int64_t n = (int64_t) l->moves.size();
+    ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 2 * n);
+    ggml_set_input(idx);
+    std::vector<int32_t> v;
+    v.reserve((size_t) (2 * n));
+    for (const auto & m : l->moves) v.push_back((int32_t) (m.first - s_lo * kv));
+    for (const auto & m : l->moves) v.push_back((int32_t) (m.second - s_lo * kv));
+    uploads.emplace_back(idx, std::move(v));
+    ggml_tensor * src = ggml_view_1d(ctx, idx, n, 0);
+    ggml_tensor * dst = ggml_view_1d(ctx, idx, n, n * sizeof(int32_t));
+    ggml_tensor * put = ggml_set_rows(ctx, rows, ggml_get_rows(ctx, rows, src), dst);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_3d(ctx, put, n_embd, kv, ns), by_cell));
+}
+
+static ggml_context * graph_context(size_t n_tensors) {
+    ggml_init_params ip = {ggml_tensor_overhead() * n_tensors + ggml_graph_overhead_custom(n_tensors, false), nullptr,
+                           true};
+    return ggml_init(ip);
+}
+
+// Whether `backend` runs add_columns' ops on l's V (checked once per backend and V type).
+bool mover::columns_supported(ggml_backend * backend, const layer_moves * l) {
+    const auto key = std::make_pair(backend, (int) l->v->type);
+    for (const auto & c : columns_ok_)
+        if (c.first == key) return c.second;
+    ggml_context * ctx = graph_context(32);
+    if (!ctx) return false;
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, 32, false);
+    upload_list unused;
+    add_columns(ctx, gf, l, unused);
+    bool ok = true;
+    for (int i = 0; ok && i < ggml_graph_n_nodes(gf); i++)
+        ok = ggml_backend_supports_op(backend, ggml_graph_node(gf, i));
+    ggml_free(ctx);
+    columns_ok_.emplace_back(key, ok);
+    return ok;
+}
+
+// add_columns for every layer, one graph; its scratch tensors placed by a ggml_gallocr (reused across layers and
+// calls).
+bool mover::move_columns(ggml_backend * backend, const std::vector<const layer_moves *> & layers, std::string & err) {
+    const size_t n_tensors = 16 * layers.size() + 16;
+    ggml_context * ctx = graph_context(n_tensors);
+    if (!ctx) {
+        err = "ggml_init failed for the mover graph";
+        return false;
+    }
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
+    upload_list uploads;
+    for (const layer_moves * l : layers) add_columns(ctx, gf, l, uploads);
+    if (galloc_t_ && galloc_t_backend_ != backend) {
+        ggml_gallocr_free(galloc_t_);
+        galloc_t_ = nullptr;
+    }
+    if (!galloc_t_) galloc_t_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
+    galloc_t_backend_ = backend;
+    bool ok = galloc_t_ && ggml_gallocr_alloc_graph(galloc_t_, gf);
+    if (!ok) err = "cannot allocate the mover's scratch for V's columns on the cache's device";
+    for (size_t i = 0; ok && i < uploads.size(); i++)
+        ggml_backend_tensor_set(uploads[i].first, uploads[i].second.data(), 0,
+                                uploads[i].second.size() * sizeof(int32_t));
+    if (ok && ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
+        err = "the mover graph failed on the cache's backend";
+        ok = false;
+    }
+    if (ok) nodes_ += ggml_graph_n_nodes(gf);
+    ggml_free(ctx);
+    return ok;
 }
 
 bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_trans, backends & devs,
@@ -163,7 +268,7 @@ bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_
             return false;
         }
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
-        std::vector<const layer_moves *> later, batched;
+        std::vector<const layer_moves *> later, batched, columns;
         for (const layer_moves * l : pending) {
             if (device_of(l->k) != dev) {
                 later.push_back(l);
@@ -171,7 +276,13 @@ bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_
             }
             ggml_tensor * ak = i32_alias(ctx, l->k);
             ggml_tensor * av = v_trans ? nullptr : i32_alias(ctx, l->v);
-            if (ak && av && l->moves.size() >= 2 && f32_alias(ctx, l->k) && f32_alias(ctx, l->v)) {
+            const bool many = ak && l->moves.size() >= 2 && f32_alias(ctx, l->k);
+            if (many && v_trans && transposable(l->v) && columns_supported(backend, l)) {
+                batched.push_back(l);  // K below; V's columns after this graph (move_columns)
+                columns.push_back(l);
+                continue;
+            }
+            if (many && av && f32_alias(ctx, l->v)) {
                 batched.push_back(l);  // many rows: one gather and one scatter per tensor (below)
                 continue;
             }
@@ -181,7 +292,7 @@ bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_
                 ggml_build_forward_expand(gf, copy_cell(ctx, l->v, av, m.first, m.second, v_trans));
             }
         }
-        bool ok = batched.empty() || add_batched(ctx, gf, backend, batched, err);
+        bool ok = batched.empty() || add_batched(ctx, gf, backend, batched, !v_trans, err);
         if (!ok) {
             ggml_free(ctx);
             return false;
@@ -201,6 +312,7 @@ bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_
             ggml_backend_tensor_set(pending_idx_, idx_host_.data(), 0, idx_host_.size() * sizeof(int32_t));
         pending_idx_ = nullptr;
         if (ok) ok = ggml_backend_graph_compute(backend, gf) == GGML_STATUS_SUCCESS;
+        if (ok) nodes_ += ggml_graph_n_nodes(gf);
         ggml_free(ctx);
         if (unsupported) {
             err = std::string("the cache's backend (") + ggml_backend_name(backend) + ") cannot copy " + unsupported +
@@ -211,6 +323,7 @@ bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_
             err = "the mover graph failed on the cache's backend";
             return false;
         }
+        if (!columns.empty() && !move_columns(backend, columns, err)) return false;
         pending = later;
     }
     return true;

@@ -13,6 +13,7 @@ struct ggml_backend;
 struct ggml_backend_buffer;
 struct ggml_context;
 struct ggml_cgraph;
+struct ggml_gallocr;
 
 namespace tova {
 class backends;
@@ -32,20 +33,34 @@ public:
     mover(const mover &) = delete;
     mover & operator=(const mover &) = delete;
     ~mover();
-    // Applies every layer's moves; rows are raw bytes (quantized rows are never converted).
-    // Host buffers take memcpy unless force_graph; device buffers take one ggml graph of CPY ops per device.
+    // Applies every layer's moves; rows are raw bytes (quantized rows are never converted; a transposed V's float
+    // elements pass through F32 on a device, which gives back the same bits).
+    // Host buffers take memcpy unless force_graph; device buffers take ggml graphs: a layer with several moves a
+    // gather and a scatter per tensor (a transposed V: move_columns), a single move a CPY per tensor.
     bool apply(const std::vector<layer_moves> & layers, bool v_trans, bool force_graph, backends & devs,
                std::string & err);
+    // Graph nodes computed since the last call (each is about one kernel on a GPU): the launches a cut cost.
+    double take_nodes() {
+        const double n = nodes_;
+        nodes_ = 0;
+        return n;
+    }
 
 private:
     bool apply_graph(const std::vector<const layer_moves *> & layers, bool v_trans, backends & devs, std::string & err);
     bool add_batched(ggml_context * ctx, ggml_cgraph * gf, ggml_backend * backend,
-                     const std::vector<const layer_moves *> & layers, std::string & err);
+                     const std::vector<const layer_moves *> & layers, bool with_v, std::string & err);
+    bool columns_supported(ggml_backend * backend, const layer_moves * l);
+    bool move_columns(ggml_backend * backend, const std::vector<const layer_moves *> & layers, std::string & err);
 
     ggml_backend_buffer * scratch_ = nullptr;  // gathered rows and indices, on the cache's device
     ggml_backend * scratch_backend_ = nullptr;
     std::vector<int32_t> idx_host_;
     ggml_tensor * pending_idx_ = nullptr;  // uploaded once the graph's views are set up
+    ggml_gallocr * galloc_t_ = nullptr;    // move_columns' scratch: grows to the largest use, then reused
+    ggml_backend * galloc_t_backend_ = nullptr;
+    std::vector<std::pair<std::pair<ggml_backend *, int>, bool>> columns_ok_;  // (backend, V type) -> supported
+    double nodes_ = 0;  // graph nodes computed (kernels, roughly), for tova_engine_stats
 };
 
 }  // namespace tova

@@ -172,7 +172,8 @@ enum tova_stat {
     TOVA_STAT_LOGITS_S = 13,         // seconds reading llama.cpp's logits (and copying them when asked)
     TOVA_STAT_STEP_S = 14,           // seconds inside tova_engine_decode / tova_engine_decode_batch
     TOVA_STAT_SCORED_DECODE_S = 15,  // the part of decode_s spent in scored decodes (their per-layer syncs included)
-    TOVA_STAT_COUNT = 16,
+    TOVA_STAT_MOVE_NODES = 16,       // graph nodes the mover computed on a device (or with force_graph): ~kernels
+    TOVA_STAT_COUNT = 17,
 };
 int32_t tova_engine_stats(tova_engine * e, double * out, size_t n, bool reset);
 // Name of the buffer holding the K cache (e.g. "CPU", "CUDA0"); "" before the first decode.

@@ -50,6 +50,7 @@ from .generate import Sampler, _stop_hold, check_max_tokens, check_stops, log_no
 from .session import (
     _MAX_CELLS,
     DEFAULT_N_SINK,
+    ENGINE_STATS,
     GGML_MAX_N_THREADS,
     POLICIES,
     Session,
@@ -65,25 +66,6 @@ from .session import (
 )
 from .threads import FreeCores
 
-# tova_engine_stats' counters, in tova.h's order (TOVA_STAT_*)
-_STATS = (
-    "scored_decodes",
-    "capture_s",
-    "score_s",
-    "cuts",
-    "cut_s",
-    "decodes",
-    "decode_s",
-    "score_builds",
-    "score_build_s",
-    "score_compute_s",
-    "score_read_s",
-    "choose_s",
-    "move_s",
-    "logits_s",
-    "step_s",
-    "scored_decode_s",
-)
 # BatchSession.step's own split: building the C arguments, the C call, the result mapping
 _STEP_STATS = ("steps", "args_s", "call_s", "result_s")
 
@@ -488,9 +470,9 @@ class BatchSession:
         capture_s), score_build_s / score_compute_s / score_read_s (parts of score_s), choose_s / move_s (parts
         of cut_s), logits_s, step_s (the whole C call); and step's own Python split (steps, args_s, call_s,
         result_s: building the arguments, the C call, the returned mapping). reset=True zeroes all of them."""
-        out = ffi.new(f"double[{len(_STATS)}]")
-        self._call(lib.tova_engine_stats(self._engine, out, len(_STATS), reset))
-        stats = dict(zip(_STATS, list(out), strict=True))
+        out = ffi.new(f"double[{len(ENGINE_STATS)}]")
+        self._call(lib.tova_engine_stats(self._engine, out, len(ENGINE_STATS), reset))
+        stats = dict(zip(ENGINE_STATS, list(out), strict=True))
         stats.update(self._step_stats)
         if reset:
             self._step_stats = dict.fromkeys(_STEP_STATS, 0.0)

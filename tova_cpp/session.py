@@ -330,6 +330,28 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+# tova_engine_stats' counters, in tova.h's order (TOVA_STAT_*)
+ENGINE_STATS = (
+    "scored_decodes",
+    "capture_s",
+    "score_s",
+    "cuts",
+    "cut_s",
+    "decodes",
+    "decode_s",
+    "score_builds",
+    "score_build_s",
+    "score_compute_s",
+    "score_read_s",
+    "choose_s",
+    "move_s",
+    "logits_s",
+    "step_s",
+    "scored_decode_s",
+    "move_nodes",
+)
+
+
 class Session:
     """One model, one context, one bounded KV cache (a single sequence).
 
@@ -698,13 +720,14 @@ class Session:
 
     @_exclusive
     def engine_stats(self, reset: bool = False) -> dict[str, float]:
-        """Cumulative engine costs (profiling): scored decodes, seconds capturing in the eval callback, seconds
-        in the flash-attention scoring graph, cuts, seconds moving rows + removing metadata."""
+        """Cumulative engine costs (profiling), tova.h's TOVA_STAT_* in order: scored decodes, seconds capturing
+        in the eval callback, seconds in the flash-attention scoring graph, cuts, seconds moving rows + removing
+        metadata, and their finer splits; move_nodes counts the mover's graph nodes (about a kernel each on a
+        GPU)."""
         self._require_open()
-        out = ffi.new("double[5]")
-        self._check(lib.tova_engine_stats(self._engine, out, 5, reset))
-        keys = ("scored_decodes", "capture_s", "score_s", "cuts", "cut_s")
-        return dict(zip(keys, list(out), strict=False))
+        out = ffi.new(f"double[{len(ENGINE_STATS)}]")
+        self._check(lib.tova_engine_stats(self._engine, out, len(ENGINE_STATS), reset))
+        return dict(zip(ENGINE_STATS, list(out), strict=True))
 
     @_exclusive
     def set_force_graph_mover(self, force: bool) -> None:
