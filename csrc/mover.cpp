@@ -163,15 +163,30 @@ static bool transposable(const ggml_tensor * t) {
 // layer to gf; its indices go to `uploads`, to be set once the graph is allocated.
 using upload_list = std::vector<std::pair<ggml_tensor *, std::vector<int32_t>>>;
 
+// The streams [lo, hi] that l's moves touch (a cell g lies in stream g / kv_size).
+static std::pair<int64_t, int64_t> stream_range(const layer_moves * l) {
+    const int64_t kv = l->v->ne[1];
+    int64_t lo = l->v->ne[2], hi = -1;
+    for (const auto & m : l->moves)
+        for (int32_t g : {m.first, m.second}) {
+            lo = std::min<int64_t>(lo, g / kv);
+            hi = std::max<int64_t>(hi, g / kv);
+        }
+    return {lo, hi};
+}
+
+// Whether add_columns beats a copy per cell for l: its two passes over the touched streams' V against two kernel
+// launches per move. A launch (~3-5 us on a GPU) is worth about 4 MiB of copying at a GPU's bandwidth; a large V
+// with few moves (one sequence, a wide cache, m of a few) keeps the per-cell copies.
+static bool columns_pay(const layer_moves * l) {
+    const auto [lo, hi] = stream_range(l);
+    return (double) l->moves.size() * (4 << 20) >= (double) (hi - lo + 1) * (double) l->v->nb[2];
+}
+
 static void add_columns(ggml_context * ctx, ggml_cgraph * gf, const layer_moves * l, upload_list & uploads) {
     ggml_tensor * t = l->v;
     const int64_t kv = t->ne[1], n_embd = t->ne[0];
-    int64_t s_lo = t->ne[2], s_hi = -1;
-    for (const auto & m : l->moves)
-        for (int32_t g : {m.first, m.second}) {
-            s_lo = std::min<int64_t>(s_lo, g / kv);
-            s_hi = std::max<int64_t>(s_hi, g / kv);
-        }
+    const auto [s_lo, s_hi] = stream_range(l);
     const int64_t ns = s_hi - s_lo + 1;
     // streams s_lo..s_hi as stored, [kv, n_embd, ns], and as a row per cell, [n_embd, kv, ns] (a view)
     ggml_tensor * stored =
@@ -277,7 +292,7 @@ bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_
             ggml_tensor * ak = i32_alias(ctx, l->k);
             ggml_tensor * av = v_trans ? nullptr : i32_alias(ctx, l->v);
             const bool many = ak && l->moves.size() >= 2 && f32_alias(ctx, l->k);
-            if (many && v_trans && transposable(l->v) && columns_supported(backend, l)) {
+            if (many && v_trans && transposable(l->v) && columns_pay(l) && columns_supported(backend, l)) {
                 batched.push_back(l);  // K below; V's columns after this graph (move_columns)
                 columns.push_back(l);
                 continue;
