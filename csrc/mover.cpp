@@ -154,13 +154,6 @@ static bool transposable(const ggml_tensor * t) {
     return flt && ggml_is_contiguous(t) && t->ne[3] == 1;
 }
 
-// Transposed V (flash attention off): a cell is a column, one strided element per dim, so a copy per cell is one
-// kernel per move, which on a GPU made a cut of hundreds of moves per layer (a prompt piece, a sequence's first
-// cut) cost one launch per row and layer. Per layer instead: the streams the moves touch are copied to a scratch
-// tensor with a row per cell (transposed copy), the rows gathered and scattered there (GET_ROWS gives F32,
-// SET_ROWS writes the cache's type back: F16/BF16 -> F32 -> F16/BF16 is exact), and the scratch copied back
-// transposed: a handful of nodes per layer, whatever the count, at two passes over those streams' V. Appends one
-// layer to gf; its indices go to `uploads`, to be set once the graph is allocated.
 using upload_list = std::vector<std::pair<ggml_tensor *, std::vector<int32_t>>>;
 
 // The streams [lo, hi] that l's moves touch (a cell g lies in stream g / kv_size).
@@ -183,6 +176,13 @@ static bool columns_pay(const layer_moves * l) {
     return (double) l->moves.size() * (4 << 20) >= (double) (hi - lo + 1) * (double) l->v->nb[2];
 }
 
+// Transposed V (flash attention off): a cell is a column, one strided element per dim, so a copy per cell is one
+// kernel per move, which on a GPU made a cut of hundreds of moves per layer (a prompt piece, a sequence's first
+// cut) cost one launch per row and layer. Per layer instead: the streams the moves touch are copied to a scratch
+// tensor with a row per cell (transposed copy), the rows gathered and scattered there (GET_ROWS gives F32,
+// SET_ROWS writes the cache's type back: F16/BF16 -> F32 -> F16/BF16 is exact), and the scratch copied back
+// transposed: a handful of nodes per layer, whatever the count, at two passes over those streams' V. Appends one
+// layer to gf; its indices go to `uploads`, to be set once the graph is allocated.
 static void add_columns(ggml_context * ctx, ggml_cgraph * gf, const layer_moves * l, upload_list & uploads) {
     ggml_tensor * t = l->v;
     const int64_t kv = t->ne[1], n_embd = t->ne[0];
@@ -232,8 +232,9 @@ bool mover::columns_supported(ggml_backend * backend, const layer_moves * l) {
 }
 
 // add_columns for every layer, one graph; its scratch tensors placed by a ggml_gallocr (reused across layers and
-// calls).
-bool mover::move_columns(ggml_backend * backend, const std::vector<const layer_moves *> & layers, std::string & err) {
+// calls). no_room: the scratch did not fit on the device (nothing was moved).
+bool mover::move_columns(ggml_backend * backend, const std::vector<const layer_moves *> & layers, bool & no_room,
+                         std::string & err) {
     const size_t n_tensors = 16 * layers.size() + 16;
     ggml_context * ctx = graph_context(n_tensors);
     if (!ctx) {
@@ -249,8 +250,9 @@ bool mover::move_columns(ggml_backend * backend, const std::vector<const layer_m
     }
     if (!galloc_t_) galloc_t_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
     galloc_t_backend_ = backend;
-    bool ok = galloc_t_ && ggml_gallocr_alloc_graph(galloc_t_, gf);
-    if (!ok) err = "cannot allocate the mover's scratch for V's columns on the cache's device";
+    no_room = !galloc_t_ || !ggml_gallocr_alloc_graph(galloc_t_, gf);
+    bool ok = !no_room;
+    if (no_room) err = "cannot allocate the mover's scratch for V's columns on the cache's device";
     for (size_t i = 0; ok && i < uploads.size(); i++)
         ggml_backend_tensor_set(uploads[i].first, uploads[i].second.data(), 0,
                                 uploads[i].second.size() * sizeof(int32_t));
@@ -293,7 +295,7 @@ bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_
             ggml_tensor * av = v_trans ? nullptr : i32_alias(ctx, l->v);
             const bool many = ak && l->moves.size() >= 2 && f32_alias(ctx, l->k);
             if (many && v_trans && transposable(l->v) && columns_pay(l) && columns_supported(backend, l)) {
-                batched.push_back(l);  // K below; V's columns after this graph (move_columns)
+                batched.push_back(l);  // K below; V's columns in a graph of their own (move_columns)
                 columns.push_back(l);
                 continue;
             }
@@ -306,6 +308,17 @@ bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_
                 ggml_build_forward_expand(gf, copy_cell(ctx, l->k, ak, m.first, m.second, false));
                 ggml_build_forward_expand(gf, copy_cell(ctx, l->v, av, m.first, m.second, v_trans));
             }
+        }
+        // V's columns first: with no room for their scratch, those layers' V takes the per-cell copies below
+        bool no_room = false;
+        if (!columns.empty() && !move_columns(backend, columns, no_room, err)) {
+            if (!no_room) {
+                ggml_free(ctx);
+                return false;
+            }
+            for (const layer_moves * l : columns)
+                for (const auto & m : l->moves)
+                    ggml_build_forward_expand(gf, copy_cell(ctx, l->v, nullptr, m.first, m.second, true));
         }
         bool ok = batched.empty() || add_batched(ctx, gf, backend, batched, !v_trans, err);
         if (!ok) {
@@ -338,7 +351,6 @@ bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_
             err = "the mover graph failed on the cache's backend";
             return false;
         }
-        if (!columns.empty() && !move_columns(backend, columns, err)) return false;
         pending = later;
     }
     return true;

@@ -51,7 +51,8 @@ private:
     bool add_batched(ggml_context * ctx, ggml_cgraph * gf, ggml_backend * backend,
                      const std::vector<const layer_moves *> & layers, bool with_v, std::string & err);
     bool columns_supported(ggml_backend * backend, const layer_moves * l);
-    bool move_columns(ggml_backend * backend, const std::vector<const layer_moves *> & layers, std::string & err);
+    bool move_columns(ggml_backend * backend, const std::vector<const layer_moves *> & layers, bool & no_room,
+                      std::string & err);
 
     ggml_backend_buffer * scratch_ = nullptr;  // gathered rows and indices, on the cache's device
     ggml_backend * scratch_backend_ = nullptr;
