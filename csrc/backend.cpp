@@ -1,6 +1,8 @@
 #include "backend.h"
 
+#include "ggml-alloc.h"
 #include "ggml-backend.h"
+#include "ggml.h"
 
 namespace tova {
 
@@ -45,6 +47,26 @@ ggml_backend * backends::for_tensor(const ggml_tensor * t, std::string & err) {
     apply_threads(dev, b, n_threads_);
     started_.emplace_back(dev, b);
     return b;
+}
+
+ggml_context * graph_context(size_t n_tensors) {
+    ggml_init_params ip = {ggml_tensor_overhead() * n_tensors + ggml_graph_overhead_custom(n_tensors, false), nullptr,
+                           true};
+    return ggml_init(ip);
+}
+
+graph_allocator::~graph_allocator() {
+    if (galloc_) ggml_gallocr_free(galloc_);
+}
+
+bool graph_allocator::alloc(ggml_backend * b, ggml_cgraph * gf) {
+    if (galloc_ && b != backend_) {
+        ggml_gallocr_free(galloc_);
+        galloc_ = nullptr;
+    }
+    backend_ = b;
+    if (!galloc_) galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(b));
+    return galloc_ && ggml_gallocr_alloc_graph(galloc_, gf);
 }
 
 }  // namespace tova

@@ -10,6 +10,9 @@
 struct ggml_tensor;
 struct ggml_backend;
 struct ggml_backend_device;
+struct ggml_context;
+struct ggml_cgraph;
+struct ggml_gallocr;
 
 namespace tova {
 
@@ -31,6 +34,26 @@ public:
 private:
     std::vector<std::pair<ggml_backend_device *, ggml_backend *>> started_;
     int n_threads_ = 1;
+};
+
+// A no_alloc ggml context with room for n_tensors tensors and a graph of as many nodes (the engine's own graphs:
+// mover, scorer, attention sums). NULL when ggml_init fails.
+ggml_context * graph_context(size_t n_tensors);
+
+// A ggml_gallocr for graphs computed on one backend, kept across calls (its buffer grows to the largest graph
+// seen and is reused); made anew when the backend changes.
+class graph_allocator {
+public:
+    graph_allocator() = default;
+    graph_allocator(const graph_allocator &) = delete;
+    graph_allocator & operator=(const graph_allocator &) = delete;
+    ~graph_allocator();
+    // Places gf's unallocated tensors in b's default buffer type; false when there is no room.
+    bool alloc(ggml_backend * b, ggml_cgraph * gf);
+
+private:
+    ggml_backend * backend_ = nullptr;  // owned by `backends`
+    ggml_gallocr * galloc_ = nullptr;
 };
 
 }  // namespace tova

@@ -5,7 +5,6 @@
 #include <initializer_list>
 
 #include "backend.h"
-#include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml.h"
 
@@ -13,7 +12,6 @@ namespace tova {
 
 mover::~mover() {
     if (scratch_) ggml_backend_buffer_free(scratch_);
-    if (galloc_t_) ggml_gallocr_free(galloc_t_);
 }
 
 // Cells are numbered across streams as llama.cpp's attn_inp_k_idxs does: cell g is cell g % kv_size of stream
@@ -207,12 +205,6 @@ static void add_columns(ggml_context * ctx, ggml_cgraph * gf, const layer_moves 
     ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_3d(ctx, put, n_embd, kv, ns), by_cell));
 }
 
-static ggml_context * graph_context(size_t n_tensors) {
-    ggml_init_params ip = {ggml_tensor_overhead() * n_tensors + ggml_graph_overhead_custom(n_tensors, false), nullptr,
-                           true};
-    return ggml_init(ip);
-}
-
 // Whether `backend` runs add_columns' ops on l's V (checked once per backend and V type).
 bool mover::columns_supported(ggml_backend * backend, const layer_moves * l) {
     const auto key = std::make_pair(backend, (int) l->v->type);
@@ -231,7 +223,7 @@ bool mover::columns_supported(ggml_backend * backend, const layer_moves * l) {
     return ok;
 }
 
-// add_columns for every layer, one graph; its scratch tensors placed by a ggml_gallocr (reused across layers and
+// add_columns for every layer, one graph; its scratch tensors placed by columns_alloc_ (reused across layers and
 // calls). no_room: the scratch did not fit on the device (nothing was moved).
 bool mover::move_columns(ggml_backend * backend, const std::vector<const layer_moves *> & layers, bool & no_room,
                          std::string & err) {
@@ -244,13 +236,7 @@ bool mover::move_columns(ggml_backend * backend, const std::vector<const layer_m
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
     upload_list uploads;
     for (const layer_moves * l : layers) add_columns(ctx, gf, l, uploads);
-    if (galloc_t_ && galloc_t_backend_ != backend) {
-        ggml_gallocr_free(galloc_t_);
-        galloc_t_ = nullptr;
-    }
-    if (!galloc_t_) galloc_t_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
-    galloc_t_backend_ = backend;
-    no_room = !galloc_t_ || !ggml_gallocr_alloc_graph(galloc_t_, gf);
+    no_room = !columns_alloc_.alloc(backend, gf);
     bool ok = !no_room;
     if (no_room) err = "cannot allocate the mover's scratch for V's columns on the cache's device";
     for (size_t i = 0; ok && i < uploads.size(); i++)
@@ -277,9 +263,7 @@ bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_
         ggml_backend_t backend = devs.for_tensor(pending[0]->k, err);
         if (!backend) return false;
         const size_t n_tensors = 8 * n_ops + 16;
-        ggml_init_params ip = {ggml_tensor_overhead() * n_tensors + ggml_graph_overhead_custom(n_tensors, false),
-                               nullptr, true};
-        ggml_context * ctx = ggml_init(ip);
+        ggml_context * ctx = graph_context(n_tensors);
         if (!ctx) {
             err = "ggml_init failed for the mover graph";
             return false;

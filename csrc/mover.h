@@ -8,16 +8,13 @@
 #include <utility>
 #include <vector>
 
+#include "backend.h"
+
 struct ggml_tensor;
 struct ggml_backend;
 struct ggml_backend_buffer;
 struct ggml_context;
 struct ggml_cgraph;
-struct ggml_gallocr;
-
-namespace tova {
-class backends;
-}
 
 namespace tova {
 
@@ -58,8 +55,7 @@ private:
     ggml_backend * scratch_backend_ = nullptr;
     std::vector<int32_t> idx_host_;
     ggml_tensor * pending_idx_ = nullptr;  // uploaded once the graph's views are set up
-    ggml_gallocr * galloc_t_ = nullptr;    // move_columns' scratch: grows to the largest use, then reused
-    ggml_backend * galloc_t_backend_ = nullptr;
+    graph_allocator columns_alloc_;        // move_columns' scratch
     std::vector<std::pair<std::pair<ggml_backend *, int>, bool>> columns_ok_;  // (backend, V type) -> supported
     double nodes_ = 0;  // graph nodes computed (kernels, roughly), for tova_engine_stats
 };

@@ -1,7 +1,6 @@
 #include "reduce.h"
 
 #include "backend.h"
-#include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml.h"
 
@@ -9,17 +8,13 @@ namespace tova {
 
 // idx[r, h, i] = tk[i * r_s + r] for every head h (GET_ROWS takes one row list per (head, stream) slice)
 static void upload_rows(ggml_tensor * idx, const std::vector<int32_t> * tk, int64_t r_s, int64_t n_head,
-                        int64_t n_stream) {
+                        int64_t n_stream, std::vector<int32_t> & v) {
     if (!idx) return;
-    std::vector<int32_t> v((size_t) (r_s * n_head * n_stream));
+    v.resize((size_t) (r_s * n_head * n_stream));
     for (int64_t i = 0; i < n_stream; i++)
         for (int64_t h = 0; h < n_head; h++)
             for (int64_t r = 0; r < r_s; r++) v[(size_t) ((i * n_head + h) * r_s + r)] = (*tk)[(size_t) (i * r_s + r)];
     ggml_backend_tensor_set(idx, v.data(), 0, v.size() * sizeof(int32_t));
-}
-
-reducer::~reducer() {
-    if (galloc_) ggml_gallocr_free(galloc_);
 }
 
 bool reducer::head_sums(ggml_tensor * p, const std::vector<int32_t> & tk, int64_t r_s, backends & devs,
@@ -43,21 +38,9 @@ bool reducer::run(ggml_tensor * p, const std::vector<int32_t> * tk, int64_t r_s,
     }
     ggml_backend * b = devs.for_tensor(p, err);
     if (!b) return false;
-    if (b != backend_ && galloc_) {
-        ggml_gallocr_free(galloc_);
-        galloc_ = nullptr;
-    }
-    backend_ = b;
-    if (!galloc_) galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(b));
-    if (!galloc_) {
-        err = "cannot create the attention-sum allocator";
-        return false;
-    }
     const int64_t n_kv = p->ne[0], n_tps = p->ne[1], n_head = p->ne[2], n_stream = p->ne[3];
     const size_t n_nodes = 8;
-    ggml_init_params ip = {n_nodes * ggml_tensor_overhead() + ggml_graph_overhead_custom(n_nodes, false), nullptr,
-                           true};
-    ggml_context * ctx = ggml_init(ip);
+    ggml_context * ctx = graph_context(n_nodes);
     if (!ctx) {
         err = "ggml_init failed for the attention sums";
         return false;
@@ -96,10 +79,10 @@ bool reducer::run(ggml_tensor * p, const std::vector<int32_t> * tk, int64_t r_s,
             return false;
         }
     }
-    if (!ggml_gallocr_alloc_graph(galloc_, gf)) {
+    if (!alloc_.alloc(b, gf)) {
         err = "cannot allocate the attention sums on the cache's device";
     } else {
-        upload_rows(idx, tk, r_s, n_head, n_stream);  // after the allocation, which places idx
+        upload_rows(idx, tk, r_s, n_head, n_stream, rows_);  // after the allocation, which places idx
         if (ggml_backend_graph_compute(b, gf) != GGML_STATUS_SUCCESS) {
             err = "the attention-sum graph failed on the cache's backend";
         } else {

@@ -12,20 +12,18 @@
 #include <string>
 #include <vector>
 
+#include "backend.h"
+
 struct ggml_tensor;
 struct ggml_backend;
-struct ggml_gallocr;
 
 namespace tova {
-
-class backends;
 
 class reducer {
 public:
     reducer() = default;
     reducer(const reducer &) = delete;
     reducer & operator=(const reducer &) = delete;
-    ~reducer();
     // The head sums of chosen rows, r_s of them in each stream: tk[i * r_s + r] is the r-th row (token index) of
     // stream i (any row < n_tps fills a stream that has fewer). out[(i * r_s + r) * n_kv + j] = sum over heads h
     // of p[j, tk[i * r_s + r], h, i]. Only those rows are gathered (GET_ROWS), so the device's extra memory is
@@ -38,8 +36,8 @@ public:
 private:
     bool run(ggml_tensor * p, const std::vector<int32_t> * tk, int64_t r_s, backends & devs, std::vector<float> & out,
              std::string & err);
-    ggml_backend * backend_ = nullptr;  // owned by `backends`
-    ggml_gallocr * galloc_ = nullptr;   // its buffer grows to the largest reduction seen and is reused
+    graph_allocator alloc_;      // grows to the largest reduction seen and is reused
+    std::vector<int32_t> rows_;  // head_sums' row indices as uploaded (one list per head and stream)
 };
 
 }  // namespace tova

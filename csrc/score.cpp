@@ -213,9 +213,7 @@ bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string
     free_graph();
     const int32_t n_layer = (int32_t) layers_.size();
     const size_t n_tensors = 24 * (size_t) n_layer + 32;
-    ggml_init_params ip = {ggml_tensor_overhead() * n_tensors + ggml_graph_overhead_custom(n_tensors, false), nullptr,
-                           true};
-    graph_ctx_ = ggml_init(ip);
+    graph_ctx_ = graph_context(n_tensors);
     if (!graph_ctx_) {
         err = "ggml_init failed for the scoring graph";
         return false;
