@@ -330,25 +330,13 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-# tova_engine_stats' counters, in tova.h's order (TOVA_STAT_*)
-ENGINE_STATS = (
-    "scored_decodes",
-    "capture_s",
-    "score_s",
-    "cuts",
-    "cut_s",
-    "decodes",
-    "decode_s",
-    "score_builds",
-    "score_build_s",
-    "score_compute_s",
-    "score_read_s",
-    "choose_s",
-    "move_s",
-    "logits_s",
-    "step_s",
-    "scored_decode_s",
-    "move_nodes",
+# tova_engine_stats' counters, named after tova.h's TOVA_STAT_* in their order (TOVA_STAT_MOVE_S -> "move_s")
+ENGINE_STATS = tuple(
+    n.removeprefix("TOVA_STAT_").lower()
+    for n in sorted(
+        (n for n in dir(lib) if n.startswith("TOVA_STAT_") and n != "TOVA_STAT_COUNT"),
+        key=lambda n: getattr(lib, n),
+    )
 )
 
 
