@@ -548,9 +548,8 @@ def _run(args: argparse.Namespace) -> int:
         gpu = {"n_gpu_layers": args.n_gpu_layers, "flash_attn": args.flash_attn}
         with common.progress(total, "ruler", disable=False) as bar:
             bar.unit = "answer"
-            if (
-                args.batch
-            ):  # one BatchSession per (policy, mode), every (task, sample, compression) through it
+            # --batch: one BatchSession per (policy, mode), every (task, sample, compression) through it
+            if args.batch:
                 last_save = [time.perf_counter()]
 
                 def done_one(todo: list, mode: str, policy: str, k: int, pred: str, budget: int) -> None:
