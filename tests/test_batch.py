@@ -6,7 +6,9 @@ On the tiny random model (no download); F32 cache so the argmin is never a round
 
 from __future__ import annotations
 
+import os
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -579,3 +581,64 @@ def test_bench_batch_plain_rows(tiny, tmp_path):
         assert plain_row["cells_per_seq"] == tova_row["cells_per_seq"]
         assert plain_row["kv_cells"] == tova_row["kv_cells"]
         assert float(plain_row["tg_tps"]) > 0 and math.isnan(float(plain_row["engine_ms"]))
+
+
+@pytest.fixture
+def cuda_graphs(monkeypatch):
+    """A fresh process as far as the CUDA-graph guard knows (no GPU context opened yet), on a build that claims
+    GPU offload, with GGML_CUDA_DISABLE_GRAPHS and TOVA_CUDA_GRAPHS unset; the environment is restored after."""
+    import llama_cpp
+
+    from tova_cpp import session as session_mod
+
+    monkeypatch.setattr(session_mod, "_CUDA_GRAPHS", session_mod._CudaGraphs())
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    for name in ("GGML_CUDA_DISABLE_GRAPHS", "TOVA_CUDA_GRAPHS"):
+        monkeypatch.setenv(name, "placeholder")  # recorded as unset, so undone after the test
+        monkeypatch.delenv(name)
+    return session_mod._CUDA_GRAPHS
+
+
+def _open_batch(path, **kw):
+    with BatchSession(path, n_seq_max=2, budget=16, chunk=CHUNK, n_threads=1, **kw):
+        pass
+
+
+def test_first_gpu_batch_session_turns_cuda_graphs_off(tiny, cuda_graphs, recwarn):
+    # a CPU-only build ignores n_gpu_layers; the guard decides on the offload support it is told of
+    _open_batch(tiny[0], n_gpu_layers=99)
+    assert os.environ.get("GGML_CUDA_DISABLE_GRAPHS") == "1"
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize(
+    "setup",
+    ["cpu_only", "user_value", "opt_out", "no_layers_offloaded"],
+)
+def test_cuda_graphs_left_alone(tiny, cuda_graphs, monkeypatch, recwarn, setup):
+    import llama_cpp
+
+    kw = {"n_gpu_layers": 99}
+    if setup == "cpu_only":
+        monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)
+    elif setup == "user_value":
+        monkeypatch.setenv("GGML_CUDA_DISABLE_GRAPHS", "")  # any value: the user's, untouched
+    elif setup == "opt_out":
+        monkeypatch.setenv("TOVA_CUDA_GRAPHS", "1")
+    else:
+        kw["n_gpu_layers"] = 0
+    _open_batch(tiny[0], **kw)
+    assert os.environ.get("GGML_CUDA_DISABLE_GRAPHS") == ("" if setup == "user_value" else None)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_gpu_session_first_leaves_graphs_on_and_warns_once(tiny, cuda_graphs):
+    with Session(tiny[0], budget=16, n_gpu_layers=99, n_threads=1):
+        pass
+    assert "GGML_CUDA_DISABLE_GRAPHS" not in os.environ  # a single sequence keeps llama.cpp's default
+    with pytest.warns(RuntimeWarning, match="CUDA graphs"):
+        _open_batch(tiny[0], n_gpu_layers=99)
+    assert "GGML_CUDA_DISABLE_GRAPHS" not in os.environ  # too late to take effect: not pretended
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _open_batch(tiny[0], n_gpu_layers=99)  # once per process

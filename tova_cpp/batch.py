@@ -61,6 +61,7 @@ from .session import (
     _token_ids,
     acquire_model,
     default_threads,
+    guard_cuda_graphs,
     release_model,
     swa_layers,
 )
@@ -80,7 +81,10 @@ def _int(name: str, value, lo: int, hi: int | None = None) -> int:
 class BatchSession:
     """One model, one context, many sequences, each with its own bounded KV cache (see the module docstring for
     the cells rule). A session serves one thread at a time (another thread gets SessionBusyError); after close()
-    every method raises SessionClosedError. Sequence ids that are not active raise UnknownSequenceError."""
+    every method raises SessionClosedError. Sequence ids that are not active raise UnknownSequenceError.
+    On a GPU build, the first GPU context of the process being a BatchSession (n_gpu_layers != 0) turns
+    llama.cpp's CUDA graphs off for the process (GGML_CUDA_DISABLE_GRAPHS=1; why, and the opt-out: session.py
+    guard_cuda_graphs)."""
 
     def __init__(
         self,
@@ -148,6 +152,7 @@ class BatchSession:
         n_ubatch = min(n_ubatch, n_ctx)
         path = Path(model_path)
         self.model_path = str(path)
+        guard_cuda_graphs(n_gpu_layers, many_sequences=True)
         self._model = model = acquire_model(path, n_gpu_layers, verbose)
         why = _refusal(model, path)
         if why is None and any(s for s in swa_layers(model, path) if s is True):

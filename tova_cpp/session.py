@@ -55,6 +55,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import llama_cpp
@@ -149,6 +150,52 @@ def load_model(path: Path, n_gpu_layers: int, verbose: bool, *, vocab_only: bool
             raise ModelLoadError(f"llama.cpp could not load the vocabulary of {path}")
         raise ModelLoadError(f"llama.cpp could not load {path} (truncated or unsupported GGUF?)")
     return model
+
+
+class _CudaGraphs:
+    """Whether this process has opened a GPU context through tova_cpp, and whether it was warned (below)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.gpu_opened = False
+        self.warned = False
+
+
+_CUDA_GRAPHS = _CudaGraphs()
+
+
+def guard_cuda_graphs(n_gpu_layers: int, many_sequences: bool) -> None:
+    """Turn llama.cpp's CUDA graphs off for this process before the first GPU context of a BatchSession.
+
+    On an H200 (docs/BATCH.md, "CUDA abort with many sequences") BatchSessions of 16-32 sequences aborted the
+    process inside llama.cpp's CUDA backend, `full` policy included (it runs none of the engine's device code);
+    the abort whose kernel was named surfaced at cudaGraphLaunch ("an illegal instruction was encountered"),
+    and a run that aborted at the same step on four successive resumes ran to the end with
+    GGML_CUDA_DISABLE_GRAPHS=1. llama.cpp reads that variable once per
+    process, at its first graph compute: it is set here when a BatchSession is the first GPU context tova_cpp
+    opens and the variable is not set already (any value turns the graphs off). A Session opened on the GPU
+    earlier may have read it already: then the graphs stay on and a RuntimeWarning says so, once. Opt out with
+    TOVA_CUDA_GRAPHS=1. Single-sequence Sessions never change it; on other GPU backends it has no effect."""
+    if n_gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload():
+        return
+    with _CUDA_GRAPHS.lock:
+        first = not _CUDA_GRAPHS.gpu_opened
+        _CUDA_GRAPHS.gpu_opened = True
+        if not many_sequences or "GGML_CUDA_DISABLE_GRAPHS" in os.environ:
+            return
+        if os.environ.get("TOVA_CUDA_GRAPHS") == "1":
+            return
+        if first:
+            os.environ["GGML_CUDA_DISABLE_GRAPHS"] = "1"
+        elif not _CUDA_GRAPHS.warned:
+            _CUDA_GRAPHS.warned = True
+            warnings.warn(
+                "a GPU Session opened earlier in this process may have enabled llama.cpp's CUDA graphs, which "
+                "aborted BatchSessions on CUDA (docs/BATCH.md); set GGML_CUDA_DISABLE_GRAPHS=1 before the first "
+                "GPU session, or TOVA_CUDA_GRAPHS=1 to keep them and silence this",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 class _SharedModels:
@@ -412,6 +459,7 @@ class Session:
             raise ValueError(f"a quantized V cache ({type_v}) needs flash attention in llama.cpp")
         path = Path(model_path)
         self.model_path = str(path)
+        guard_cuda_graphs(n_gpu_layers, many_sequences=False)
         self._model = model = acquire_model(path, n_gpu_layers, verbose)
         why = _refusal(model, path)
         if why:
