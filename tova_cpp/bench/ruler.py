@@ -349,7 +349,7 @@ def answer_batch(
     budget = max(b for b, _ in plans)  # sizes every sequence's stream; each has its own
     n_seq = min(n_seqs, len(items))
     # ubatches that hold several sequences' whole pieces (BatchSession's default holds one piece): fewer, larger
-    # decodes; the CUDA aborts of docs/BATCH.md all came with 16 tokens per stream per ubatch
+    # decodes
     n_ubatch = min(piece * n_seq, max(piece, UBATCH_TOKENS))
     with BatchSession(path, n_seq_max=n_seq, budget=budget, chunk=piece, n_ubatch=n_ubatch, **opts) as bs:
         queue = list(range(len(items)))
