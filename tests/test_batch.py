@@ -642,3 +642,17 @@ def test_gpu_session_first_leaves_graphs_on_and_warns_once(tiny, cuda_graphs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _open_batch(tiny[0], n_gpu_layers=99)  # once per process
+
+
+def test_plain_llama_baseline_takes_the_same_cuda_graph_setting(tiny, cuda_graphs):
+    """`tova bench batch --plain` (llama.cpp alone, many sequences, in a process of its own by default) runs
+    under the guard too: on a GPU it compares with the BatchSession rows under the same CUDA graph setting and is
+    spared the same abort."""
+    from tova_cpp.bench.batch import _measure_plain
+
+    row = _measure_plain(
+        path=tiny[0], n=2, prompt=8, per_seq=32, n_ctx=64, n_gen=2, reps=1, threads=1, chunk=8, n_gpu_layers=99,
+        flash_attn=False, type_k="f16", type_v="f16", kv_unified=False, verbose=False, logits=False,
+    )  # fmt: skip
+    assert row["n_seqs"] == 2 and row["kv_cells"] == 64  # it ran
+    assert os.environ.get("GGML_CUDA_DISABLE_GRAPHS") == "1"

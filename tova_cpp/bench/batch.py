@@ -289,8 +289,9 @@ def _measure_plain(
     copied out only with `logits`). The same protocol as measure(), without the engine."""
     import llama_cpp
 
-    from ..session import CACHE_TYPES, load_model
+    from ..session import CACHE_TYPES, guard_cuda_graphs, load_model
 
+    guard_cuda_graphs(n_gpu_layers, many_sequences=True)  # the same CUDA graph setting as a BatchSession's
     model = load_model(Path(path), n_gpu_layers, verbose)
     cp = llama_cpp.llama_context_default_params()
     n_ub = max(chunk, n, 256)
