@@ -168,8 +168,8 @@ def guard_cuda_graphs(n_gpu_layers: int, many_sequences: bool) -> None:
     """Turn llama.cpp's CUDA graphs off for this process before the first GPU context of a BatchSession.
 
     On an H200 (docs/BATCH.md, "CUDA abort with many sequences") BatchSessions of 16-32 sequences aborted the
-    process inside llama.cpp's CUDA backend, `full` policy included (it runs none of the engine's device code),
-    with "an illegal instruction was encountered". One run aborted at the same answer on six resumes of
+    process inside llama.cpp's CUDA backend, `full` policy included (it runs none of the engine's device code);
+    those whose error printed said "an illegal instruction was encountered". One run aborted at the same answer on six resumes of
     one saved state (programmatic dependent launch on or off; with CUDA_LAUNCH_BLOCKING=1 the failing call was
     cudaGraphLaunch) and ran to the end with GGML_CUDA_DISABLE_GRAPHS=1. llama.cpp reads that variable once
     per process, at its first graph compute: it is set here when a BatchSession is the first GPU context
