@@ -169,13 +169,14 @@ def guard_cuda_graphs(n_gpu_layers: int, many_sequences: bool) -> None:
 
     On an H200 (docs/BATCH.md, "CUDA abort with many sequences") BatchSessions of 16-32 sequences aborted the
     process inside llama.cpp's CUDA backend, `full` policy included (it runs none of the engine's device code);
-    those whose error printed said "an illegal instruction was encountered". One run aborted at the same answer on six resumes of
-    one saved state (programmatic dependent launch on or off; with CUDA_LAUNCH_BLOCKING=1 the failing call was
-    cudaGraphLaunch) and ran to the end with GGML_CUDA_DISABLE_GRAPHS=1. llama.cpp reads that variable once
-    per process, at its first graph compute: it is set here when a BatchSession is the first GPU context
-    tova_cpp opens and the variable is not set already (any value turns the graphs off). A Session opened on the
-    GPU earlier may have read it already: then the graphs stay on and a RuntimeWarning says so, once. Opt out
-    with TOVA_CUDA_GRAPHS=1. Single-sequence Sessions never change it; on other GPU backends it has no effect."""
+    those whose error printed said "an illegal instruction was encountered". One run aborted at the same answer
+    on six resumes of one saved state (programmatic dependent launch on or off; with CUDA_LAUNCH_BLOCKING=1 the
+    failing call was cudaGraphLaunch) and ran to the end with GGML_CUDA_DISABLE_GRAPHS=1. llama.cpp reads that
+    variable once per process, at its first graph compute: it is set here when a BatchSession is the first GPU
+    context tova_cpp opens and the variable is not set already (any value turns the graphs off). A Session
+    opened on the GPU earlier may have read it already: then the graphs stay on and a RuntimeWarning says so,
+    once. Opt out with TOVA_CUDA_GRAPHS=1. Single-sequence Sessions never change it; on other GPU backends it
+    has no effect."""
     if n_gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload():
         return
     with _CUDA_GRAPHS.lock:
