@@ -211,6 +211,7 @@ extern "C" bool tova_eval_callback(ggml_tensor * t, bool ask, void * user_data) 
     tova_engine * e = (tova_engine *) user_data;
     // data phase: always true (false would stop the graph); ask phase: "no" unless armed and needed
     if (!e || e->armed.n_tokens == 0 || !t) return !ask;
+    e->armed.called = true;
     try {
         switch (t->op) {
             case GGML_OP_SET_ROWS:

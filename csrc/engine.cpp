@@ -114,6 +114,8 @@ extern "C" tova_engine * tova_engine_create(int32_t policy, int32_t n_layer, int
         e->force_graph = mv && strcmp(mv, "graph") == 0;
         const char * chk = getenv("TOVA_CHECK_CELLS");
         e->verify_cells = chk && strcmp(chk, "0") != 0 && *chk;
+        const char * keep_cb = getenv("TOVA_KEEP_CALLBACK");
+        e->keep_callback = keep_cb && strcmp(keep_cb, "0") != 0 && *keep_cb;
         e->cache_k.assign(n_layer, nullptr);
         e->cache_v.assign(n_layer, nullptr);
         e->scored.assign(n_layer, 0);
@@ -241,6 +243,35 @@ static bool cuts_at(const tova_engine * e, int32_t s, int32_t occupied) {
     return e->policy != TOVA_POLICY_FULL && occupied - q.budget >= q.evict_interval;
 }
 
+// llama_context::get_sched() const: exported by libllama (C++ ABI; llama.h has no C entry for it), the scheduler
+// that holds the context's eval callback. Resolved once by name in the libllama the engine links; null if absent.
+using get_sched_fn = ggml_backend_sched_t (*)(const llama_context *);
+static get_sched_fn resolve_get_sched() {
+    static const get_sched_fn fn = []() -> get_sched_fn {
+        Dl_info info;
+        if (!dladdr((void *) &llama_decode, &info) || !info.dli_fname) return nullptr;
+        void * h = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+        if (!h) return nullptr;
+        void * sym = dlsym(h, "_ZNK13llama_context9get_schedEv");
+        dlclose(h);  // drops RTLD_NOLOAD's reference only: the engine links libllama, which stays loaded
+        return (get_sched_fn) sym;
+    }();
+    return fn;
+}
+
+// Switches the eval callback for the next llama_decode (docs/ARCHITECTURE.md, "The eval callback, switched"):
+// a decode that needs no node of the graph runs without it, so ggml's scheduler computes each split as one
+// graph and does not wait after it, as with llama.cpp alone; one that needs nodes gets it back. llama.cpp itself
+// reinstalls the context's callback (this one) whenever it rebuilds a graph: such a decode is merely slower.
+static void switch_callback(tova_engine * e, llama_context * ctx, bool want) {
+    if (e->keep_callback || !tova_engine_needs_callback(e)) return;
+    const get_sched_fn get_sched = resolve_get_sched();
+    ggml_backend_sched_t sched = get_sched ? get_sched(ctx) : nullptr;
+    if (!sched) return;
+    if (want) ggml_backend_sched_set_eval_callback(sched, tova_eval_callback, e);
+    else ggml_backend_sched_set_eval_callback(sched, nullptr, nullptr);
+}
+
 // One ubatch as llama_batch rows: token, position, sequence, wants logits; rows scored when capturing.
 struct ubatch_rows {
     std::vector<int32_t> tok, pos, seq, rows;
@@ -285,13 +316,18 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const ubatch_
     a.rows = u.rows;
     a.stream0 = e->n_stream > 1 ? u.seq[0] : 0;
     const bool predicted = e->st.predict(u.seq.data(), n, e->predicted);
-    // the cells: predicted by the slot mirror; read as well where that is free (host) or asked for
-    a.read_cells = !predicted || e->idxs_host || e->verify_cells;
+    // the cells: predicted by the slot mirror; read as well where that is free (host, unless the device paths
+    // are forced) or asked for
+    a.read_cells = !predicted || (e->idxs_host && !e->force_graph) || e->verify_cells;
     a.cells_seen = false;
     a.n_observed = 0;
+    a.called = false;
     a.error.clear();
     if (a.scores) std::fill(e->scored.begin(), e->scored.end(), 0);
     if (a.scores && !e->v_trans) e->fa.begin(e->n_layer, a.rows);
+    // the callback is needed to score, to read the cells, and until every layer's cache tensors are known
+    const bool want_callback = a.scores || a.read_cells || e->n_cache_found < 2 * e->n_layer;
+    switch_callback(e, ctx, want_callback);
     a.n_tokens = n;
     const double t_dec = tova::now_s();
     const int32_t rc = llama_decode(ctx, b);
@@ -303,6 +339,7 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const ubatch_
     e->stats[TOVA_STAT_DECODE_S] += dt;
     if (a.scores) e->stats[TOVA_STAT_SCORED_DECODE_S] += dt;
     e->stats[TOVA_STAT_DECODES] += 1;
+    if (!a.called) e->stats[TOVA_STAT_PLAIN_DECODES] += 1;
     a.n_tokens = 0;
     if (rc != 0) return fail(e, TOVA_ERR_BACKEND, "llama_decode failed with code " + std::to_string(rc));
     if (!a.error.empty()) return fail(e, TOVA_ERR_CAPTURE, a.error);
@@ -351,6 +388,7 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const ubatch_
         e->stats[TOVA_STAT_SCORE_BUILD_S] += tm.build_s;
         e->stats[TOVA_STAT_SCORE_COMPUTE_S] += tm.compute_s;
         e->stats[TOVA_STAT_SCORE_READ_S] += tm.read_s;
+        e->stats[TOVA_STAT_SCORE_NODES] += tm.nodes;
     }
     if (a.scores) {
         e->stats[TOVA_STAT_SCORED_DECODES] += 1;

@@ -37,6 +37,7 @@ struct tova_armed {
     std::vector<int64_t> cells;  // what attn_inp_k_idxs held, when read
     bool cells_seen = false;
     int32_t n_observed = 0;  // nodes read in the data phase (each one costs a backend sync)
+    bool called = false;     // the callback ran during this decode (it may be switched off: engine.cpp)
     std::string error;       // first failure inside the callback (it cannot return errors)
 };
 
@@ -48,6 +49,7 @@ struct tova_engine {
     bool v_trans;                // also: flash attention off (llama.cpp stores V transposed exactly when FA is off)
     bool force_graph = false;    // env: TOVA_MOVER=graph forces the device paths (graph mover, attention sums)
     bool verify_cells = false;   // env: TOVA_CHECK_CELLS=1 reads attn_inp_k_idxs on every decode, even on a device
+    bool keep_callback = false;  // env: TOVA_KEEP_CALLBACK=1 leaves the eval callback on for decodes needing no node
     int32_t keep = 0;            // original positions < keep are never evicted
     int32_t n_sink = 4;          // TOVA_POLICY_SINK: original positions < n_sink are never evicted
     int32_t evict_interval = 1;  // cut only once budget + evict_interval cells are occupied

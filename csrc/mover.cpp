@@ -88,18 +88,24 @@ static ggml_tensor * copy_cell(ggml_context * ctx, ggml_tensor * t, ggml_tensor 
     return ggml_cpy(ctx, cell_view(ctx, t, src, transposed), cell_view(ctx, t, dst, transposed));
 }
 
-// Layers with several moves: per tensor, rows gathered (get_rows on the I32 alias) into a scratch buffer, then
-// scattered (set_rows of the same words read as F32) into their destinations: two kernels whatever the count.
-// The indices of all layers travel in one upload. Sources and destinations are disjoint; the scatter runs after
-// the gather (graph order, one stream).
+// Rows to move inside one tensor (or one span of several, see fused_job): its I32 and F32 aliases and the rows.
+struct rows_job {
+    ggml_tensor * i32 = nullptr;
+    ggml_tensor * f32 = nullptr;
+    std::vector<int32_t> src, dst;
+};
+
+// Per job, rows gathered (get_rows on the I32 alias) into a scratch buffer, then scattered (set_rows of the same
+// words read as F32) into their destinations: two kernels per job whatever the count. The indices of all jobs
+// travel in one upload. Sources and destinations are disjoint; the scatter runs after the gather (graph order,
+// one stream).
 bool mover::add_batched(ggml_context * ctx, ggml_cgraph * gf, ggml_backend * backend,
-                        const std::vector<const layer_moves *> & layers, bool with_v, std::string & err) {
+                        const std::vector<rows_job> & jobs, std::string & err) {
     size_t n_idx = 0, tmp_bytes = 0;
     const size_t align = 256;
-    for (const layer_moves * l : layers) {
-        n_idx += 2 * l->moves.size();
-        for (ggml_tensor * t : {l->k, with_v ? l->v : nullptr})
-            if (t) tmp_bytes += GGML_PAD(t->nb[1] * l->moves.size(), align);
+    for (const rows_job & j : jobs) {
+        n_idx += 2 * j.src.size();
+        tmp_bytes += GGML_PAD(j.i32->nb[1] * j.src.size(), align);
     }
     const size_t need = GGML_PAD(n_idx * sizeof(int32_t), align) + tmp_bytes + align;
     if (!scratch_ || scratch_backend_ != backend || ggml_backend_buffer_get_size(scratch_) < need) {
@@ -120,28 +126,78 @@ bool mover::add_batched(ggml_context * ctx, ggml_cgraph * gf, ggml_backend * bac
     }
     char * tmp = base + GGML_PAD(n_idx * sizeof(int32_t), align);
     idx_host_.clear();
-    for (const layer_moves * l : layers) {
-        const size_t n = l->moves.size();
+    for (const rows_job & j : jobs) {
+        const size_t n = j.src.size();
         const size_t off = idx_host_.size() * sizeof(int32_t);
-        for (const auto & m : l->moves) idx_host_.push_back(m.first);
-        for (const auto & m : l->moves) idx_host_.push_back(m.second);
+        idx_host_.insert(idx_host_.end(), j.src.begin(), j.src.end());
+        idx_host_.insert(idx_host_.end(), j.dst.begin(), j.dst.end());
         ggml_tensor * src = ggml_view_1d(ctx, idx, (int64_t) n, off);
         ggml_tensor * dst = ggml_view_1d(ctx, idx, (int64_t) n, off + n * sizeof(int32_t));
-        for (ggml_tensor * t : {l->k, with_v ? l->v : nullptr}) {
-            if (!t) continue;
-            ggml_tensor * rows = ggml_get_rows(ctx, i32_alias(ctx, t), src);  // I32 [words, n]
-            ggml_tensor * as_f32 = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, rows->ne[0], rows->ne[1]);
-            if (ggml_backend_tensor_alloc(scratch_, rows, tmp) != GGML_STATUS_SUCCESS ||
-                ggml_backend_tensor_alloc(scratch_, as_f32, tmp) != GGML_STATUS_SUCCESS) {
-                err = "mover: scratch rows";
-                return false;
-            }
-            tmp += GGML_PAD(t->nb[1] * n, align);
-            ggml_build_forward_expand(gf, rows);
-            ggml_build_forward_expand(gf, ggml_set_rows(ctx, f32_alias(ctx, t), as_f32, dst));
+        ggml_tensor * rows = ggml_get_rows(ctx, j.i32, src);  // I32 [words, n]
+        ggml_tensor * as_f32 = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, rows->ne[0], rows->ne[1]);
+        if (ggml_backend_tensor_alloc(scratch_, rows, tmp) != GGML_STATUS_SUCCESS ||
+            ggml_backend_tensor_alloc(scratch_, as_f32, tmp) != GGML_STATUS_SUCCESS) {
+            err = "mover: scratch rows";
+            return false;
         }
+        tmp += GGML_PAD(j.i32->nb[1] * n, align);
+        ggml_build_forward_expand(gf, rows);
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, j.f32, as_f32, dst));
     }
     pending_idx_ = idx;
+    return true;
+}
+
+// A layer's moves in one tensor as a job on its own aliases (false: rows are not whole words).
+static bool layer_job(ggml_context * ctx, ggml_tensor * t, const layer_moves * l, rows_job & j) {
+    j.i32 = i32_alias(ctx, t);
+    j.f32 = j.i32 ? f32_alias(ctx, t) : nullptr;
+    if (!j.f32) return false;
+    for (const auto & m : l->moves) {
+        j.src.push_back(m.first);
+        j.dst.push_back(m.second);
+    }
+    return true;
+}
+
+// Every layer's K and V moves as one job when their tensors tile one span of one buffer in rows of one size: the
+// span's aliases number the rows of all of them (a tensor's cell c is row (data - base) / row + c), so one gather
+// and one scatter move a whole cut, whatever the layers (llama.cpp allocates each layer's K and V in turn in one
+// buffer per device; with K and V rows of one size and type-aligned offsets they tile it). False otherwise.
+static bool fused_job(ggml_context * ctx, const std::vector<const layer_moves *> & layers, rows_job & j) {
+    std::vector<ggml_tensor *> ts;
+    for (const layer_moves * l : layers) {
+        ts.push_back(l->k);
+        ts.push_back(l->v);
+    }
+    if (ts.empty()) return false;
+    const size_t row = ts[0]->nb[1];
+    const char * lo = (const char *) ts[0]->data;
+    const char * hi = lo;
+    for (const ggml_tensor * t : ts) {
+        if (t->buffer != ts[0]->buffer || t->nb[1] != row || row % 4 != 0 || row != ggml_row_size(t->type, t->ne[0]) ||
+            !ggml_is_contiguous(t))
+            return false;
+        lo = std::min(lo, (const char *) t->data);
+        hi = std::max(hi, (const char *) t->data + ggml_nbytes(t));
+    }
+    const size_t n_rows = (size_t) (hi - lo) / row;
+    if ((size_t) (hi - lo) % row != 0 || n_rows > (size_t) INT32_MAX) return false;
+    for (const ggml_tensor * t : ts)
+        if ((size_t) ((const char *) t->data - lo) % row != 0) return false;
+    j.i32 = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, (int64_t) (row / 4), (int64_t) n_rows);
+    j.f32 = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, (int64_t) (row / 4), (int64_t) n_rows);
+    if (ggml_backend_tensor_alloc(ts[0]->buffer, j.i32, (void *) lo) != GGML_STATUS_SUCCESS ||
+        ggml_backend_tensor_alloc(ts[0]->buffer, j.f32, (void *) lo) != GGML_STATUS_SUCCESS)
+        return false;
+    for (const layer_moves * l : layers)
+        for (const ggml_tensor * t : {l->k, l->v}) {
+            const int32_t first = (int32_t) (((const char *) t->data - lo) / row);
+            for (const auto & m : l->moves) {
+                j.src.push_back(first + m.first);
+                j.dst.push_back(first + m.second);
+            }
+        }
     return true;
 }
 
@@ -269,22 +325,27 @@ bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_
             return false;
         }
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
-        std::vector<const layer_moves *> later, batched, columns;
-        for (const layer_moves * l : pending) {
-            if (device_of(l->k) != dev) {
-                later.push_back(l);
-                continue;
-            }
+        std::vector<const layer_moves *> later, per_layer, columns;
+        for (const layer_moves * l : pending) (device_of(l->k) == dev ? per_layer : later).push_back(l);
+        std::vector<rows_job> jobs(1);
+        if (!v_trans && fused_job(ctx, per_layer, jobs[0]))
+            per_layer.clear();  // the whole cut in one gather and one scatter
+        else jobs.clear();
+        for (const layer_moves * l : per_layer) {
             ggml_tensor * ak = i32_alias(ctx, l->k);
             ggml_tensor * av = v_trans ? nullptr : i32_alias(ctx, l->v);
             const bool many = ak && l->moves.size() >= 2 && f32_alias(ctx, l->k);
             if (many && v_trans && transposable(l->v) && columns_pay(l) && columns_supported(backend, l)) {
-                batched.push_back(l);  // K below; V's columns in a graph of their own (move_columns)
+                jobs.emplace_back();  // K below; V's columns in a graph of their own (move_columns)
+                layer_job(ctx, l->k, l, jobs.back());
                 columns.push_back(l);
                 continue;
             }
             if (many && av && f32_alias(ctx, l->v)) {
-                batched.push_back(l);  // many rows: one gather and one scatter per tensor (below)
+                for (ggml_tensor * t : {l->k, l->v}) {  // many rows: one gather and one scatter per tensor (below)
+                    jobs.emplace_back();
+                    layer_job(ctx, t, l, jobs.back());
+                }
                 continue;
             }
             // sources are read before any destination is written: src and dst sets are disjoint
@@ -304,7 +365,7 @@ bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_
                 for (const auto & m : l->moves)
                     ggml_build_forward_expand(gf, copy_cell(ctx, l->v, nullptr, m.first, m.second, true));
         }
-        bool ok = batched.empty() || add_batched(ctx, gf, backend, batched, !v_trans, err);
+        bool ok = jobs.empty() || add_batched(ctx, gf, backend, jobs, err);
         if (!ok) {
             ggml_free(ctx);
             return false;

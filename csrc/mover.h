@@ -18,6 +18,8 @@ struct ggml_cgraph;
 
 namespace tova {
 
+struct rows_job;  // mover.cpp
+
 struct layer_moves {
     ggml_tensor * k;                                 // cache_k_l<il>: [n_embd_k_gqa, kv_size, n_stream]
     ggml_tensor * v;                                 // cache_v_l<il>: same shape; V transposed in memory when v_trans
@@ -32,8 +34,10 @@ public:
     ~mover();
     // Applies every layer's moves; rows are raw bytes (quantized rows are never converted; a transposed V's float
     // elements pass through F32 on a device, which gives back the same bits).
-    // Host buffers take memcpy unless force_graph; device buffers take ggml graphs: a layer with several moves a
-    // gather and a scatter per tensor (a transposed V: move_columns), a single move a CPY per tensor.
+    // Host buffers take memcpy unless force_graph; device buffers take ggml graphs: when every layer's K and V rows
+    // tile one span of one buffer (flash attention on), one gather and one scatter for the whole cut; otherwise
+    // a layer with several moves a gather and a scatter per tensor (a transposed V: move_columns), a single move
+    // a CPY per tensor.
     bool apply(const std::vector<layer_moves> & layers, bool v_trans, bool force_graph, backends & devs,
                std::string & err);
     // Graph nodes computed since the last call (each is about one kernel on a GPU): the launches a cut cost.
@@ -45,8 +49,8 @@ public:
 
 private:
     bool apply_graph(const std::vector<const layer_moves *> & layers, bool v_trans, backends & devs, std::string & err);
-    bool add_batched(ggml_context * ctx, ggml_cgraph * gf, ggml_backend * backend,
-                     const std::vector<const layer_moves *> & layers, bool with_v, std::string & err);
+    bool add_batched(ggml_context * ctx, ggml_cgraph * gf, ggml_backend * backend, const std::vector<rows_job> & jobs,
+                     std::string & err);
     bool columns_supported(ggml_backend * backend, const layer_moves * l);
     bool move_columns(ggml_backend * backend, const std::vector<const layer_moves *> & layers, bool & no_room,
                       std::string & err);

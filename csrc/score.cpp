@@ -220,6 +220,16 @@ bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string
     }
     if (n_stream_ > 1) return build_graph_streams(cache_k, err);
     if (rows_.size() > 1) return build_graph_rows(cache_k, err);
+    if (const size_t stride = layer_stride(cache_k)) {
+        if (build_graph_fused(cache_k, stride, err)) return true;
+        // a backend that cannot run the 4-D product: the per-layer graph below
+        err.clear();
+        graph_ctx_ = graph_context(n_tensors);
+        if (!graph_ctx_) {
+            err = "ggml_init failed for the scoring graph";
+            return false;
+        }
+    }
     ggml_context * ctx = graph_ctx_;
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
     ggml_tensor * mask = ggml_view_2d(ctx, mask_, n_kv_, 1, n_kv_ * ggml_element_size(mask_), 0);
@@ -253,6 +263,64 @@ bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string
     ggml_tensor * out = ggml_view_1d(ctx, out_, n_kv_ * n_layer, 0);
     ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_1d(ctx, mean, n_kv_ * n_layer), out));
 
+    return finish_graph(gf, err);
+}
+
+// The byte distance between consecutive layers' K caches when one 4-D view can stand for all of them: every layer
+// captured with the same K view and no sinks, and the caches equally spaced in one buffer (llama.cpp allocates
+// each layer's K and V in turn in one buffer per device, so a model whose layers share one shape has that).
+// 0 otherwise.
+size_t scorer::layer_stride(const std::vector<ggml_tensor *> & cache_k) const {
+    const int32_t n_layer = (int32_t) layers_.size();
+    if (n_layer < 2 || (int32_t) cache_k.size() != n_layer) return 0;
+    const layer_view & lv0 = layers_[0];
+    const char * d0 = cache_k[0] ? (const char *) cache_k[0]->data : nullptr;
+    const char * d1 = cache_k[1] ? (const char *) cache_k[1]->data : nullptr;
+    if (!d0 || d1 <= d0) return 0;
+    const size_t stride = (size_t) (d1 - d0);
+    for (int32_t l = 0; l < n_layer; l++) {
+        const layer_view & lv = layers_[l];
+        const ggml_tensor * k = cache_k[l];
+        if (!lv.seen || lv.sinks || !(lv == lv0) || !k || k->buffer != cache_k[0]->buffer ||
+            k->type != cache_k[0]->type || memcmp(k->nb, cache_k[0]->nb, sizeof(k->nb)) != 0 ||
+            (const char *) k->data != d0 + (size_t) l * stride)
+            return 0;
+    }
+    return stride;
+}
+
+// Every layer in one product: the K caches as one 4-D view [head_dim, n_kv, n_head_kv, n_layer] (layer stride
+// from layer_stride), the captured queries as [head_dim, r, n_head_kv, n_layer], then one softmax and one mean
+// over heads for all layers: a handful of kernels instead of three per layer (on a GPU the per-layer graph's
+// cost was its launches). Same operations per layer as the per-layer graph below. False (err set) when the
+// backend cannot run them.
+bool scorer::build_graph_fused(const std::vector<ggml_tensor *> & cache_k, size_t stride, std::string & err) {
+    const int32_t n_layer = (int32_t) layers_.size();
+    const layer_view & lv = layers_[0];
+    ggml_context * ctx = graph_ctx_;
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, 64, false);
+    // a view of layer 0's cache reaching into the other layers' (same buffer, checked by layer_stride): set up by
+    // hand, as ggml_view_4d refuses a view larger than its source
+    ggml_tensor * k = ggml_new_tensor_4d(ctx, cache_k[0]->type, lv.ne[0], lv.ne[1], lv.ne[2], n_layer);
+    k->nb[1] = lv.nb[1];
+    k->nb[2] = lv.nb[2];
+    k->nb[3] = stride;
+    k->view_src = cache_k[0];
+    k->view_offs = lv.offs;
+    const size_t fs = sizeof(float);
+    const int64_t n_head_kv = lv.ne[2], r = n_head_ / n_head_kv;
+    ggml_tensor * q =
+        ggml_view_4d(ctx, q_, head_dim_, r, n_head_kv, n_layer, head_dim_ * fs, r * head_dim_ * fs, q_->nb[2], 0);
+    ggml_tensor * kq = ggml_mul_mat(ctx, k, q);  // [n_kv, r, n_head_kv, n_layer]
+    ggml_prec_set_acc(kq, GGML_PREC_F32);
+    kq = ggml_reshape_4d(ctx, kq, n_kv_, 1, n_head_, n_layer);  // head h = g * r + j
+    ggml_tensor * mask = ggml_view_2d(ctx, mask_, n_kv_, 1, n_kv_ * ggml_element_size(mask_), 0);
+    ggml_tensor * p = attention_rows(ctx, kq, mask, lv);
+    ggml_tensor * per_head =
+        ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, p, n_kv_, n_head_, n_layer), 1, 0, 2, 3));
+    ggml_tensor * mean = ggml_scale(ctx, ggml_sum_rows(ctx, per_head), 1.0f / (float) n_head_);  // [1, n_kv, n_layer]
+    ggml_tensor * out = ggml_view_1d(ctx, out_, n_kv_ * n_layer, 0);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_1d(ctx, mean, n_kv_ * n_layer), out));
     return finish_graph(gf, err);
 }
 
@@ -375,6 +443,7 @@ bool scorer::compute(const std::vector<ggml_tensor *> & cache_k, float * scores,
     }
     const double t_read = now_s();
     tm.compute_s += t_read - t_compute;
+    tm.nodes += ggml_graph_n_nodes(graph_);
     const int64_t per_layer = n_kv_ * n_stream_;
     host_.resize((size_t) per_layer * n_layer);
     ggml_backend_tensor_get(out_, host_.data(), 0, host_.size() * sizeof(float));

@@ -40,7 +40,7 @@ public:
                  const std::vector<int32_t> & rows, int32_t n_cells, backends & devs, std::string & err);
     // Where compute() spent its time (tova_engine_stats' score_* counters).
     struct timing {
-        int32_t builds = 0;
+        int32_t builds = 0, nodes = 0;
         double build_s = 0, compute_s = 0, read_s = 0;
     };
     // After llama_decode: scores[l * n_cells + c] for every captured layer (cells >= n_kv get 0), scored[l] set.
@@ -65,6 +65,8 @@ private:
     bool ensure_buffers(ggml_tensor * cache_k0, int32_t n_layer, int64_t q_len, int64_t n_kv_max, int64_t span,
                         backends & devs, std::string & err);
     bool build_graph(const std::vector<ggml_tensor *> & cache_k, std::string & err);
+    size_t layer_stride(const std::vector<ggml_tensor *> & cache_k) const;
+    bool build_graph_fused(const std::vector<ggml_tensor *> & cache_k, size_t stride, std::string & err);
     bool build_graph_rows(const std::vector<ggml_tensor *> & cache_k, std::string & err);
     bool build_graph_streams(const std::vector<ggml_tensor *> & cache_k, std::string & err);
     bool finish_graph(ggml_cgraph * gf, std::string & err);

@@ -81,6 +81,11 @@ bool tova_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
 // runs each graph as it would alone: with one, ggml checks every node of every decode (on CUDA: no graph id
 // for a callback's graph views, so each node's properties are compared) and syncs after each split.
 // True when TOVA_CHECK_CELLS is set.
+// When the callback is needed, the engine also switches it per decode on the context's scheduler: a decode that
+// needs no node of the graph (tova's unscored decodes on a device, whose cells the engine predicts) runs without
+// it, as llama.cpp alone would, and the engine puts tova_eval_callback (user data = the engine) back before the
+// next decode that does. A context made for the engine must therefore use exactly that callback. Where the
+// scheduler cannot be reached (libllama without llama_context::get_sched) or TOVA_KEEP_CALLBACK=1, it stays on.
 bool tova_engine_needs_callback(const tova_engine * e);
 
 // Called after each ubatch: n_done of n_total tokens are in the cache. Return false to stop.
@@ -173,7 +178,10 @@ enum tova_stat {
     TOVA_STAT_STEP_S = 14,           // seconds inside tova_engine_decode / tova_engine_decode_batch
     TOVA_STAT_SCORED_DECODE_S = 15,  // the part of decode_s spent in scored decodes (their per-layer syncs included)
     TOVA_STAT_MOVE_NODES = 16,       // graph nodes the mover computed on a device (or with force_graph): ~kernels
-    TOVA_STAT_COUNT = 17,
+    TOVA_STAT_PLAIN_DECODES = 17,    // decodes in which the eval callback never ran: switched off for them
+                                     // (tova_engine_needs_callback), or a context without one (full, window)
+    TOVA_STAT_SCORE_NODES = 18,      // nodes of the flash-attention scoring graphs computed (~kernels on a device)
+    TOVA_STAT_COUNT = 19,
 };
 int32_t tova_engine_stats(tova_engine * e, double * out, size_t n, bool reset);
 // Name of the buffer holding the K cache (e.g. "CPU", "CUDA0"); "" before the first decode.

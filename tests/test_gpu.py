@@ -151,7 +151,8 @@ def test_offloaded_rotated_quantized_cache_stays_bounded(tiny, cache):
 @pytest.mark.parametrize("policy, m", [("full", 1), ("window", 1), ("sink", 1), ("tova", 8)])
 def test_offloaded_unscored_decodes_read_no_node(tiny, policy, m):
     """A decode with no cut after it asks llama.cpp for no graph node (no split, no sync): the cells come from
-    the engine's slot mirror. Only the first decode reads attn_inp_k_idxs once (to learn it lives on the GPU)."""
+    the engine's slot mirror, and tova runs it with the eval callback switched off. Only the first decode reads
+    attn_inp_k_idxs once (to learn it lives on the GPU)."""
     from tova_cpp._ffi import lib
 
     path, model = tiny
@@ -173,10 +174,15 @@ def test_offloaded_unscored_decodes_read_no_node(tiny, policy, m):
             s.eval([t])
             observed.append(lib.tova_engine_n_observed(s._engine))
             assert s.pos_window() == (s.n_past - s.n_occupied, s.n_past - 1)
+        st = s.engine_stats()
         if policy == "tova":  # a scored decode every m-th token: one node per layer; the others none
             assert observed.count(0) >= len(observed) - len(observed) // m - 1
+            # and those run with the callback switched off (llama.cpp's graph rebuilds put it back: a few)
+            unscored = st["decodes"] - st["scored_decodes"]
+            assert unscored - 3 <= st["plain_decodes"] <= unscored and st["plain_decodes"] >= 12
         else:
             assert observed == [0] * len(observed)
+            assert st["plain_decodes"] == st["decodes"]  # no callback at all
 
 
 @pytest.mark.parametrize("kv_unified", [True, False], ids=["unified", "streams"])

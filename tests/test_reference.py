@@ -145,6 +145,49 @@ def test_engine_matches_reference(tiny, case, prompt_len, graph_mover):
         assert msg is None
 
 
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_unscored_decodes_run_without_the_callback(tiny, flash_attn, monkeypatch):
+    """With the device paths (cells predicted, not read from the graph), tova's decodes that no cut follows run
+    with the eval callback switched off on the context's scheduler and the scored ones with it back on: the
+    oracle still agrees at every step, and TOVA_KEEP_CALLBACK=1 (callback on throughout) gives the same logits."""
+    path, model = tiny
+    m = 4
+    tokens = np.random.default_rng(3).integers(0, model.n_vocab, size=20 + EXTRA_STEPS).tolist()
+    logits = {}
+    for keep in ("0", "1"):
+        monkeypatch.setenv("TOVA_KEEP_CALLBACK", keep)
+        with session(path, graph_mover=True, flash_attn=flash_attn, evict_interval=m) as s:
+            ref = Reference(model, BUDGET, CHUNK, evict_interval=m)
+            assert first_mismatch(s, ref, tokens[:20], tokens[20:], max_ties=3 * flash_attn) is None
+            st = s.engine_stats()
+            logits[keep] = s.logits()
+        unscored = st["decodes"] - st["scored_decodes"]
+        if keep == "0":
+            # the prompt's decodes need the callback (cache tensors not yet known, or cells not predicted)
+            assert unscored - 3 <= st["plain_decodes"] <= unscored and st["plain_decodes"] > EXTRA_STEPS // 2
+        else:
+            assert st["plain_decodes"] == 0
+    np.testing.assert_array_equal(logits["0"], logits["1"])
+
+
+def test_flash_attention_scores_all_layers_in_one_graph(tmp_path):
+    """With flash attention the newest query's scores are recomputed for every layer by one graph whose node
+    count does not grow with the layers (one 4-D product over the equally spaced K caches), and they agree with
+    the oracle on a 6-layer model too."""
+    per_decode = {}
+    for n_layer in (2, 6):
+        path = tmp_path / f"tiny-{n_layer}.gguf"
+        model = write_tiny_llama(path, n_layer=n_layer)
+        tokens = np.random.default_rng(n_layer).integers(0, model.n_vocab, size=20 + EXTRA_STEPS).tolist()
+        with session(path, flash_attn=True) as s:
+            ref = Reference(model, BUDGET, CHUNK)
+            assert first_mismatch(s, ref, tokens[:20], tokens[20:], max_ties=3) is None
+            st = s.engine_stats()
+        assert st["scored_decodes"] >= EXTRA_STEPS
+        per_decode[n_layer] = st["score_nodes"] / st["scored_decodes"]
+    assert per_decode[2] == per_decode[6] <= 16, per_decode
+
+
 def test_h2o_refuses_flash_attention(tiny):
     with pytest.raises(ValueError, match="h2o needs flash_attn=False"):
         Session(tiny[0], budget=BUDGET, policy="h2o", flash_attn=True)

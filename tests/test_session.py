@@ -145,6 +145,35 @@ def test_graph_mover_matches_memcpy(smollm2_path, type_v):
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
 
 
+@pytest.mark.parametrize("type_k, type_v", [("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "f16")])
+def test_graph_mover_moves_a_whole_cut_at_once(smollm2_path, type_k, type_v):
+    """Flash attention on (rows, not columns): when every layer's K and V rows have one size they tile one span
+    of the cache's buffer, and the device path moves a whole cut, all 30 layers, in one gather and one scatter;
+    with K and V rows of different sizes it takes a gather and a scatter per tensor. Bit for bit what memcpy
+    moves either way."""
+    runs = []
+    for force in (False, True):
+        with Session(
+            smollm2_path, budget=32, chunk=16, n_threads=2, flash_attn=True, type_k=type_k, type_v=type_v
+        ) as s:
+            s.set_force_graph_mover(force)
+            s.eval(s.tokenize(PROMPT * 3))
+            logits = []
+            for _ in range(40):
+                logits.append(s.logits())
+                s.eval([int(np.argmax(logits[-1]))])
+            st = s.engine_stats()
+            runs.append((np.array(logits), s.kept_positions()))
+        if force:
+            per_cut = st["move_nodes"] / st["cuts"]
+            if type_k == type_v:
+                assert 0 < per_cut <= 4, per_cut
+            else:
+                assert 4 * s.n_layer <= per_cut <= 16 * s.n_layer, per_cut
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+
+
 def test_chunked_prompt_never_exceeds_budget_plus_chunk(smollm2_path):
     with Session(smollm2_path, budget=40, chunk=16, n_threads=2) as s:
         tokens = s.tokenize(PROMPT * 6)
