@@ -30,7 +30,10 @@ scorer::~scorer() {
     if (buf_ctx_) ggml_free(buf_ctx_);
 }
 
-void scorer::begin(int32_t n_layer, const std::vector<int32_t> & rows) {
+void scorer::begin(int32_t n_layer, const std::vector<int32_t> & rows, ggml_backend_sched * sched) {
+    sched_ = sched;
+    stream_ = nullptr;
+    stream_looked_up_ = false;
     rows_ = rows;
     span_ = rows.empty() ? 1 : rows.back() - rows.front() + 1;
     if ((int32_t) layers_.size() != n_layer) layers_.assign(n_layer, layer_view());
@@ -39,9 +42,26 @@ void scorer::begin(int32_t n_layer, const std::vector<int32_t> & rows) {
     n_kv_ = 0;
 }
 
+// The scheduler's backend on t's device: its stream runs t's node (the scheduler has just waited for it) and, next,
+// the nodes that may overwrite t's memory. Null on host buffers or without a scheduler.
+ggml_backend * scorer::graph_backend(const ggml_tensor * t) {
+    if (stream_looked_up_) return stream_;
+    stream_looked_up_ = true;
+    if (!sched_ || !t->buffer || ggml_backend_buffer_is_host(t->buffer)) return nullptr;
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
+    for (int i = 0; i < ggml_backend_sched_get_n_backends(sched_); i++) {
+        ggml_backend_t b = ggml_backend_sched_get_backend(sched_, i);
+        if (ggml_backend_get_device(b) == dev) stream_ = b;
+    }
+    return stream_;
+}
+
 // Copies n bytes from src's data at src_off to dst's data at dst_off: device to device when both live on one
-// device (no host round trip), memcpy or one transfer otherwise. Both are byte views of live tensors.
-static void copy_bytes(const ggml_tensor * src, size_t src_off, const ggml_tensor * dst, size_t dst_off, size_t n) {
+// device (no host round trip), memcpy or one transfer otherwise. Both are byte views of live tensors. With the
+// graph's backend known the copy is queued on its stream (ordered before the kernels that reuse src's memory;
+// llama_decode's caller synchronizes before the scores are computed); a backend without asynchronous copies
+// makes ggml wait and copy.
+void scorer::copy_bytes(const ggml_tensor * src, size_t src_off, const ggml_tensor * dst, size_t dst_off, size_t n) {
     ggml_tensor s = *src, d = *dst;
     for (ggml_tensor * t : {&s, &d}) {
         t->type = GGML_TYPE_I8;
@@ -54,7 +74,8 @@ static void copy_bytes(const ggml_tensor * src, size_t src_off, const ggml_tenso
     }
     s.data = (char *) src->data + src_off;
     d.data = (char *) dst->data + dst_off;
-    ggml_backend_tensor_copy(&s, &d);
+    if (ggml_backend * be = graph_backend(src)) ggml_backend_tensor_copy_async(be, be, &s, &d);
+    else ggml_backend_tensor_copy(&s, &d);
 }
 
 bool scorer::capture(ggml_tensor * fa, int32_t il, ggml_tensor * cache_k, int32_t n_tokens,
@@ -266,9 +287,9 @@ bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string
     return finish_graph(gf, err);
 }
 
-// The byte distance between consecutive layers' K caches when one 4-D view can stand for all of them: every layer
-// captured with the same K view and no sinks, and the caches equally spaced in one buffer (llama.cpp allocates
-// each layer's K and V in turn in one buffer per device, so a model whose layers share one shape has that).
+// The byte distance between consecutive layers' K caches when one 4-D view can stand for all of them: a float K
+// type, every layer captured with the same K view and no sinks, and the caches equally spaced in one buffer (llama.cpp
+// allocates each layer's K and V in turn in one buffer per device, so a model whose layers share one shape has that).
 // 0 otherwise.
 size_t scorer::layer_stride(const std::vector<ggml_tensor *> & cache_k) const {
     const int32_t n_layer = (int32_t) layers_.size();
@@ -276,6 +297,10 @@ size_t scorer::layer_stride(const std::vector<ggml_tensor *> & cache_k) const {
     const layer_view & lv0 = layers_[0];
     const char * d0 = cache_k[0] ? (const char *) cache_k[0]->data : nullptr;
     const char * d1 = cache_k[1] ? (const char *) cache_k[1]->data : nullptr;
+    // quantized K: CUDA's quantized products misread a 4-D view's layer stride (H200: wrong scores from layer 1
+    // on with a q8_0 cache), so those caches keep the per-layer graph
+    const ggml_type kt = cache_k[0] ? cache_k[0]->type : GGML_TYPE_COUNT;
+    if (kt != GGML_TYPE_F16 && kt != GGML_TYPE_BF16 && kt != GGML_TYPE_F32) return 0;
     if (!d0 || d1 <= d0) return 0;
     const size_t stride = (size_t) (d1 - d0);
     for (int32_t l = 0; l < n_layer; l++) {

@@ -17,6 +17,7 @@
 struct ggml_tensor;
 struct ggml_backend;
 struct ggml_backend_buffer;
+struct ggml_backend_sched;
 struct ggml_context;
 struct ggml_cgraph;
 struct ggml_gallocr;
@@ -29,8 +30,11 @@ double now_s();  // steady clock, seconds (engine.cpp)
 class scorer {
 public:
     ~scorer();
-    // Before each scored llama_decode. rows: the batch rows to score (one per sequence), ascending.
-    void begin(int32_t n_layer, const std::vector<int32_t> & rows);
+    // Before each scored llama_decode. rows: the batch rows to score (one per sequence), ascending. sched: the
+    // context's scheduler when the engine can reach it (null otherwise): on a device the query and mask copies
+    // are then queued on the stream of the backend running the graph, behind the node and ahead of the kernels
+    // that reuse its memory, instead of a copy waited for per layer.
+    void begin(int32_t n_layer, const std::vector<int32_t> & rows, ggml_backend_sched * sched = nullptr);
     // Callback, data phase of a FLASH_ATTN_EXT node of layer il (scores the rows given to begin).
     // n_cells: the context's cells (the most n_kv can be). Returns false and fills err when the node is not one
     // the scorer understands.
@@ -72,6 +76,13 @@ private:
     bool finish_graph(ggml_cgraph * gf, std::string & err);
     void free_graph();
 
+    // the backend whose stream runs the captured nodes (from begin's scheduler; null: copies wait for themselves)
+    ggml_backend * graph_backend(const ggml_tensor * t);
+    void copy_bytes(const ggml_tensor * src, size_t src_off, const ggml_tensor * dst, size_t dst_off, size_t n);
+
+    ggml_backend_sched * sched_ = nullptr;
+    ggml_backend * stream_ = nullptr;  // graph_backend's answer for this decode
+    bool stream_looked_up_ = false;
     std::vector<layer_view> layers_;
     int64_t head_dim_ = 0, n_head_ = 0, n_kv_ = 0;
     int64_t n_stream_ = 1;  // streams in the ubatch (per-sequence streams: one scored row each)
