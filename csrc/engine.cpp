@@ -74,7 +74,6 @@ static void resize_cells(tova_engine * e, int32_t n_cells) {
     e->st.resize(e->n_layer, n_cells, std::max<int32_t>(1, (int32_t) e->seqs.size()), e->n_stream);
     for (auto & q : e->seqs) q.n_past = 0;
     e->scores.assign((size_t) e->n_layer * n_cells, 0.0f);
-    e->score_d.assign(n_cells, 0.0);
 }
 
 extern "C" const char * tova_abi_hash(void) { return TOVA_H_SHA256; }
@@ -443,7 +442,8 @@ static int32_t cut(tova_engine * e, llama_context * ctx, const std::vector<int32
             return fail(e, TOVA_ERR_STATE, "metadata positions are not a contiguous window");
 
         const tova::policy_params params = {e->policy, q.keep, e->n_sink};
-        const std::vector<int32_t> occupied = st.occupied(s);
+        // every choice orders its cells by (score,) position, which are distinct: any cell order gives it
+        const std::vector<int32_t> & occupied = st.cells_of(s);
         int32_t first = -1;  // the first managed layer
         for (int32_t l = 0; l < e->n_layer; l++) {
             if (!e->managed[l]) continue;  // llama.cpp's window: seq_rm below frees only positions it no longer sees
@@ -452,15 +452,12 @@ static int32_t cut(tova_engine * e, llama_context * ctx, const std::vector<int32
                 plan[l].moves.insert(plan[l].moves.end(), first_moves.begin(), first_moves.end());
                 continue;
             }
-            const double * sc = nullptr;
-            if (e->policy == TOVA_POLICY_TOVA) {
-                const float * f = &e->scores[(size_t) l * st.n_cells()];
-                for (int32_t c : occupied) e->score_d[c] = f[c];
-                sc = e->score_d.data();
-            } else if (e->policy == TOVA_POLICY_H2O) {
-                sc = st.acc(l);
-            }
-            std::vector<int32_t> evict = tova::policy_choose(params, occupied, st.layer_pos(l), sc, k);
+            // tova reads the scorer's floats directly (the per-token path: one pass per layer, nothing copied)
+            std::vector<int32_t> evict =
+                e->policy == TOVA_POLICY_TOVA
+                    ? tova::policy_lowest(occupied, &e->scores[(size_t) l * st.n_cells()], st.layer_pos(l), q.keep, k)
+                    : tova::policy_choose(params, occupied, st.layer_pos(l),
+                                          e->policy == TOVA_POLICY_H2O ? st.acc(l) : nullptr, k);
             if ((int32_t) evict.size() != k)
                 return fail(e, TOVA_ERR_ARG,
                             "the protected prefix (keep=" + std::to_string(q.keep) +

@@ -70,7 +70,6 @@ struct tova_engine {
     std::vector<int32_t> predicted;  // cells the slot mirror expects for the ubatch in flight
     llama_batch * batch = nullptr;   // owned; sized n_batch_alloc
     int32_t n_batch_alloc = 0;
-    std::vector<double> score_d;             // [n_cells] one layer's scores as the policy reads them
     std::vector<float> scratch_f;            // attention sums read back from a device (reduce.h)
     std::vector<double> scratch_d;           // [n_kv] h2o column sums
     std::vector<int32_t> row_count, row_tk;  // device head sums: rows per stream, each stream's token indices

@@ -1,21 +1,27 @@
 #include "policy.h"
 
 #include <algorithm>
+#include <climits>
 
 #include "tova.h"
 
 namespace tova {
 
-std::vector<int32_t> policy_lowest(const std::vector<int32_t> & occupied, const double * score, const int32_t * pos,
-                                   int32_t k) {
+// The k lowest (score, position) among the occupied cells whose position is >= protect_below, in that order.
+template <class S>
+static std::vector<int32_t> lowest(const std::vector<int32_t> & occupied, const S * score, const int32_t * pos,
+                                   int32_t protect_below, int32_t k) {
     if (k <= 0) return {};
-    if (k > (int32_t) occupied.size()) k = (int32_t) occupied.size();
     auto lower = [&](int32_t a, int32_t b) {
         if (score[a] != score[b]) return score[a] < score[b];
         return pos[a] < pos[b];
     };
     if (k > 32) {
-        std::vector<int32_t> cells = occupied;
+        std::vector<int32_t> cells;
+        cells.reserve(occupied.size());
+        for (int32_t c : occupied)
+            if (pos[c] >= protect_below) cells.push_back(c);
+        if (k > (int32_t) cells.size()) k = (int32_t) cells.size();
         std::partial_sort(cells.begin(), cells.begin() + k, cells.end(), lower);
         cells.resize(k);
         return cells;
@@ -25,11 +31,21 @@ std::vector<int32_t> policy_lowest(const std::vector<int32_t> & occupied, const 
     std::vector<int32_t> low;
     low.reserve(k + 1);
     for (int32_t c : occupied) {
-        if ((int32_t) low.size() == k && !lower(c, low.back())) continue;
+        if (pos[c] < protect_below || ((int32_t) low.size() == k && !lower(c, low.back()))) continue;
         low.insert(std::upper_bound(low.begin(), low.end(), c, lower), c);
         if ((int32_t) low.size() > k) low.pop_back();
     }
     return low;
+}
+
+std::vector<int32_t> policy_lowest(const std::vector<int32_t> & occupied, const double * score, const int32_t * pos,
+                                   int32_t k) {
+    return lowest(occupied, score, pos, INT32_MIN, k);
+}
+
+std::vector<int32_t> policy_lowest(const std::vector<int32_t> & occupied, const float * score, const int32_t * pos,
+                                   int32_t protect_below, int32_t k) {
+    return lowest(occupied, score, pos, protect_below, k);
 }
 
 // the k candidates with the smallest original position
@@ -57,14 +73,13 @@ std::vector<int32_t> policy_choose(const policy_params & p, const std::vector<in
                                    const double * score, int32_t k) {
     if (k <= 0 || p.policy == TOVA_POLICY_FULL) return {};
     const int32_t protect_below = p.policy == TOVA_POLICY_SINK ? std::max(p.keep, p.n_sink) : p.keep;
+    if (p.policy == TOVA_POLICY_TOVA) return lowest(occupied, score, pos, protect_below, k);
     std::vector<int32_t> cand;
     cand.reserve(occupied.size());
     for (int32_t c : occupied)
         if (pos[c] >= protect_below) cand.push_back(c);
     const int32_t n_protected = (int32_t) (occupied.size() - cand.size());
     switch (p.policy) {
-        case TOVA_POLICY_TOVA:
-            return policy_lowest(cand, score, pos, k);
         case TOVA_POLICY_WINDOW:
         case TOVA_POLICY_SINK:
             return oldest(cand, pos, k);

@@ -12,6 +12,10 @@ namespace tova {
 // pos[c]: original position held in cell c. Returns the k cells with the lowest score (ties: older first).
 std::vector<int32_t> policy_lowest(const std::vector<int32_t> & occupied, const double * score, const int32_t * pos,
                                    int32_t k);
+// The same over the cells whose position is >= protect_below, reading float scores (tova's, as the scorer gives
+// them; a float compares as its double does): policy_choose's tova choice without copying anything per layer.
+std::vector<int32_t> policy_lowest(const std::vector<int32_t> & occupied, const float * score, const int32_t * pos,
+                                   int32_t protect_below, int32_t k);
 
 // Which k of one layer's occupied cells to evict. Every evicting policy keeps the protected prefix (original
 // positions < keep; for sink also < n_sink) and chooses among the other cells:

@@ -124,7 +124,7 @@ std::vector<int32_t> state::occupied(int32_t seq) const {
 }
 
 std::vector<int32_t> state::oldest_cells(int32_t k, int32_t seq) const {
-    std::vector<int32_t> occ = occupied(seq);
+    std::vector<int32_t> occ = cells_[seq];  // any order: metadata positions are distinct
     if (k > (int32_t) occ.size()) k = (int32_t) occ.size();
     if (k <= 0) return {};
     if (k == 1) {  // the per-token decode: one linear pass

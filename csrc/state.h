@@ -55,6 +55,8 @@ public:
     std::vector<int32_t> oldest_cells(int32_t k, int32_t seq = 0) const;
     // Occupied cells of `seq` in index order. O(cells of seq log).
     std::vector<int32_t> occupied(int32_t seq = 0) const;
+    // The same cells in no particular order, without a copy (what the per-token cut iterates).
+    const std::vector<int32_t> & cells_of(int32_t seq = 0) const { return cells_[seq]; }
     // Layer il's content moves from cell src to cell dst (the mover copied its K/V rows).
     void move(int32_t il, int32_t src, int32_t dst);
     // llama_memory_seq_rm of the freed cells' positions: frees them in every layer and updates the slot
