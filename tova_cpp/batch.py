@@ -473,8 +473,9 @@ class BatchSession:
         """Cumulative engine costs (Session.engine_stats), over all sequences, with the finer split of
         tova_engine_stats (tova.h, TOVA_STAT_*): decode_s (llama_decode and the wait for its graph; contains
         capture_s), score_build_s / score_compute_s / score_read_s (parts of score_s), choose_s / move_s (parts
-        of cut_s), logits_s, step_s (the whole C call), move_nodes (the mover's graph nodes, about a kernel each on
-        a GPU); and step's own Python split (steps, args_s, call_s, result_s: building the arguments, the C call,
+        of cut_s), logits_s, step_s (the whole C call), move_nodes and score_nodes (the mover's and the scoring
+        graph's nodes, about a kernel each on a GPU), plain_decodes (decodes run without the eval callback); and
+        step's own Python split (steps, args_s, call_s, result_s: building the arguments, the C call,
         the returned mapping). reset=True zeroes all of them."""
         out = ffi.new(f"double[{len(ENGINE_STATS)}]")
         self._call(lib.tova_engine_stats(self._engine, out, len(ENGINE_STATS), reset))

@@ -759,8 +759,8 @@ class Session:
     def engine_stats(self, reset: bool = False) -> dict[str, float]:
         """Cumulative engine costs (profiling), tova.h's TOVA_STAT_* in order: scored decodes, seconds capturing
         in the eval callback, seconds in the flash-attention scoring graph, cuts, seconds moving rows + removing
-        metadata, and their finer splits; move_nodes counts the mover's graph nodes (about a kernel each on a
-        GPU)."""
+        metadata, and their finer splits; move_nodes and score_nodes count the mover's and the scoring graph's
+        nodes (about a kernel each on a GPU); plain_decodes the decodes that ran without the eval callback."""
         self._require_open()
         out = ffi.new(f"double[{len(ENGINE_STATS)}]")
         self._check(lib.tova_engine_stats(self._engine, out, len(ENGINE_STATS), reset))
