@@ -17,6 +17,7 @@
 struct ggml_tensor;
 struct ggml_backend;
 struct ggml_backend_buffer;
+struct ggml_backend_device;
 struct ggml_backend_sched;
 struct ggml_context;
 struct ggml_cgraph;
@@ -81,8 +82,8 @@ private:
     void copy_bytes(const ggml_tensor * src, size_t src_off, const ggml_tensor * dst, size_t dst_off, size_t n);
 
     ggml_backend_sched * sched_ = nullptr;
-    ggml_backend * stream_ = nullptr;  // graph_backend's answer for this decode
-    bool stream_looked_up_ = false;
+    ggml_backend * stream_ = nullptr;  // graph_backend's answer for stream_dev_ in this decode
+    ggml_backend_device * stream_dev_ = nullptr;
     std::vector<layer_view> layers_;
     int64_t head_dim_ = 0, n_head_ = 0, n_kv_ = 0;
     int64_t n_stream_ = 1;  // streams in the ubatch (per-sequence streams: one scored row each)
