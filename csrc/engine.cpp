@@ -263,7 +263,7 @@ static ggml_backend_sched_t sched_of(llama_context * ctx) {
     return get_sched ? get_sched(ctx) : nullptr;
 }
 
-// Switches the eval callback for the next llama_decode (docs/ARCHITECTURE.md, "The eval callback, switched"):
+// Switches the eval callback for the next llama_decode (docs/ARCHITECTURE.md section 8, "The callback switched"):
 // a decode that needs no node of the graph runs without it, so ggml's scheduler computes each split as one
 // graph and does not wait after it, as with llama.cpp alone; one that needs nodes gets it back. llama.cpp itself
 // reinstalls the context's callback (this one) whenever it rebuilds a graph: such a decode is merely slower.

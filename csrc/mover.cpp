@@ -104,6 +104,10 @@ bool mover::add_batched(ggml_context * ctx, ggml_cgraph * gf, ggml_backend * bac
     size_t n_idx = 0, tmp_bytes = 0;
     const size_t align = 256;
     for (const rows_job & j : jobs) {
+        if (!j.i32 || !j.f32) {
+            err = "mover: rows that are not whole 32-bit words cannot be gathered";
+            return false;
+        }
         n_idx += 2 * j.src.size();
         tmp_bytes += GGML_PAD(j.i32->nb[1] * j.src.size(), align);
     }

@@ -290,9 +290,8 @@ bool scorer::build_graph(const std::vector<ggml_tensor *> & cache_k, std::string
 
 // The byte distance between consecutive layers' K caches when one 4-D view can stand for all of them: a float K
 // type on a CPU or CUDA backend, every layer captured with the same K view and no sinks, and the caches equally
-// spaced in one buffer (llama.cpp
-// allocates each layer's K and V in turn in one buffer per device, so a model whose layers share one shape has that).
-// 0 otherwise.
+// spaced in one buffer (llama.cpp allocates each layer's K and V in turn in one buffer per device, so a model
+// whose layers share one shape has that). 0 otherwise.
 size_t scorer::layer_stride(const std::vector<ggml_tensor *> & cache_k) const {
     const int32_t n_layer = (int32_t) layers_.size();
     if (n_layer < 2 || (int32_t) cache_k.size() != n_layer) return 0;
