@@ -267,10 +267,8 @@ static ggml_backend_sched_t sched_of(llama_context * ctx) {
 // a decode that needs no node of the graph runs without it, so ggml's scheduler computes each split as one
 // graph and does not wait after it, as with llama.cpp alone; one that needs nodes gets it back. llama.cpp itself
 // reinstalls the context's callback (this one) whenever it rebuilds a graph: such a decode is merely slower.
-static void switch_callback(tova_engine * e, llama_context * ctx, bool want) {
-    if (e->keep_callback || !tova_engine_needs_callback(e)) return;
-    ggml_backend_sched_t sched = sched_of(ctx);
-    if (!sched) return;
+static void switch_callback(tova_engine * e, ggml_backend_sched_t sched, bool want) {
+    if (!sched || e->keep_callback || !tova_engine_needs_callback(e)) return;
     if (want) ggml_backend_sched_set_eval_callback(sched, tova_eval_callback, e);
     else ggml_backend_sched_set_eval_callback(sched, nullptr, nullptr);
 }
@@ -327,10 +325,11 @@ static int32_t decode_ubatch(tova_engine * e, llama_context * ctx, const ubatch_
     a.called = false;
     a.error.clear();
     if (a.scores) std::fill(e->scored.begin(), e->scored.end(), 0);
-    if (a.scores && !e->v_trans) e->fa.begin(e->n_layer, a.rows, sched_of(ctx));
+    ggml_backend_sched_t sched = sched_of(ctx);
+    if (a.scores && !e->v_trans) e->fa.begin(e->n_layer, a.rows, sched);
     // the callback is needed to score, to read the cells, and until every layer's cache tensors are known
     const bool want_callback = a.scores || a.read_cells || e->n_cache_found < 2 * e->n_layer;
-    switch_callback(e, ctx, want_callback);
+    switch_callback(e, sched, want_callback);
     a.n_tokens = n;
     const double t_dec = tova::now_s();
     const int32_t rc = llama_decode(ctx, b);

@@ -152,16 +152,16 @@ bool mover::add_batched(ggml_context * ctx, ggml_cgraph * gf, ggml_backend * bac
     return true;
 }
 
-// A layer's moves in one tensor as a job on its own aliases (false: rows are not whole words).
-static bool layer_job(ggml_context * ctx, ggml_tensor * t, const layer_moves * l, rows_job & j) {
-    j.i32 = i32_alias(ctx, t);
-    j.f32 = j.i32 ? f32_alias(ctx, t) : nullptr;
-    if (!j.f32) return false;
+// A layer's moves in one tensor, given that tensor's I32 and F32 aliases, as a job.
+static rows_job layer_job(ggml_tensor * i32, ggml_tensor * f32, const layer_moves * l) {
+    rows_job j;
+    j.i32 = i32;
+    j.f32 = f32;
     for (const auto & m : l->moves) {
         j.src.push_back(m.first);
         j.dst.push_back(m.second);
     }
-    return true;
+    return j;
 }
 
 // Every layer's K and V moves as one job when their tensors tile one span of one buffer in rows of one size: the
@@ -338,18 +338,17 @@ bool mover::apply_graph(const std::vector<const layer_moves *> & layers, bool v_
         for (const layer_moves * l : per_layer) {
             ggml_tensor * ak = i32_alias(ctx, l->k);
             ggml_tensor * av = v_trans ? nullptr : i32_alias(ctx, l->v);
-            const bool many = ak && l->moves.size() >= 2 && f32_alias(ctx, l->k);
+            ggml_tensor * fk = ak && l->moves.size() >= 2 ? f32_alias(ctx, l->k) : nullptr;
+            const bool many = fk != nullptr;
             if (many && v_trans && transposable(l->v) && columns_pay(l) && columns_supported(backend, l)) {
-                jobs.emplace_back();  // K below; V's columns in a graph of their own (move_columns)
-                layer_job(ctx, l->k, l, jobs.back());
+                jobs.push_back(layer_job(ak, fk, l));  // K below; V's columns in a graph of their own (move_columns)
                 columns.push_back(l);
                 continue;
             }
-            if (many && av && f32_alias(ctx, l->v)) {
-                for (ggml_tensor * t : {l->k, l->v}) {  // many rows: one gather and one scatter per tensor (below)
-                    jobs.emplace_back();
-                    layer_job(ctx, t, l, jobs.back());
-                }
+            ggml_tensor * fv = many && av ? f32_alias(ctx, l->v) : nullptr;
+            if (fv) {  // many rows: one gather and one scatter per tensor (below)
+                jobs.push_back(layer_job(ak, fk, l));
+                jobs.push_back(layer_job(av, fv, l));
                 continue;
             }
             // sources are read before any destination is written: src and dst sets are disjoint
